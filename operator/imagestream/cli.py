@@ -1,0 +1,218 @@
+"""`imagestream`: stream an image onto a target from a shell, or run the demo.
+
+Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety (130 cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from imagestream import __version__
+from imagestream.demo.run import demo_command
+from imagestream.errors import ImageStreamError
+from imagestream.pipeline.decompress import DEFAULT_MAX_WINDOW_LOG, Compression
+from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_stream
+from imagestream.pipeline.range_reader import RetryPolicy
+from imagestream.pipeline.safety import HostView
+from imagestream.pipeline.sources import SourceOptions
+from imagestream.progress_display import emit_json, make_display
+
+EXIT_USAGE = 2
+_UNSAFE_FLAG = "--skip-verification-unsafe"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="imagestream",
+        description="Stream compressed OS images onto disks, verified and resumable.",
+        epilog="Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety.",
+    )
+    parser.add_argument("--version", action="version", version=f"imagestream {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stream = commands.add_parser("stream", help="stream SOURCE onto TARGET and verify it")
+    stream.add_argument("source", help="http(s):// URL or a local file path")
+    stream.add_argument("target", type=Path, help="block device, partition or file path")
+    add_stream_options(stream)
+
+    demo = commands.add_parser("demo", help="stream a generated image from a local server")
+    demo.add_argument("--size-mib", type=int, default=256, help="raw image size (default 256)")
+    demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
+    demo.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
+    demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
+    return parser
+
+
+def add_stream_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `imagestream stream`."""
+    parser.add_argument("--sha384", help="expected SHA-384 (96 hex digits) of the fetched bytes")
+    parser.add_argument(
+        _UNSAFE_FLAG,
+        dest="unverified",
+        action="store_true",
+        help="write without an expected hash; the result is reported UNVERIFIED",
+    )
+    parser.add_argument(
+        "--compression", choices=[c.value for c in Compression], default=Compression.AUTO.value
+    )
+    parser.add_argument("--ca-file", type=Path, help="extra CA bundle, added to the system's")
+    parser.add_argument(
+        "--auth-file",
+        type=Path,
+        help="file holding 'Basic ...', 'Bearer ...', user:password or a bare token",
+    )
+    parser.add_argument("--stall-timeout", type=float, default=30.0, metavar="S")
+    parser.add_argument("--max-retries", type=int, default=8, metavar="N")
+    parser.add_argument(
+        "--retry-backoff",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="first backoff delay; doubles per failed attempt, with jitter (default 0.5)",
+    )
+    parser.add_argument(
+        "--max-window-log",
+        type=int,
+        default=DEFAULT_MAX_WINDOW_LOG,
+        help="largest zstd window accepted, as a power of two (default 31, as zstd --long=31)",
+    )
+    parser.add_argument("--verify-after-write", action="store_true", help="read back and compare")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="skip the mount-table, swap and holder checks (the kernel's exclusive open and the "
+        "writer lock still apply)",
+    )
+    parser.add_argument("--host-root", type=Path, help="where the host's / is mounted (agent)")
+    parser.add_argument("--no-direct-io", action="store_true", help="write through the cache")
+    parser.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
+
+
+def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> StreamRequest:
+    """Turn parsed `stream` arguments into a `StreamRequest`."""
+    host = HostView.from_host_root(args.host_root) if args.host_root else HostView()
+    policy = RetryPolicy(
+        max_retries=args.max_retries,
+        backoff_base=args.retry_backoff,
+        stall_timeout=args.stall_timeout,
+    )
+    return StreamRequest(
+        source=args.source,
+        target=args.target,
+        sha384=args.sha384,
+        compression=Compression(args.compression),
+        source_options=SourceOptions(ca_file=args.ca_file, auth_file=args.auth_file, policy=policy),
+        host=host,
+        verify_after_write=args.verify_after_write,
+        allow_unverified=args.unverified,
+        max_window_log=args.max_window_log,
+        direct_io=not args.no_direct_io,
+        skip_usage_checks=args.force,
+        cancel=cancel,
+    )
+
+
+def stream_command(args: argparse.Namespace, console: Console) -> int:
+    """Run `imagestream stream`: progress while it runs, a summary or a clear error at the end."""
+    cancel = _cancel_on_signals()
+    display = make_display(args.progress, console)
+    try:
+        with display:
+            result = run_stream(request_from_args(args, cancel), display.update)
+    except ImageStreamError as exc:
+        return report_failure(exc, args.progress, console)
+    report_success(result, args.progress, console)
+    return 0
+
+
+def report_success(result: StreamResult, mode: str, console: Console) -> None:
+    """Print the summary: hash, bytes, time, resumes; JSON with `--progress json`."""
+    verdict = "verified" if result.verified else "UNVERIFIED (no expected hash was given)"
+    if mode == "json":
+        emit_json(
+            sys.stdout,
+            {
+                "event": "result",
+                "ok": True,
+                "verified": result.verified,
+                "target": str(result.target),
+                "sha384": result.sha384,
+                "compression": result.compression.value,
+                "bytesFetched": result.bytes_fetched,
+                "bytesWritten": result.bytes_written,
+                "seconds": round(result.seconds, 3),
+                "resumes": result.resumes,
+                "readBackVerified": result.read_back_verified,
+            },
+        )
+        return
+    rate = result.bytes_written / result.seconds / 2**20 if result.seconds else 0.0
+    out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    style = "green" if result.verified else "bold red"
+    out.print(f"[{style}]Wrote {result.target}: {verdict}[/{style}]")
+    out.print(f"  sha384   {result.sha384}")
+    out.print(
+        f"  fetched  {result.bytes_fetched} bytes ({result.compression.value}), "
+        f"written {result.bytes_written} bytes"
+    )
+    out.print(
+        f"  time     {result.seconds:.2f} s ({rate:.0f} MiB/s written), resumes {result.resumes}"
+    )
+    if result.read_back_verified:
+        out.print("  read-back verified")
+
+
+def report_failure(exc: ImageStreamError, mode: str, console: Console) -> int:
+    """Print the error with its reason code; return the exit code of its family."""
+    if mode == "json":
+        emit_json(
+            sys.stdout,
+            {"event": "result", "ok": False, "reason": exc.reason, "message": exc.message},
+        )
+    console.print(f"[bold red]error[/bold red] ({exc.reason}): {exc.message}", highlight=False)
+    return exc.exit_code
+
+
+def _cancel_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT stop the stream cleanly: the target is left invalid, never half-valid."""
+    cancel = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).warning("signal %d: stopping the stream", signum)
+        cancel.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return cancel
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `imagestream` command."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    console = Console(stderr=True)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+    )
+    if args.command == "demo":
+        return demo_command(args, console)
+    if args.sha384 is None and not args.unverified:
+        console.print(f"error: --sha384 is required (or {_UNSAFE_FLAG} to write unverified)")
+        return EXIT_USAGE
+    return stream_command(args, console)

@@ -1,0 +1,1 @@
+"""The data path: source -> SHA-384 -> decompress -> sink. Knows nothing of Kubernetes."""

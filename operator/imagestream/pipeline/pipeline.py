@@ -1,0 +1,280 @@
+"""The stream: fetch+hash, decompress and write on three threads, then verify and commit.
+
+hashlib and zstandard release the GIL on large buffers, and writes block in the kernel, so three
+threads overlap the stages on separate cores. Bounded channels and a fixed buffer pool cap the
+memory whatever the image size; one abort event stops every stage when any of them fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from imagestream.errors import Cancelled, ImageStreamError, IntegrityError, TargetError, UsageError
+from imagestream.pipeline.buffers import WRITE_BUFFER, BufferPool, Filled
+from imagestream.pipeline.channel import Aborted, Channel
+from imagestream.pipeline.decompress import (
+    DEFAULT_MAX_WINDOW_LOG,
+    ChannelReader,
+    Compression,
+    decompress_stage,
+    resolve_compression,
+)
+from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
+from imagestream.pipeline.safety import HostView
+from imagestream.pipeline.sinks import Sink, open_sink
+from imagestream.pipeline.sources import Source, SourceOptions, open_source
+from imagestream.pipeline.zstd_frames import FrameWalker
+
+log = logging.getLogger(__name__)
+
+_SHA384 = re.compile(r"[0-9a-f]{96}")
+_REPORT_INTERVAL = 0.1
+_FETCH_QUEUE = 8
+_POOL_BUFFERS = 4
+_ZSTD_HEADER_PEEK = 18
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """Everything one stream needs; `sha384=None` is only accepted with `allow_unverified`."""
+
+    source: str
+    target: Path
+    sha384: str | None
+    compression: Compression = Compression.AUTO
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+    host: HostView = field(default_factory=HostView)
+    verify_after_write: bool = False
+    allow_unverified: bool = False
+    max_window_log: int = DEFAULT_MAX_WINDOW_LOG
+    direct_io: bool = True
+    skip_usage_checks: bool = False
+    cancel: threading.Event | None = None
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """The outcome of a stream that succeeded."""
+
+    target: Path
+    sha384: str
+    verified: bool
+    compression: Compression
+    bytes_fetched: int
+    bytes_written: int
+    resumes: int
+    seconds: float
+    read_back_verified: bool
+
+
+def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
+    """Normalise the expected hash, or refuse a request that has none."""
+    if value is None:
+        if not allow_unverified:
+            raise UsageError(
+                "an expected SHA-384 is required (--sha384); skipping verification needs "
+                "--skip-verification-unsafe"
+            )
+        return None
+    normalised = value.strip().lower()
+    if not _SHA384.fullmatch(normalised):
+        raise UsageError(
+            f"--sha384 must be 96 hexadecimal digits, got {len(normalised)} characters"
+        )
+    return normalised
+
+
+def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = None) -> StreamResult:
+    """Stream the source onto the target; return only once the output verified and is durable."""
+    expected = validate_sha384(request.sha384, request.allow_unverified)
+    sink = open_sink(
+        request.target,
+        None if request.skip_usage_checks else request.host,
+        direct=request.direct_io,
+    )
+    try:
+        source = open_source(request.source, request.source_options)
+        try:
+            return _Stream(request, source, sink, on_progress).run(expected)
+        finally:
+            source.close()
+    except BaseException:
+        sink.invalidate()
+        raise
+
+
+class _Stream:
+    """One run's threads and shared state."""
+
+    def __init__(
+        self,
+        request: StreamRequest,
+        source: Source,
+        sink: Sink,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.request = request
+        self.source = source
+        self.sink = sink
+        self.on_progress = on_progress
+        self.counters = Counters()
+        self.rate = RateMeter()
+        self.abort = threading.Event()
+        self.errors: list[BaseException] = []
+        self.fetched_hash = hashlib.sha384()
+        self.output_hash = hashlib.sha384() if request.verify_after_write else None
+        self.compression = request.compression
+        self.chunks: Channel[bytes] = Channel(_FETCH_QUEUE, self.abort)
+        self.filled: Channel[Filled] = Channel(_POOL_BUFFERS, self.abort)
+        self.pool = BufferPool(_POOL_BUFFERS, WRITE_BUFFER, self.abort)
+
+    def run(self, expected: str | None) -> StreamResult:
+        threads = [
+            self._thread("fetch", self._fetch),
+            self._thread("decompress", self._decompress),
+            self._thread("write", self._write),
+        ]
+        self._supervise(threads)
+        if self.errors:
+            raise self.errors[0]
+        return self._verify_and_commit(expected)
+
+    def _thread(self, name: str, body: Callable[[], None]) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                body()
+            except Aborted:
+                pass
+            except BaseException as exc:  # handed to the supervisor
+                self.errors.append(exc)
+                self.abort.set()
+
+        thread = threading.Thread(target=guarded, name=f"imagestream-{name}", daemon=True)
+        thread.start()
+        return thread
+
+    def _supervise(self, threads: list[threading.Thread]) -> None:
+        """Report progress until the stages end; turn a cancel request into an abort."""
+        cancel = self.request.cancel
+        fetch, *rest = threads
+        while any(t.is_alive() for t in rest):
+            rest[-1].join(_REPORT_INTERVAL)
+            if cancel is not None and cancel.is_set() and not self.abort.is_set():
+                self.errors.append(Cancelled("the stream was cancelled; the target is invalid"))
+                self.abort.set()
+            self._report()
+        # The fetch thread may sit in a network read after an abort; the stall timeout ends it.
+        fetch.join(None if not self.abort.is_set() else 1.0)
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(snapshot(self.counters, self.rate))
+
+    def _fetch(self) -> None:
+        counters = self.counters
+        for chunk in self.source.chunks():
+            self.fetched_hash.update(chunk)
+            counters.bytes_fetched += len(chunk)
+            counters.bytes_total = self.source.total
+            counters.resumes = self.source.resumes
+            self.chunks.put(chunk)
+        counters.bytes_total = self.source.total
+        counters.resumes = self.source.resumes
+        self.chunks.close()
+
+    def _decompress(self) -> None:
+        reader = ChannelReader(self.chunks)
+        head = reader.peek(_ZSTD_HEADER_PEEK)
+        self.compression = resolve_compression(self.request.compression, head)
+        walker = FrameWalker()
+        if self.compression is Compression.ZSTD:
+            reader.observe = walker.feed
+        self._check_capacity(self._known_output_size(head))
+        decompress_stage(
+            reader,
+            walker=walker,
+            compression=self.compression,
+            pool=self.pool,
+            out=self.filled,
+            max_window_log=self.request.max_window_log,
+        )
+
+    def _known_output_size(self, head: bytes) -> int | None:
+        """The output size, or a lower bound of it (the first zstd frame's declared size)."""
+        if self.compression is Compression.NONE:
+            return self.source.total
+        try:
+            size = zstandard.frame_content_size(head)
+        except zstandard.ZstdError:
+            return None
+        return size if size >= 0 else None
+
+    def _check_capacity(self, size: int | None) -> None:
+        capacity = self.sink.capacity
+        if size is not None and capacity is not None and size > capacity:
+            raise TargetError(
+                f"target {self.request.target} holds {capacity} bytes but the image needs at "
+                f"least {size}",
+                reason="TargetTooSmall",
+            )
+
+    def _write(self) -> None:
+        while (item := self.filled.get()) is not None:
+            view = item.view()
+            if self.output_hash is not None:
+                self.output_hash.update(view)
+            self.sink.write(view)
+            view.release()
+            self.counters.bytes_written += item.length
+            self.pool.give_back(item.buffer)
+        self.sink.flush()
+
+    def _verify_and_commit(self, expected: str | None) -> StreamResult:
+        self.counters.phase = "Verifying"
+        self._report()
+        actual = self.fetched_hash.hexdigest()
+        if expected is not None and actual != expected:
+            raise IntegrityError(
+                f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}; "
+                "the target was left invalid",
+                reason="HashMismatch",
+            )
+        self.sink.restore_header()
+        read_back = False
+        if self.output_hash is not None:
+            on_disk = self.sink.sha384_on_disk(self.counters.bytes_written)
+            if on_disk != self.output_hash.hexdigest():
+                raise IntegrityError(
+                    f"read-back of {self.request.target} does not match what was written "
+                    "(the device lost or altered data); the target was left invalid",
+                    reason="ReadBackMismatch",
+                )
+            read_back = True
+        self.sink.publish()
+        self.counters.phase = "Succeeded"
+        self._report()
+        return StreamResult(
+            target=self.sink.path,
+            sha384=actual,
+            verified=expected is not None,
+            compression=self.compression,
+            bytes_fetched=self.counters.bytes_fetched,
+            bytes_written=self.counters.bytes_written,
+            resumes=self.counters.resumes,
+            seconds=time.monotonic() - self.counters.started,
+            read_back_verified=read_back,
+        )
+
+
+def describe_failure(exc: ImageStreamError) -> str:
+    """One line for a user: the reason code and the message."""
+    return f"{exc.reason}: {exc.message}"

@@ -1,0 +1,263 @@
+"""Resumable HTTP reads: ranged GETs that survive resets, stalls, short bodies and throttling.
+
+The reader yields the object's bytes in order, exactly once each, however many requests that
+takes. Every 206 is checked against the offset asked for, `If-Range` pins the object so a change
+between requests is caught, and a server that ignores ranges is handled by re-reading from the
+start and skipping what was already delivered (RFC 9110 §13.1.5, §14).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+from imagestream.errors import SourceError
+from imagestream.pipeline.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try. `max_retries` counts consecutive attempts that delivered no byte."""
+
+    max_retries: int = 8
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    stall_timeout: float = 30.0
+    connect_timeout: float = 15.0
+    max_retry_after: float = 300.0
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter, so a fleet does not retry in lockstep."""
+        ceiling = min(self.backoff_max, self.backoff_base * (2 ** max(0, attempt - 1)))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class SourceChangedError(SourceError):
+    """The object behind the URL is not the one the earlier requests read."""
+
+    default_reason = "SourceChanged"
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way another request may fix."""
+
+    def __init__(self, what: str, retry_after: float | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Validators:
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> _Validators:
+        return cls(response.headers.get("etag"), response.headers.get("last-modified"))
+
+    def if_range(self) -> str | None:
+        # Weak ETags may not be used in If-Range (RFC 9110 §13.1.5).
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    def differs_from(self, other: _Validators) -> bool:
+        if self.etag and other.etag:
+            return self.etag != other.etag
+        if self.last_modified and other.last_modified:
+            return self.last_modified != other.last_modified
+        return False
+
+
+class HttpRangeReader:
+    """Reads one URL from the first to the last byte with ranged, resumable GETs."""
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.Client,
+        policy: RetryPolicy,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self.total: int | None = None
+        self.resumes = 0
+        self._client = client
+        self._policy = policy
+        self._headers = dict(headers or {})
+        self._validators: _Validators | None = None
+        self._name = redact_url(url)
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield the object's bytes in order; raises `SourceError` when it cannot go on."""
+        offset = 0
+        failures = 0
+        while True:
+            delivered_before = offset
+            try:
+                for chunk in self._attempt(offset):
+                    offset += len(chunk)
+                    yield chunk
+                if self.total is None or offset >= self.total:
+                    return
+                raise _Retryable(f"body ended at byte {offset} of {self.total}")
+            except (httpx.TransportError, _Retryable) as exc:
+                if offset > delivered_before:
+                    failures = 0
+                failures += 1
+                what = exc.what if isinstance(exc, _Retryable) else _describe_transport(exc)
+                if failures > self._policy.max_retries:
+                    raise SourceError(
+                        f"giving up on {self._name} after {failures} attempts without progress "
+                        f"at byte {offset}: {what}",
+                        reason="RetriesExhausted",
+                    ) from exc
+                delay = self._delay(failures, exc)
+                log.warning(
+                    "%s: %s; resuming at byte %d in %.1fs (attempt %d of %d)",
+                    self._name,
+                    what,
+                    offset,
+                    delay,
+                    failures,
+                    self._policy.max_retries,
+                )
+                time.sleep(delay)
+                self.resumes += 1
+
+    def _delay(self, failures: int, exc: Exception) -> float:
+        retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
+        if retry_after is not None:
+            return min(retry_after, self._policy.max_retry_after)
+        return self._policy.backoff(failures)
+
+    def _attempt(self, offset: int) -> Iterator[bytes]:
+        """One request from `offset`: validate the answer, then stream its body."""
+        headers = {**self._headers, "Range": f"bytes={offset}-", "Accept-Encoding": "identity"}
+        if offset and self._validators and (validator := self._validators.if_range()):
+            headers["If-Range"] = validator
+        request = self._client.build_request("GET", self.url, headers=headers)
+        response = self._client.send(request, stream=True)
+        try:
+            skip = self._check_response(response, offset)
+            if skip is None:
+                return
+            for chunk in response.iter_raw(CHUNK_SIZE):
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                yield chunk[skip:] if skip else chunk
+                skip = 0
+        finally:
+            response.close()
+
+    def _check_response(self, response: httpx.Response, offset: int) -> int | None:
+        """Decide what the answer means: bytes to skip, None for "nothing left", or raise."""
+        status = response.status_code
+        if status == 206:
+            self._check_partial(response, offset)
+            return 0
+        if status == 200:
+            return self._check_full(response, offset)
+        if status == 416:
+            match = _UNSATISFIED_RANGE.search(response.headers.get("content-range", ""))
+            if match and offset >= int(match.group(1)) and self.total == int(match.group(1)):
+                return None
+            raise SourceError(
+                f"{self._name} refused the range from byte {offset} (HTTP 416)",
+                reason="BadRangeResponse",
+            )
+        if status in (408, 429) or status >= 500:
+            raise _Retryable(f"HTTP {status} {response.reason_phrase}", _retry_after(response))
+        raise SourceError(_status_message(self._name, response), reason=f"HTTP{status}")
+
+    def _check_partial(self, response: httpx.Response, offset: int) -> None:
+        match = _CONTENT_RANGE.search(response.headers.get("content-range", ""))
+        if not match:
+            raise SourceError(
+                f"{self._name} answered 206 without a valid Content-Range header",
+                reason="BadRangeResponse",
+            )
+        start = int(match.group(1))
+        total = None if match.group(3) == "*" else int(match.group(3))
+        if start != offset:
+            raise SourceError(
+                f"{self._name} answered a range starting at byte {start}, but byte {offset} "
+                "was asked for; refusing to splice the wrong bytes into the image",
+                reason="BadRangeResponse",
+            )
+        self._pin(response, total)
+
+    def _check_full(self, response: httpx.Response, offset: int) -> int:
+        total = _content_length(response)
+        self._pin(response, total)
+        if offset:
+            log.warning(
+                "%s ignored the range request; re-reading from byte 0 and skipping %d bytes "
+                "already received",
+                self._name,
+                offset,
+            )
+        return offset
+
+    def _pin(self, response: httpx.Response, total: int | None) -> None:
+        """Remember the object's identity on the first answer; compare it on every later one."""
+        seen = _Validators.of(response)
+        if self._validators is None:
+            self._validators = seen
+            self.total = total
+            return
+        if seen.differs_from(self._validators) or (
+            total is not None and self.total is not None and total != self.total
+        ):
+            raise SourceChangedError(
+                f"source changed: {self._name} is no longer the object the transfer started on "
+                f"(ETag {self._validators.etag} -> {seen.etag}, size {self.total} -> {total}); "
+                "start again once the image is stable"
+            )
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    return int(value) if value and value.isdigit() else None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    when = email.utils.parsedate_to_datetime(value)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _status_message(name: str, response: httpx.Response) -> str:
+    status = response.status_code
+    hint = {
+        401: "the server wants credentials: pass --auth-file",
+        403: "the credentials were refused or lack access",
+        404: "check the URL",
+    }.get(status)
+    text = f"{name} answered HTTP {status} {response.reason_phrase}"
+    return f"{text}: {hint}" if hint else text
+
+
+def _describe_transport(exc: httpx.TransportError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no data for too long ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

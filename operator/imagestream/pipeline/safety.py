@@ -1,0 +1,139 @@
+"""Checks before the first write: the target is what it claims and nobody else is using it.
+
+The host's view is a parameter (`HostView`), so the agent inside its Pod checks the node's
+mount table rather than the container's.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagestream.errors import TargetError
+
+
+@dataclass(frozen=True)
+class HostView:
+    """Where the host's mount table, swap list and sysfs are seen from this process."""
+
+    mountinfo: Path = Path("/proc/self/mountinfo")
+    swaps: Path = Path("/proc/swaps")
+    sysfs: Path = Path("/sys")
+
+    @classmethod
+    def from_host_root(cls, host_root: Path) -> HostView:
+        """The view through a host filesystem mounted at `host_root` (PID 1's mounts)."""
+        return cls(
+            mountinfo=host_root / "proc/1/mountinfo",
+            swaps=host_root / "proc/swaps",
+            # Block devices in sysfs are not namespaced: the container's /sys shows the host's.
+            sysfs=Path("/sys"),
+        )
+
+
+def device_number(path: Path) -> tuple[int, int]:
+    """The (major, minor) of a block device."""
+    rdev = os.stat(path).st_rdev
+    return os.major(rdev), os.minor(rdev)
+
+
+def check_block_device(path: Path, host: HostView) -> None:
+    """Refuse a block device that is mounted, used as swap, or held by dm/md/LVM.
+
+    A whole disk counts as busy when any of its partitions is.
+    """
+    devices = [device_number(path), *_partitions(device_number(path), host)]
+    names = {f"{major}:{minor}" for major, minor in devices}
+    for mount_point, source, number in _mounts(host):
+        if number in names or _same_device(source, devices):
+            raise TargetError(
+                f"target {path} is mounted at {mount_point} (as {source}); unmount it first",
+                reason="TargetMounted",
+            )
+    for swap in _swaps(host):
+        if _same_device(swap, devices):
+            raise TargetError(
+                f"target {path} is in use as swap ({swap}); swapoff it first", reason="TargetInUse"
+            )
+    for major, minor in devices:
+        holders_dir = host.sysfs / f"dev/block/{major}:{minor}/holders"
+        holders = sorted(p.name for p in holders_dir.iterdir()) if holders_dir.is_dir() else []
+        if holders:
+            raise TargetError(
+                f"target {path} is held by {', '.join(holders)} (device-mapper, md RAID or LVM); "
+                "release it first",
+                reason="TargetInUse",
+            )
+
+
+def classify(path: Path) -> str:
+    """'block' for a block device, 'file' for a regular file or a new path; else refuse."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.parent.is_dir() and not str(path).startswith("/dev/"):
+            return "file"
+        raise TargetError(f"target {path} does not exist", reason="TargetNotFound") from None
+    if stat.S_ISBLK(mode):
+        return "block"
+    if stat.S_ISREG(mode):
+        return "file"
+    kind = "a directory" if stat.S_ISDIR(mode) else "neither a block device nor a regular file"
+    raise TargetError(f"target {path} is {kind}", reason="TargetInvalid")
+
+
+def _partitions(number: tuple[int, int], host: HostView) -> list[tuple[int, int]]:
+    base = host.sysfs / f"dev/block/{number[0]}:{number[1]}"
+    found = []
+    if base.is_dir():
+        for child in base.iterdir():
+            dev_file = child / "dev"
+            if (child / "partition").is_file() and dev_file.is_file():
+                major, minor = dev_file.read_text().strip().split(":")
+                found.append((int(major), int(minor)))
+    return found
+
+
+def _mounts(host: HostView) -> list[tuple[str, str, str]]:
+    """(mount point, source, major:minor) of every mount in the host's table."""
+    try:
+        table = host.mountinfo.read_text()
+    except OSError as exc:
+        raise TargetError(
+            f"cannot read the mount table {host.mountinfo}: {exc.strerror}; without it the "
+            "target cannot be checked (--force skips this check)",
+            reason="TargetCheckFailed",
+        ) from exc
+    entries = []
+    for line in table.splitlines():
+        fields = line.split()
+        try:
+            separator = fields.index("-")
+        except ValueError:
+            continue
+        source = fields[separator + 2] if len(fields) > separator + 2 else ""
+        entries.append((_unescape(fields[4]), _unescape(source), fields[2]))
+    return entries
+
+
+def _swaps(host: HostView) -> list[str]:
+    if not host.swaps.is_file():
+        return []
+    return [line.split()[0] for line in host.swaps.read_text().splitlines()[1:] if line.strip()]
+
+
+def _same_device(source: str, devices: list[tuple[int, int]]) -> bool:
+    if not source.startswith("/"):
+        return False
+    try:
+        st = os.stat(source)
+    except OSError:
+        return False
+    return stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) in devices
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    return field.encode().decode("unicode_escape") if "\\" in field else field

@@ -1,0 +1,166 @@
+"""Where the image comes from: an HTTP(S) URL read with ranges, or a local file."""
+
+from __future__ import annotations
+
+import base64
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from imagestream import __version__
+from imagestream.errors import SourceError, UsageError
+from imagestream.pipeline.range_reader import HttpRangeReader, RetryPolicy
+from imagestream.pipeline.redact import redact_url
+
+_FILE_CHUNK = 1 << 20
+
+
+class Source(Protocol):
+    """A byte stream with a known or unknown length that counts its own resumes."""
+
+    name: str
+
+    @property
+    def total(self) -> int | None:
+        """The size in bytes, once known."""
+        ...
+
+    @property
+    def resumes(self) -> int:
+        """How many times the transfer was resumed."""
+        ...
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield the bytes in order, once each."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to reach the source: TLS trust, credentials, retries."""
+
+    ca_file: Path | None = None
+    auth_file: Path | None = None
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class FileSource:
+    """A local file, read in 1 MiB chunks."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.resumes = 0
+        try:
+            self._file = path.open("rb", buffering=0)
+        except OSError as exc:
+            raise SourceError(f"cannot open source file {path}: {exc.strerror}") from exc
+        self.total: int | None = os.fstat(self._file.fileno()).st_size
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield the file's bytes."""
+        while chunk := self._file.read(_FILE_CHUNK):
+            yield chunk
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+class HttpSource:
+    """An HTTP(S) object read with `HttpRangeReader` over one httpx client."""
+
+    def __init__(self, url: str, options: SourceOptions) -> None:
+        self.name = redact_url(url)
+        self._client = make_client(options)
+        headers = {"User-Agent": f"imagestream/{__version__}"}
+        if options.auth_file:
+            headers["Authorization"] = read_auth_header(options.auth_file)
+        self._reader = HttpRangeReader(url, self._client, options.policy, headers)
+
+    @property
+    def total(self) -> int | None:
+        """The object's size, known after the first answer when the server tells it."""
+        return self._reader.total
+
+    @property
+    def resumes(self) -> int:
+        """How many times the transfer was resumed."""
+        return self._reader.resumes
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield the object's bytes."""
+        return self._reader.chunks()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+
+def open_source(location: str, options: SourceOptions) -> Source:
+    """Open a URL (http://, https://) or a local path (plain or file://)."""
+    if location.startswith(("http://", "https://")):
+        return HttpSource(location, options)
+    if location.startswith("file://"):
+        return FileSource(Path(location.removeprefix("file://")))
+    if "://" in location:
+        scheme = location.split("://", 1)[0]
+        raise UsageError(f"unsupported source scheme {scheme}://: use http://, https:// or a path")
+    return FileSource(Path(location))
+
+
+def make_client(options: SourceOptions) -> httpx.Client:
+    """An httpx client: system trust plus the extra CA, proxies from the environment."""
+    policy = options.policy
+    timeout = httpx.Timeout(
+        connect=policy.connect_timeout,
+        read=policy.stall_timeout,
+        write=policy.stall_timeout,
+        pool=policy.connect_timeout,
+    )
+    # trust_env picks up HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE like curl does.
+    return httpx.Client(
+        verify=ssl_context(options.ca_file),
+        timeout=timeout,
+        follow_redirects=True,
+        trust_env=True,
+    )
+
+
+def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    """System trust store, with `ca_file` added to it (never replacing it, never skipping)."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot load CA bundle {ca_file}: {exc}") from exc
+    return context
+
+
+def read_auth_header(path: Path) -> str:
+    """The Authorization header from a file.
+
+    The file holds `Basic ...` or `Bearer ...` verbatim, `user:password` (sent as Basic), or a
+    bare token (sent as Bearer). Its content is never logged.
+    """
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read auth file {path}: {exc.strerror}") from exc
+    if not text:
+        raise UsageError(f"auth file {path} is empty")
+    scheme = text.split(" ", 1)[0].lower()
+    if scheme in ("basic", "bearer") and " " in text:
+        return text
+    if ":" in text:
+        return "Basic " + base64.b64encode(text.encode()).decode()
+    return f"Bearer {text}"

@@ -1,0 +1,173 @@
+"""How the CLI shows progress: a rich bar on a terminal, plain lines in logs, or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import (
+    Progress as RichProgress,
+)
+
+from imagestream.pipeline.progress import Progress
+
+_PLAIN_INTERVAL = 2.0
+
+
+class ProgressDisplay(AbstractContextManager["ProgressDisplay"]):
+    """Base: a callback for the pipeline plus setup and teardown of the display."""
+
+    def update(self, progress: Progress) -> None:
+        """Show a snapshot; called about ten times a second."""
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+class BarDisplay(ProgressDisplay):
+    """A rich progress bar on stderr."""
+
+    def __init__(self, console: Console) -> None:
+        self._bar = RichProgress(
+            TextColumn("[bold]{task.fields[phase]}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("written {task.fields[written]}  resumes {task.fields[resumes]}"),
+            console=console,
+            transient=False,
+        )
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> BarDisplay:
+        self._bar.start()
+        self._task = self._bar.add_task(
+            "stream", total=None, phase="Starting", written="0 B", resumes=0
+        )
+        return self
+
+    def update(self, progress: Progress) -> None:
+        """Move the bar."""
+        assert self._task is not None
+        self._bar.update(
+            self._task,
+            completed=progress.bytes_fetched,
+            total=progress.bytes_total,
+            phase=progress.phase,
+            written=_human(progress.bytes_written),
+            resumes=progress.resumes,
+        )
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bar.stop()
+
+
+class _ThrottledDisplay(ProgressDisplay):
+    """Shows a snapshot at most every `interval` seconds, and always on a phase change."""
+
+    interval = 1.0
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._last = 0.0
+        self._phase = ""
+
+    def update(self, progress: Progress) -> None:
+        """Show the snapshot when due."""
+        now = time.monotonic()
+        if progress.phase == self._phase and now - self._last < self.interval:
+            return
+        self._last, self._phase = now, progress.phase
+        self.show(progress)
+
+    def show(self, progress: Progress) -> None:
+        """Render one snapshot."""
+        raise NotImplementedError
+
+
+class PlainDisplay(_ThrottledDisplay):
+    """A line every few seconds and at phase changes, for logs and pipes."""
+
+    interval = _PLAIN_INTERVAL
+
+    def show(self, progress: Progress) -> None:
+        """Print a human line."""
+        total = _human(progress.bytes_total) if progress.bytes_total else "?"
+        percent = f" {progress.fraction * 100:5.1f}%" if progress.fraction is not None else ""
+        print(
+            f"{progress.phase}:{percent} fetched {_human(progress.bytes_fetched)} of {total}, "
+            f"written {_human(progress.bytes_written)}, "
+            f"{_human(int(progress.bytes_per_second))}/s, resumes {progress.resumes}",
+            file=self._stream,
+            flush=True,
+        )
+
+
+class JsonDisplay(_ThrottledDisplay):
+    """One JSON object a line, at most once a second and at phase changes."""
+
+    def show(self, progress: Progress) -> None:
+        """Print a JSON line."""
+        emit_json(self._stream, {"event": "progress", **progress_fields(progress)})
+
+
+def progress_fields(progress: Progress) -> dict[str, object]:
+    """The snapshot as camelCase fields, as the ImageStream status spells them."""
+    return {
+        "phase": progress.phase,
+        "bytesFetched": progress.bytes_fetched,
+        "bytesTotal": progress.bytes_total,
+        "bytesWritten": progress.bytes_written,
+        "bytesPerSecond": round(progress.bytes_per_second),
+        "resumes": progress.resumes,
+    }
+
+
+def emit_json(stream: TextIO, record: dict[str, object]) -> None:
+    """Write one JSON line and flush it."""
+    stream.write(json.dumps(record, sort_keys=True) + "\n")
+    stream.flush()
+
+
+def make_display(mode: str, console: Console) -> ProgressDisplay:
+    """Pick the display for `--progress MODE` (auto: a bar on a terminal, else plain)."""
+    if mode == "auto":
+        mode = "bar" if console.is_terminal else "plain"
+    if mode == "bar":
+        return BarDisplay(console)
+    if mode == "json":
+        return JsonDisplay(sys.stdout)
+    return PlainDisplay(sys.stderr)
+
+
+def _human(count: int | None) -> str:
+    value = float(count or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
