@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +19,11 @@ from imagestream import __version__
 from imagestream.demo.run import demo_command
 from imagestream.errors import ImageStreamError
 from imagestream.pipeline.decompress import DEFAULT_MAX_WINDOW_LOG, Compression
-from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_stream
+from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
-from imagestream.progress_display import emit_json, make_display
+from imagestream.progress_display import make_display, report_failure, report_success
 
 EXIT_USAGE = 2
 _UNSAFE_FLAG = "--skip-verification-unsafe"
@@ -125,7 +124,7 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
 
 def stream_command(args: argparse.Namespace, console: Console) -> int:
     """Run `imagestream stream`: progress while it runs, a summary or a clear error at the end."""
-    cancel = _cancel_on_signals()
+    cancel = cancel_on_signals()
     display = make_display(args.progress, console)
     try:
         with display:
@@ -136,55 +135,7 @@ def stream_command(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def report_success(result: StreamResult, mode: str, console: Console) -> None:
-    """Print the summary: hash, bytes, time, resumes; JSON with `--progress json`."""
-    verdict = "verified" if result.verified else "UNVERIFIED (no expected hash was given)"
-    if mode == "json":
-        emit_json(
-            sys.stdout,
-            {
-                "event": "result",
-                "ok": True,
-                "verified": result.verified,
-                "target": str(result.target),
-                "sha384": result.sha384,
-                "compression": result.compression.value,
-                "bytesFetched": result.bytes_fetched,
-                "bytesWritten": result.bytes_written,
-                "seconds": round(result.seconds, 3),
-                "resumes": result.resumes,
-                "readBackVerified": result.read_back_verified,
-            },
-        )
-        return
-    rate = result.bytes_written / result.seconds / 2**20 if result.seconds else 0.0
-    out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-    style = "green" if result.verified else "bold red"
-    out.print(f"[{style}]Wrote {result.target}: {verdict}[/{style}]")
-    out.print(f"  sha384   {result.sha384}")
-    out.print(
-        f"  fetched  {result.bytes_fetched} bytes ({result.compression.value}), "
-        f"written {result.bytes_written} bytes"
-    )
-    out.print(
-        f"  time     {result.seconds:.2f} s ({rate:.0f} MiB/s written), resumes {result.resumes}"
-    )
-    if result.read_back_verified:
-        out.print("  read-back verified")
-
-
-def report_failure(exc: ImageStreamError, mode: str, console: Console) -> int:
-    """Print the error with its reason code; return the exit code of its family."""
-    if mode == "json":
-        emit_json(
-            sys.stdout,
-            {"event": "result", "ok": False, "reason": exc.reason, "message": exc.message},
-        )
-    console.print(f"[bold red]error[/bold red] ({exc.reason}): {exc.message}", highlight=False)
-    return exc.exit_code
-
-
-def _cancel_on_signals() -> threading.Event:
+def cancel_on_signals() -> threading.Event:
     """SIGTERM and SIGINT stop the stream cleanly: the target is left invalid, never half-valid."""
     cancel = threading.Event()
 
@@ -204,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(message)s",

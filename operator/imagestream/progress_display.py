@@ -22,6 +22,8 @@ from rich.progress import (
     Progress as RichProgress,
 )
 
+from imagestream.errors import ImageStreamError
+from imagestream.pipeline.pipeline import StreamResult
 from imagestream.pipeline.progress import Progress
 
 _PLAIN_INTERVAL = 2.0
@@ -171,3 +173,51 @@ def _human(count: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def report_success(result: StreamResult, mode: str, console: Console) -> None:
+    """Print the summary: hash, bytes, time, resumes; JSON with `--progress json`."""
+    verdict = "verified" if result.verified else "UNVERIFIED (no expected hash was given)"
+    if mode == "json":
+        emit_json(
+            sys.stdout,
+            {
+                "event": "result",
+                "ok": True,
+                "verified": result.verified,
+                "target": str(result.target),
+                "sha384": result.sha384,
+                "compression": result.compression.value,
+                "bytesFetched": result.bytes_fetched,
+                "bytesWritten": result.bytes_written,
+                "seconds": round(result.seconds, 3),
+                "resumes": result.resumes,
+                "readBackVerified": result.read_back_verified,
+            },
+        )
+        return
+    rate = result.bytes_written / result.seconds / 2**20 if result.seconds else 0.0
+    out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    style = "green" if result.verified else "bold red"
+    out.print(f"[{style}]Wrote {result.target}: {verdict}[/{style}]")
+    out.print(f"  sha384   {result.sha384}")
+    out.print(
+        f"  fetched  {result.bytes_fetched} bytes ({result.compression.value}), "
+        f"written {result.bytes_written} bytes"
+    )
+    out.print(
+        f"  time     {result.seconds:.2f} s ({rate:.0f} MiB/s written), resumes {result.resumes}"
+    )
+    if result.read_back_verified:
+        out.print("  read-back verified")
+
+
+def report_failure(exc: ImageStreamError, mode: str, console: Console) -> int:
+    """Print the error with its reason code; return the exit code of its family."""
+    if mode == "json":
+        emit_json(
+            sys.stdout,
+            {"event": "result", "ok": False, "reason": exc.reason, "message": exc.message},
+        )
+    console.print(f"[bold red]error[/bold red] ({exc.reason}): {exc.message}", highlight=False)
+    return exc.exit_code

@@ -242,7 +242,10 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
     if value.strip().isdigit():
         return float(value.strip())
-    when = email.utils.parsedate_to_datetime(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # unparseable: fall back to our own backoff
     return max(0.0, when.timestamp() - time.time())
 
 

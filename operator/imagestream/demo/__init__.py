@@ -1,0 +1,1 @@
+"""Demo and test helpers: deterministic sample images and a fault-injecting range server."""
