@@ -161,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+    # httpx logs every request URL at INFO, credentials and query tokens included.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "demo":
         return demo_command(args, console)
     if args.sha384 is None and not args.unverified:

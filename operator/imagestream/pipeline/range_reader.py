@@ -12,6 +12,7 @@ import email.utils
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter, so a fleet does not retry in lockstep."""
-        ceiling = min(self.backoff_max, self.backoff_base * (2 ** max(0, attempt - 1)))
+        exponent = min(max(0, attempt - 1), 32)  # past that the cap rules anyway
+        ceiling = min(self.backoff_max, self.backoff_base * 2**exponent)
         return random.uniform(ceiling / 2, ceiling)
 
 
@@ -116,6 +118,7 @@ class HttpRangeReader:
                     return
                 raise _Retryable(f"body ended at byte {offset} of {self.total}")
             except (httpx.TransportError, _Retryable) as exc:
+                _refuse_untrusted(exc, self._name)
                 if offset > delivered_before:
                     failures = 0
                 failures += 1
@@ -156,7 +159,7 @@ class HttpRangeReader:
             skip = self._check_response(response, offset)
             if skip is None:
                 return
-            for chunk in response.iter_raw(CHUNK_SIZE):
+            for chunk in _coalesce(response.iter_raw()):
                 if skip >= len(chunk):
                     skip -= len(chunk)
                     continue
@@ -231,6 +234,29 @@ class HttpRangeReader:
             )
 
 
+def _coalesce(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """Join the network's small reads into ~1 MiB chunks without ever holding bytes back.
+
+    httpx's own chunk_size buffers internally and loses what it holds when the connection
+    breaks; here a failure first hands over what arrived, so the resume starts at the next byte.
+    """
+    held: list[bytes] = []
+    size = 0
+    try:
+        for piece in pieces:
+            held.append(piece)
+            size += len(piece)
+            if size >= CHUNK_SIZE:
+                yield b"".join(held)
+                held, size = [], 0
+    except httpx.TransportError:
+        if held:
+            yield b"".join(held)
+        raise
+    if held:
+        yield b"".join(held)
+
+
 def _content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("content-length")
     return int(value) if value and value.isdigit() else None
@@ -252,12 +278,25 @@ def _retry_after(response: httpx.Response) -> float | None:
 def _status_message(name: str, response: httpx.Response) -> str:
     status = response.status_code
     hint = {
-        401: "the server wants credentials: pass --auth-file",
+        401: "the server wants credentials (--auth-file) or refused the ones given",
         403: "the credentials were refused or lack access",
         404: "check the URL",
     }.get(status)
     text = f"{name} answered HTTP {status} {response.reason_phrase}"
     return f"{text}: {hint}" if hint else text
+
+
+def _refuse_untrusted(exc: Exception, name: str) -> None:
+    """A certificate that does not verify will not verify on a retry either: fail at once."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise SourceError(
+                f"TLS certificate verify failed for {name} ({cause.verify_message}); "
+                "pass the issuing CA with --ca-file",
+                reason="TLSVerificationFailed",
+            ) from exc
+        cause = cause.__cause__ or cause.__context__
 
 
 def _describe_transport(exc: httpx.TransportError) -> str:

@@ -10,9 +10,7 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     if not parts.scheme:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    # Everything after the last "@" is host[:port]; parts.port would raise on a bad port.
+    netloc = parts.netloc.rpartition("@")[2].lower()
     query = "<redacted>" if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))

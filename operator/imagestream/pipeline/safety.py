@@ -7,11 +7,14 @@ mount table rather than the container's.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from imagestream.errors import TargetError
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 @dataclass(frozen=True)
@@ -135,5 +138,5 @@ def _same_device(source: str, devices: list[tuple[int, int]]) -> bool:
 
 
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    # mountinfo escapes space, tab, newline and backslash as three octal digits; nothing else.
+    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)

@@ -167,7 +167,8 @@ class BlockDeviceSink(_FdSink):
     """A whole disk or a partition, opened exclusively and flock'ed."""
 
     def publish(self) -> None:
-        """Nothing to do: the header was restored in place."""
+        """The header was restored in place: release the device (and its lock)."""
+        self.close()
 
     def invalidate(self) -> None:
         """Zero the first MiB again (it may have been restored before a read-back failed)."""

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -108,6 +109,12 @@ class HttpSource:
 def open_source(location: str, options: SourceOptions) -> Source:
     """Open a URL (http://, https://) or a local path (plain or file://)."""
     if location.startswith(("http://", "https://")):
+        try:
+            # Both parsers, so a URL either would reject fails here as a usage error.
+            httpx.URL(location)
+            urlsplit(location).port  # noqa: B018 - raises on a port out of range
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise UsageError(f"invalid source URL {redact_url(location)}: {exc}") from exc
         return HttpSource(location, options)
     if location.startswith("file://"):
         return FileSource(Path(location.removeprefix("file://")))

@@ -1,0 +1,675 @@
+"""`imagestream stream` against a server that misbehaves on purpose (`RangeServer` + `FaultPlan`).
+
+Each test runs the real CLI as a subprocess against a `RangeServer` in this process, then checks
+three things: the exit code, the output (the SHA-384 of the written bytes against the raw image,
+or the target left invalid), and what the server was really asked (its request records: Range,
+If-Range, status, body bytes sent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.support.blockdev import LoopDeviceFactory
+
+from imagestream.demo.image import SampleImage, write_sample_image
+from imagestream.demo.range_server import Fault, FaultKind, FaultPlan, RangeServer, RequestRecord
+
+pytestmark = pytest.mark.timeout(60)
+
+IMAGESTREAM = Path(sys.executable).with_name("imagestream")
+MIB = 1 << 20
+RAW_SIZE = 6 * MIB  # three frames, ~3.2 MB compressed: room for resets inside a MiB and a frame
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ENV_DROPPED = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file"}
+
+
+# -- running the CLI --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """One finished `imagestream` process."""
+
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        """stdout and stderr with whitespace runs folded to one space (rich wraps lines)."""
+        return " ".join(f"{self.stdout}\n{self.stderr}".split())
+
+    def result(self) -> dict[str, Any]:
+        """The final `{"event": "result", ...}` line of `--progress json`."""
+        for line in reversed(self.stdout.splitlines()):
+            if line.startswith("{"):
+                record: dict[str, Any] = json.loads(line)
+                if record.get("event") == "result":
+                    return record
+        raise AssertionError(f"no JSON result line:\n{self.stdout}\n{self.stderr}")
+
+
+def stream(
+    url: str,
+    target: Path,
+    image: SampleImage,
+    *extra: str,
+    max_retries: int = 4,
+    stall_timeout: float = 1.0,
+) -> CliRun:
+    """`imagestream stream` with fast backoff and a short stall timeout."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in _ENV_DROPPED}
+    env["COLUMNS"] = "1000"
+    args = [
+        str(IMAGESTREAM),
+        "stream",
+        url,
+        str(target),
+        "--sha384",
+        image.sha384,
+        "--progress",
+        "json",
+        "--retry-backoff",
+        "0.05",
+        "--stall-timeout",
+        str(stall_timeout),
+        "--max-retries",
+        str(max_retries),
+        *extra,
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=50,
+        check=False,
+    )
+    return CliRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+# -- checking the output ----------------------------------------------------------------------
+
+
+def sha384_of(path: Path, length: int | None = None) -> str:
+    """SHA-384 of the first `length` bytes of a file or device (all of it without `length`)."""
+    digest = hashlib.sha384()
+    remaining = length
+    with path.open("rb") as fh:
+        while remaining is None or remaining > 0:
+            chunk = fh.read(MIB if remaining is None else min(MIB, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    assert not remaining, f"{path} is {remaining} bytes short"
+    return digest.hexdigest()
+
+
+def staging_of(target: Path) -> Path:
+    return target.with_name(f".{target.name}.partial")
+
+
+def assert_succeeded(run: CliRun, target: Path, image: SampleImage) -> dict[str, Any]:
+    """Exit 0, a verified result, and the written file is exactly the raw image."""
+    assert run.code == 0, run.text
+    result = run.result()
+    assert result["ok"] is True
+    assert result["verified"] is True
+    assert result["sha384"] == image.sha384
+    assert result["bytesFetched"] == image.compressed_size
+    assert result["bytesWritten"] == image.raw_size
+    assert target.stat().st_size == image.raw_size
+    assert sha384_of(target) == image.raw_sha384
+    assert not staging_of(target).exists()
+    return result
+
+
+def assert_failed(run: CliRun, code: int, *causes: str) -> dict[str, Any]:
+    """The failure family's exit code, and a message naming each cause."""
+    assert run.code == code, run.text
+    for cause in causes:
+        assert cause.lower() in run.text.lower(), run.text
+    assert "Traceback" not in run.stderr, run.stderr
+    result = run.result()
+    assert result["ok"] is False
+    return result
+
+
+def assert_file_target_invalid(target: Path) -> None:
+    assert not target.exists(), f"{target} exists after a failure"
+    assert not staging_of(target).exists(), f"{staging_of(target)} left behind"
+
+
+def range_start(record: RequestRecord) -> int:
+    assert record.range is not None, record
+    assert record.range.startswith("bytes="), record.range
+    assert record.range.endswith("-"), record.range
+    return int(record.range.removeprefix("bytes=").removesuffix("-"))
+
+
+def gets(server: RangeServer) -> list[RequestRecord]:
+    return [r for r in server.requests if r.method == "GET"]
+
+
+def assert_resumes_are_pinned(server: RangeServer, etag: str | None) -> None:
+    """Every request asks an open range; each resume is pinned with If-Range to the ETag."""
+    records = gets(server)
+    assert range_start(records[0]) == 0
+    assert records[0].if_range is None
+    for record in records[1:]:
+        start = range_start(record)
+        if start:
+            assert record.if_range == etag, record
+
+
+def delivered_before(records: list[RequestRecord]) -> list[int]:
+    """How many object bytes the client had received before each request, by the server's count.
+
+    After a 206 that started at S and sent B body bytes the client holds S + B bytes; after a
+    200 it holds max(what it had, B) (it skips what it already had).
+    """
+    held = 0
+    before = []
+    for record in records:
+        before.append(held)
+        if record.status == 206:
+            held = range_start(record) + record.body_bytes
+        elif record.status == 200:
+            held = max(held, record.body_bytes)
+    return before
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> SampleImage:
+    """A three-frame zstd image (~3.2 MB), shared by the module (the tests only read it)."""
+    path = tmp_path_factory.mktemp("image") / "image.raw.zst"
+    return write_sample_image(path, RAW_SIZE, seed=11, frames=3)
+
+
+@pytest.fixture(scope="module")
+def frame_starts(image: SampleImage) -> list[int]:
+    data = image.path.read_bytes()
+    starts = []
+    at = data.find(ZSTD_MAGIC)
+    while at >= 0:
+        starts.append(at)
+        at = data.find(ZSTD_MAGIC, at + 1)
+    assert len(starts) >= 3
+    return starts
+
+
+def mid_frame(frame_starts: list[int], near: int) -> int:
+    """An offset close to `near` that is neither a frame start nor a MiB boundary."""
+    offset = near
+    while offset in frame_starts or offset % MIB == 0 or offset - 1 in frame_starts:
+        offset += 7
+    return offset
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    return out / "disk.raw"
+
+
+# -- resets, short bodies, stalls: resumed, correct bytes -------------------------------------
+
+
+def test_reset_before_the_first_byte(image: SampleImage, target: Path) -> None:
+    with RangeServer(image.path, faults=FaultPlan([Fault.reset(after=0)])) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        etag = server.etag
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] >= 1
+    assert [(r.fault, r.status, r.body_bytes) for r in records[:1]] == [(FaultKind.RESET, 206, 0)]
+    assert [range_start(r) for r in records] == [0, 0]
+    assert_resumes_are_pinned(server, etag)
+
+
+def test_reset_mid_frame(image: SampleImage, frame_starts: list[int], target: Path) -> None:
+    offset = mid_frame(frame_starts, image.compressed_size // 2 + 12345)
+    with RangeServer(image.path, faults=FaultPlan([Fault.reset_at(offset)])) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        etag = server.etag
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] >= 1
+    assert records[0].fault is FaultKind.RESET_AT
+    assert records[0].body_bytes == offset
+    assert len(records) == 2
+    # The resume asks for the rest, pinned to the same object, and gets it as a 206.
+    assert 0 < range_start(records[1]) <= offset
+    assert records[1].if_range == etag
+    assert records[1].status == 206
+    assert_resumes_are_pinned(server, etag)
+
+
+def test_reset_at_the_last_byte(image: SampleImage, target: Path) -> None:
+    last = image.compressed_size - 1
+    with RangeServer(image.path, faults=FaultPlan([Fault.reset_at(last)])) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        etag = server.etag
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] >= 1
+    assert records[0].body_bytes == last
+    assert len(records) == 2
+    assert records[1].content_range is not None
+    assert records[1].content_range.endswith(f"-{last}/{image.compressed_size}")
+    assert_resumes_are_pinned(server, etag)
+
+
+def test_several_resets_resume_each_time(
+    image: SampleImage, frame_starts: list[int], target: Path
+) -> None:
+    offsets = [mid_frame(frame_starts, n) for n in (300_000, 1_700_000, 2_900_000)]
+    plan = FaultPlan([Fault.reset_at(o) for o in offsets])
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        etag = server.etag
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] == len(records) - 1 >= 3
+    assert [r.fault for r in records if r.fault] == [FaultKind.RESET_AT] * 3
+    assert_resumes_are_pinned(server, etag)
+
+
+def test_resumes_ask_for_exactly_the_next_byte_at_mib_boundaries(
+    image: SampleImage, target: Path
+) -> None:
+    # Resets where the client holds whole MiBs: Range must start exactly there.
+    plan = FaultPlan([Fault.reset_at(MIB), Fault.reset_at(2 * MIB)])
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        etag = server.etag
+
+    assert_succeeded(run, target, image)
+    assert [r.range for r in records] == ["bytes=0-", f"bytes={MIB}-", f"bytes={2 * MIB}-"]
+    assert [r.if_range for r in records] == [None, etag, etag]
+    assert [r.status for r in records] == [206, 206, 206]
+
+
+def test_resumes_ask_for_exactly_the_next_byte(
+    image: SampleImage, frame_starts: list[int], target: Path
+) -> None:
+    offsets = [mid_frame(frame_starts, n) for n in (300_000, 1_700_000, 2_900_000)]
+    plan = FaultPlan([Fault.reset_at(o) for o in offsets])
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        etag = server.etag
+
+    assert_succeeded(run, target, image)
+    assert [range_start(r) for r in records] == delivered_before(records)
+    assert [range_start(r) for r in records] == [0, *offsets]
+    assert [r.if_range for r in records] == [None, etag, etag, etag]
+
+
+def test_a_link_that_breaks_every_700_kb_still_completes(image: SampleImage, target: Path) -> None:
+    plan = FaultPlan([Fault.reset(after=700_000)] * 6)
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image, max_retries=2)
+
+    assert_succeeded(run, target, image)
+
+
+def test_short_body_is_resumed(image: SampleImage, frame_starts: list[int], target: Path) -> None:
+    after = mid_frame(frame_starts, 1_234_567)
+    with RangeServer(image.path, faults=FaultPlan([Fault.short(after)])) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        etag = server.etag
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] >= 1
+    assert records[0].fault is FaultKind.SHORT
+    assert records[0].content_length == image.compressed_size
+    assert records[0].body_bytes == after
+    assert len(records) == 2
+    assert_resumes_are_pinned(server, etag)
+
+
+def test_stall_longer_than_the_stall_timeout_is_resumed(
+    image: SampleImage, frame_starts: list[int], target: Path
+) -> None:
+    after = mid_frame(frame_starts, 2 * MIB + 4321)
+    with RangeServer(image.path, faults=FaultPlan([Fault.stall(after, seconds=20)])) as server:
+        run = stream(server.url, target, image, stall_timeout=1.0)
+        records = gets(server)
+        etag = server.etag
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] >= 1
+    assert records[0].fault is FaultKind.STALL
+    assert len(records) == 2
+    assert_resumes_are_pinned(server, etag)
+    # It gave up on the stalled connection after about the stall timeout, not the 20 s stall.
+    assert run.seconds < 10
+
+
+def test_resets_onto_a_loop_device(
+    image: SampleImage, frame_starts: list[int], loop_device_factory: LoopDeviceFactory
+) -> None:
+    device = loop_device_factory(16 * MIB)
+    with device.open("r+b") as fh:
+        fh.write(b"\xaa" * (8 * MIB))
+    plan = FaultPlan([Fault.reset(after=0), Fault.reset_at(mid_frame(frame_starts, 2_000_000))])
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, device, image)
+
+    assert run.code == 0, run.text
+    assert run.result()["resumes"] >= 2
+    assert sha384_of(device, image.raw_size) == image.raw_sha384
+
+
+# -- servers that ignore ranges ---------------------------------------------------------------
+
+
+def test_200_instead_of_206_on_a_resume_skips_what_was_received(
+    image: SampleImage, frame_starts: list[int], target: Path
+) -> None:
+    offset = mid_frame(frame_starts, 1_600_000)
+    plan = FaultPlan([Fault.reset_at(offset), Fault.ignore_range()])
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        etag = server.etag
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] >= 1
+    assert [(r.status, r.fault) for r in records] == [
+        (206, FaultKind.RESET_AT),
+        (200, FaultKind.IGNORE_RANGE),
+    ]
+    assert range_start(records[1]) > 0
+    assert records[1].if_range == etag
+    assert records[1].body_bytes == image.compressed_size
+
+
+def test_server_without_range_support_restarts_from_zero(
+    image: SampleImage, frame_starts: list[int], target: Path
+) -> None:
+    offset = mid_frame(frame_starts, 2_500_000)
+    plan = FaultPlan([Fault.reset_at(offset)])
+    with RangeServer(image.path, faults=plan, advertise_ranges=False) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] >= 1
+    assert [r.status for r in records] == [200, 200]
+    # Both answers carried the object from byte 0; the output is still exactly the image.
+    assert records[0].body_bytes == offset
+    assert records[1].body_bytes == image.compressed_size
+
+
+def test_if_range_falls_back_to_last_modified_without_an_etag(
+    image: SampleImage, frame_starts: list[int], target: Path
+) -> None:
+    offset = mid_frame(frame_starts, 1_900_000)
+    plan = FaultPlan([Fault.reset_at(offset)])
+    with RangeServer(image.path, faults=plan, etag=None) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+        last_modified = server.last_modified
+
+    assert_succeeded(run, target, image)
+    assert [r.if_range for r in records] == [None, last_modified]
+    assert [r.status for r in records] == [206, 206]
+
+
+# -- throttling and errors --------------------------------------------------------------------
+
+
+class RequestClock:
+    """Stamps each request record of a server with the (monotonic) time it first appeared."""
+
+    def __init__(self, server: RangeServer) -> None:
+        self._server = server
+        self.stamps: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            seen = len(self._server.requests)
+            now = time.monotonic()
+            self.stamps.extend([now] * (seen - len(self.stamps)))
+            time.sleep(0.005)
+
+    def __enter__(self) -> RequestClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+
+@pytest.mark.parametrize("code", [429, 503])
+def test_throttling_with_retry_after_is_honoured(
+    image: SampleImage, target: Path, code: int
+) -> None:
+    plan = FaultPlan([Fault.status(code, retry_after="1")])
+    with RangeServer(image.path, faults=plan) as server, RequestClock(server) as clock:
+        run = stream(server.url, target, image)
+        records = gets(server)
+
+    result = assert_succeeded(run, target, image)
+    assert result["resumes"] >= 1
+    assert [r.status for r in records] == [code, 206]
+    # The next request waited for Retry-After: 1, not for the 0.05 s backoff (loosely).
+    assert len(clock.stamps) == 2
+    assert clock.gaps()[0] >= 0.8
+
+
+def test_without_retry_after_the_backoff_is_short(image: SampleImage, target: Path) -> None:
+    # The control for the test above: the clock does tell a 1 s wait from the backoff.
+    plan = FaultPlan([Fault.status(503)])
+    with RangeServer(image.path, faults=plan) as server, RequestClock(server) as clock:
+        run = stream(server.url, target, image)
+        records = gets(server)
+
+    assert_succeeded(run, target, image)
+    assert [r.status for r in records] == [503, 206]
+    assert clock.gaps()[0] < 0.8
+
+
+def test_retry_after_http_date_is_honoured(image: SampleImage, target: Path) -> None:
+    when = formatdate(time.time() + 2, usegmt=True)  # 1-2 s away, whole seconds
+    plan = FaultPlan([Fault.status(503, retry_after=when)])
+    with RangeServer(image.path, faults=plan) as server, RequestClock(server) as clock:
+        run = stream(server.url, target, image)
+
+    assert_succeeded(run, target, image)
+    assert clock.gaps()[0] >= 0.5
+
+
+def test_invalid_retry_after_falls_back_to_backoff(image: SampleImage, target: Path) -> None:
+    plan = FaultPlan([Fault.status(503, retry_after="soon"), Fault.status(429, retry_after="1.5")])
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+
+    assert_succeeded(run, target, image)
+    assert [r.status for r in records] == [503, 429, 206]
+
+
+@pytest.mark.parametrize("code", [404, 403])
+def test_client_errors_fail_at_once(image: SampleImage, target: Path, code: int) -> None:
+    plan = FaultPlan([Fault.status(code)] * 3)
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+
+    result = assert_failed(run, 3, str(code))
+    assert result["reason"] == f"HTTP{code}"
+    assert len(records) == 1
+    assert_file_target_invalid(target)
+
+
+def test_server_errors_beyond_max_retries_give_up(image: SampleImage, target: Path) -> None:
+    plan = FaultPlan([Fault.status(500)] * 10)
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image, max_retries=2)
+        records = gets(server)
+
+    assert_failed(run, 3, "giving up", "500")
+    assert len(records) == 3
+    assert_file_target_invalid(target)
+
+
+def test_repeated_resets_beyond_max_retries_give_up(image: SampleImage, target: Path) -> None:
+    plan = FaultPlan([Fault.reset(after=0)] * 10)
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image, max_retries=3)
+        records = gets(server)
+
+    result = assert_failed(run, 3, "giving up")
+    assert result["reason"] == "RetriesExhausted"
+    assert len(records) == 4  # the first attempt and 3 retries
+    assert_file_target_invalid(target)
+
+
+def test_resets_after_progress_give_up_only_after_retries_without_progress(
+    image: SampleImage, target: Path
+) -> None:
+    # First a reset after 1.5 MiB (progress), then nothing but resets before any byte.
+    plan = FaultPlan([Fault.reset_at(MIB + MIB // 2), *[Fault.reset(after=0)] * 10])
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image, max_retries=2)
+        records = gets(server)
+
+    assert_failed(run, 3, "giving up")
+    assert len(records) == 1 + 2
+    assert range_start(records[-1]) > 0  # it had resumed past byte 0 before giving up
+    assert_file_target_invalid(target)
+
+
+@pytest.mark.timeout(30)
+def test_repeated_empty_206_bodies_are_bounded(image: SampleImage, target: Path) -> None:
+    plan = FaultPlan([Fault.empty()] * 50)
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image, max_retries=3)
+        records = gets(server)
+
+    assert_failed(run, 3, "giving up")
+    assert len(records) == 4
+    assert all(r.status == 206 and r.body_bytes == 0 for r in records)
+    assert_file_target_invalid(target)
+
+
+# -- the object changes or the server lies ----------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [True, False])
+def test_a_changed_object_fails_with_source_changed(
+    image: SampleImage, frame_starts: list[int], target: Path, content: bool
+) -> None:
+    offset = mid_frame(frame_starts, 1_800_000)
+    plan = FaultPlan([Fault.reset_at(offset), Fault.change(content=content)])
+    with RangeServer(image.path, faults=plan) as server:
+        first_etag = server.etag
+        run = stream(server.url, target, image)
+        records = gets(server)
+
+    result = assert_failed(run, 3, "source changed")
+    assert result["reason"] == "SourceChanged"
+    assert records[1].if_range == first_etag
+    assert records[1].status == 200  # If-Range no longer matched: the new object, whole
+    assert len(records) == 2  # no retry: a changed object does not change back
+    assert_file_target_invalid(target)
+
+
+def test_a_changed_object_invalidates_a_device_target(
+    tmp_path: Path, loop_device_factory: LoopDeviceFactory
+) -> None:
+    big = write_sample_image(tmp_path / "big.raw.zst", 12 * MIB, seed=5, frames=2)
+    device = loop_device_factory(16 * MIB)
+    with device.open("r+b") as fh:
+        fh.write(b"\xaa" * (16 * MIB))
+    # Late in the stream, so several MiB of output were written before the change shows.
+    plan = FaultPlan([Fault.reset_at(big.compressed_size - 200_000), Fault.change()])
+    with RangeServer(big.path, faults=plan) as server:
+        run = stream(server.url, device, big)
+
+    assert_failed(run, 3, "source changed")
+    with device.open("rb") as fh:
+        head = fh.read(2 * MIB)
+    assert head[:MIB] == bytes(MIB), "the first MiB of a failed device target is not zeroed"
+    # The stream had written past the first MiB before it failed (so zeroing was needed).
+    assert head[MIB:] != b"\xaa" * MIB
+
+
+def test_a_changed_object_without_validators_is_caught_by_the_hash(
+    image: SampleImage, frame_starts: list[int], target: Path
+) -> None:
+    # No ETag, no Last-Modified: nothing pins the object, the SHA-384 is the last line.
+    offset = mid_frame(frame_starts, 400_000)
+    plan = FaultPlan([Fault.reset_at(offset), Fault.change(), Fault.ignore_range()])
+    with RangeServer(image.path, faults=plan, etag=None, last_modified=False) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+
+    assert records[1].if_range is None
+    # Either the decoder trips over the spliced bytes or the hash does not match.
+    assert run.code == 4, run.text
+    assert "Traceback" not in run.stderr
+    assert run.result()["ok"] is False
+    assert_file_target_invalid(target)
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -4096])
+def test_a_range_starting_elsewhere_is_refused(
+    image: SampleImage, frame_starts: list[int], target: Path, delta: int
+) -> None:
+    offset = mid_frame(frame_starts, 2_200_000)
+    plan = FaultPlan([Fault.reset_at(offset), Fault.wrong_range_start(delta)])
+    with RangeServer(image.path, faults=plan) as server:
+        run = stream(server.url, target, image)
+        records = gets(server)
+
+    result = assert_failed(run, 3, "refusing")
+    assert result["reason"] == "BadRangeResponse"
+    asked = range_start(records[1])
+    assert f"byte {asked + delta}" in run.text
+    assert len(records) == 2
+    assert_file_target_invalid(target)
+
+
+def test_a_wrong_range_on_the_first_request_is_refused(image: SampleImage, target: Path) -> None:
+    with RangeServer(image.path, faults=FaultPlan([Fault.wrong_range_start(100)])) as server:
+        run = stream(server.url, target, image)
+
+    assert_failed(run, 3, "refusing")
+    assert_file_target_invalid(target)
