@@ -1,0 +1,549 @@
+"""Streaming onto real block devices (loop devices): success, refusals, failures, cancellation.
+
+Every test checks the bytes on the device: the image's raw data after a success; after a
+failure either the untouched earlier content (refused before any write) or a zeroed first MiB
+(the target must never look valid). Devices are filled with a pattern first so "zeros" and
+"untouched" mean something. The CLI runs as a subprocess, so exit codes and messages are the
+real ones a user sees.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from tests.support.blockdev import LoopDeviceFactory, mounted_ext4, run
+from tests.support.nginx import NginxFactory
+from tests.support.tools import require_tool, wait_until
+
+from imagestream.demo.image import SampleImage, iter_raw_data, write_raw_image, write_sample_image
+from imagestream.pipeline.pipeline import StreamRequest, run_stream
+
+MiB = 1 << 20
+IMAGE_SIZE = 4 * MiB
+PATTERN = bytes(range(256)) * (MiB // 256)  # neither zeros nor anything the image holds
+
+pytestmark = pytest.mark.usefixtures("require_root")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    # A wide console: rich would otherwise wrap messages (and paths in them) at 80 columns.
+    return {**os.environ, "COLUMNS": "1000", "NO_COLOR": "1"}
+
+
+def cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `imagestream stream ARGS...` and return the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "imagestream", "stream", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=_env(),
+        check=False,
+    )
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def json_records(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def raw_data(size: int, seed: int = 0) -> bytes:
+    return b"".join(iter_raw_data(size, seed=seed))
+
+
+def read_device(dev: Path, length: int, offset: int = 0) -> bytes:
+    """Read what the device holds now, not what the page cache remembers."""
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        data = bytearray()
+        while len(data) < length:
+            chunk = os.pread(fd, length - len(data), offset + len(data))
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+    finally:
+        os.close(fd)
+
+
+def fill_pattern(dev: Path, size: int) -> bytes:
+    """Fill the device with PATTERN; return what it now holds."""
+    content = (PATTERN * (size // MiB + 1))[:size]
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        os.pwrite(fd, content, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return content
+
+
+def sha384_file(path: Path) -> str:
+    return hashlib.sha384(path.read_bytes()).hexdigest()
+
+
+def assert_never_valid(dev: Path, before: bytes) -> None:
+    """After a failure detected while decompressing: untouched, or first MiB zeros.
+
+    The writer may or may not have taken a buffer before the failure stopped every stage; if it
+    wrote anything the first MiB must be zeros, if not the device must be exactly as before.
+    """
+    now = read_device(dev, len(before))
+    if now != before:
+        assert now[:MiB] == bytes(MiB), "a partly written device must have its first MiB zeroed"
+
+
+def assert_invalidated(dev: Path, written_from: bytes | None = None) -> None:
+    """First MiB zero; optionally the bytes after it equal `written_from` (they were written)."""
+    head = read_device(dev, MiB)
+    assert head == bytes(MiB), "the first MiB must be zeros after a failed stream"
+    if written_from is not None:
+        rest = read_device(dev, len(written_from) - MiB, MiB)
+        assert rest == written_from[MiB:]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> SampleImage:
+    return write_sample_image(tmp_path / "image.zst", IMAGE_SIZE, seed=3)
+
+
+# -- success ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["file", "http"])
+def test_stream_onto_loop_device(
+    via: str,
+    image: SampleImage,
+    loop_device_factory: LoopDeviceFactory,
+    nginx_factory: NginxFactory,
+    tmp_path: Path,
+) -> None:
+    dev = loop_device_factory(8 * MiB)
+    fill_pattern(dev, 8 * MiB)
+    source = str(image.path)
+    if via == "http":
+        docroot = tmp_path / "docroot"
+        docroot.mkdir()
+        os.link(image.path, docroot / "image.zst")
+        source = nginx_factory(docroot).url_for("image.zst")
+
+    result = cli(source, dev, "--sha384", image.sha384, "--progress", "plain")
+
+    assert result.returncode == 0, result.stderr
+    assert read_device(dev, IMAGE_SIZE) == raw_data(IMAGE_SIZE, seed=3)
+    assert f"Wrote {dev}: verified" in one_line(result.stdout)
+    assert image.sha384 in result.stdout
+    # Independent check: the on-device bytes are what `zstd -d` makes of the image.
+    zstd = require_tool("zstd")
+    decoded = subprocess.run([zstd, "-dc", image.path], capture_output=True, check=True).stdout
+    assert read_device(dev, len(decoded)) == decoded
+
+
+@pytest.mark.parametrize(
+    "size", [1000, 300_001, MiB, MiB + 1, 5 * MiB + 12345], ids=lambda size: f"{size}B"
+)
+def test_odd_sizes_onto_loop_device(
+    size: int, loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    # Smaller than the held-back first MiB, exactly it, and tails O_DIRECT cannot write.
+    img = write_sample_image(tmp_path / "image.zst", size, seed=size)
+    dev = loop_device_factory(8 * MiB)
+    fill_pattern(dev, 8 * MiB)
+    result = cli(img.path, dev, "--sha384", img.sha384, "--verify-after-write")
+    assert result.returncode == 0, result.stderr
+    assert read_device(dev, size) == raw_data(size, seed=size)
+    assert read_device(dev, 4096, size) == (PATTERN * 2)[size % MiB : size % MiB + 4096]
+
+
+def test_verify_after_write_cli_json(
+    image: SampleImage, loop_device_factory: LoopDeviceFactory
+) -> None:
+    dev = loop_device_factory(8 * MiB)
+    fill_pattern(dev, 8 * MiB)
+    result = cli(
+        image.path, dev, "--sha384", image.sha384, "--verify-after-write", "--progress", "json"
+    )
+    assert result.returncode == 0, result.stderr
+    records = json_records(result.stdout)
+    final = records[-1]
+    assert final["event"] == "result"
+    assert final["ok"] is True
+    assert final["verified"] is True
+    assert final["readBackVerified"] is True
+    assert final["sha384"] == image.sha384
+    assert final["bytesWritten"] == IMAGE_SIZE
+    assert final["bytesFetched"] == image.compressed_size
+    assert final["compression"] == "zstd"
+    phases = [r["phase"] for r in records if r["event"] == "progress"]
+    assert phases[-2:] == ["Verifying", "Succeeded"]
+    assert hashlib.sha384(read_device(dev, IMAGE_SIZE)).hexdigest() == image.raw_sha384
+
+    plain = cli(
+        image.path, dev, "--sha384", image.sha384, "--verify-after-write", "--progress", "plain"
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert "read-back verified" in plain.stdout
+
+
+def test_verify_after_write_run_stream_over_http(
+    image: SampleImage,
+    loop_device_factory: LoopDeviceFactory,
+    nginx_factory: NginxFactory,
+    tmp_path: Path,
+) -> None:
+    dev = loop_device_factory(8 * MiB)
+    fill_pattern(dev, 8 * MiB)
+    docroot = tmp_path / "docroot"
+    docroot.mkdir()
+    os.link(image.path, docroot / "root.img.zst")
+    url = nginx_factory(docroot).url_for("root.img.zst")
+
+    result = run_stream(
+        StreamRequest(source=url, target=dev, sha384=image.sha384, verify_after_write=True)
+    )
+
+    assert result.read_back_verified
+    assert result.verified
+    assert result.sha384 == image.sha384
+    assert result.bytes_written == IMAGE_SIZE
+    assert read_device(dev, IMAGE_SIZE) == raw_data(IMAGE_SIZE, seed=3)
+
+
+def descriptors_open_on(dev: Path) -> list[int]:
+    """This process's file descriptors that refer to `dev`."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == str(dev):
+                found.append(int(name))
+        except OSError:
+            continue  # the descriptor listdir itself used, gone by now
+    return found
+
+
+def close_leaked_descriptors(dev: Path) -> None:
+    """Close what a regressed run_stream leaked, so the loop device detaches at teardown."""
+    for fd in descriptors_open_on(dev):
+        os.close(fd)
+
+
+def test_run_stream_releases_the_device(
+    image: SampleImage, loop_device_factory: LoopDeviceFactory
+) -> None:
+    dev = loop_device_factory(8 * MiB)
+    request = StreamRequest(source=str(image.path), target=dev, sha384=image.sha384)
+    try:
+        run_stream(request)
+        leaked = descriptors_open_on(dev)
+        # A second stream onto the same device from the same process (an agent that retries,
+        # a controller test, an A/B update) must not find the device still held by the first.
+        second_error: Exception | None = None
+        try:
+            run_stream(request)
+        except Exception as exc:
+            second_error = exc
+    finally:
+        close_leaked_descriptors(dev)
+    assert leaked == []
+    assert second_error is None
+
+
+# -- refusals before the first write ----------------------------------------------------------
+
+
+def test_mounted_device_is_refused(
+    image: SampleImage, loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    dev = loop_device_factory(32 * MiB)
+    with mounted_ext4(dev, tmp_path / "mnt") as mount_point:
+        (mount_point / "marker").write_text("still here")
+        os.sync()
+
+        result = cli(image.path, dev, "--sha384", image.sha384)
+        assert result.returncode == 5, result.stderr
+        message = one_line(result.stderr)
+        assert "TargetMounted" in message
+        assert str(mount_point.resolve()) in message
+
+        # --force skips the mount-table check, but the kernel's exclusive open still refuses.
+        forced = cli(image.path, dev, "--sha384", image.sha384, "--force")
+        assert forced.returncode == 5, forced.stderr
+        assert "TargetInUse" in one_line(forced.stderr)
+
+        assert (mount_point / "marker").read_text() == "still here"
+
+    # Unmounted now: the file system must be intact, the marker file readable from disk.
+    e2fsck = require_tool("e2fsck")
+    fsck = subprocess.run([e2fsck, "-fn", dev], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    debugfs = require_tool("debugfs")
+    assert run([debugfs, "-R", "cat /marker", dev]).strip() == "still here"
+
+
+def _mbr(disk_size: int, start_sector: int = 2048) -> bytes:
+    """A DOS partition table with one Linux partition from `start_sector` to the end."""
+    sectors = disk_size // 512 - start_sector
+    entry = (
+        b"\x00"  # not bootable
+        + b"\xfe\xff\xff"  # CHS start (unused: LBA)
+        + b"\x83"  # Linux
+        + b"\xfe\xff\xff"  # CHS end
+        + start_sector.to_bytes(4, "little")
+        + sectors.to_bytes(4, "little")
+    )
+    return bytes(440) + b"ISTR" + bytes(2) + entry + bytes(48) + b"\x55\xaa"
+
+
+@contextmanager
+def partitioned_loop_device(size: int, directory: Path) -> Iterator[tuple[Path, Path]]:
+    """A loop device with a partition table scanned (`losetup -P`): yields (disk, partition 1).
+
+    The `loop_device_factory` fixture attaches without -P, so this is local to these tests.
+    """
+    losetup = require_tool("losetup")
+    backing = directory / "disk.img"
+    with backing.open("wb") as fh:
+        fh.truncate(size)
+        fh.write(_mbr(size))
+    disk = Path(run([losetup, "-f", "--show", "-P", backing]).strip())
+    try:
+        partition = Path(f"{disk}p1")
+        if not partition.is_block_device():
+            # Kernels built without the MS-DOS partition parser (CONFIG_MSDOS_PARTITION) scan
+            # nothing; partx parses the table itself and adds the partition (BLKPG).
+            run([require_tool("partx"), "-a", disk])
+        wait_until(partition.is_block_device, 10, what=f"{partition} to appear")
+        yield disk, partition
+    finally:
+        run([losetup, "-d", disk])
+        backing.unlink(missing_ok=True)
+
+
+def test_whole_disk_with_a_mounted_partition_is_refused(image: SampleImage, tmp_path: Path) -> None:
+    with partitioned_loop_device(64 * MiB, tmp_path) as (disk, partition):
+        table_before = read_device(disk, 512)
+        with mounted_ext4(partition, tmp_path / "mnt") as mount_point:
+            result = cli(image.path, disk, "--sha384", image.sha384)
+            assert result.returncode == 5, result.stderr
+            message = one_line(result.stderr)
+            assert "TargetMounted" in message
+            assert str(mount_point.resolve()) in message
+        assert read_device(disk, 512) == table_before  # the partition table was not touched
+        e2fsck = require_tool("e2fsck")
+        fsck = subprocess.run([e2fsck, "-fn", partition], capture_output=True, check=False)
+        assert fsck.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["zstd-with-content-size", "raw"])
+def test_too_small_target_is_refused_before_any_write(
+    kind: str, loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    if kind == "raw":
+        img = write_raw_image(tmp_path / "image.raw", IMAGE_SIZE)
+        extra = ["--compression", "none"]
+    else:
+        img = write_sample_image(tmp_path / "image.zst", IMAGE_SIZE)
+        extra = []
+    dev = loop_device_factory(2 * MiB)
+    before = fill_pattern(dev, 2 * MiB)
+
+    result = cli(img.path, dev, "--sha384", img.sha384, *extra)
+
+    assert result.returncode == 5, result.stderr
+    message = one_line(result.stderr)
+    assert "TargetTooSmall" in message
+    assert str(IMAGE_SIZE) in message
+    assert read_device(dev, 2 * MiB) == before  # not a single byte written
+
+
+def test_image_without_content_size_runs_out_of_space(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    img = write_sample_image(tmp_path / "image.zst", IMAGE_SIZE, content_size=False)
+    dev = loop_device_factory(2 * MiB)
+    fill_pattern(dev, 2 * MiB)
+
+    result = cli(img.path, dev, "--sha384", img.sha384, "--progress", "json")
+
+    assert result.returncode == 5, result.stderr
+    final = json_records(result.stdout)[-1]
+    assert final["ok"] is False
+    assert final["reason"] == "TargetTooSmall"
+    assert "full" in final["message"]
+    # The writes reached the end of the device (so it really was ENOSPC mid-write) ...
+    raw = raw_data(IMAGE_SIZE)
+    assert read_device(dev, MiB, MiB) == raw[MiB : 2 * MiB]
+    # ... and the first MiB is zeros: the device does not look like a valid image.
+    assert_invalidated(dev)
+
+
+def test_locked_device_is_refused(
+    image: SampleImage, loop_device_factory: LoopDeviceFactory
+) -> None:
+    dev = loop_device_factory(8 * MiB)
+    before = fill_pattern(dev, 8 * MiB)
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = cli(image.path, dev, "--sha384", image.sha384)
+    finally:
+        os.close(fd)
+    assert result.returncode == 5, result.stderr
+    message = one_line(result.stderr)
+    assert "TargetBusy" in message
+    assert "locked" in message
+    assert read_device(dev, 8 * MiB) == before
+
+    # Once the lock is gone the same command succeeds (the refusal was the lock, nothing else).
+    again = cli(image.path, dev, "--sha384", image.sha384)
+    assert again.returncode == 0, again.stderr
+
+
+# -- integrity failures -----------------------------------------------------------------------
+
+
+def test_hash_mismatch_leaves_first_mib_zero(
+    image: SampleImage, loop_device_factory: LoopDeviceFactory
+) -> None:
+    dev = loop_device_factory(8 * MiB)
+    fill_pattern(dev, 8 * MiB)
+    wrong = hashlib.sha384(b"some other image").hexdigest()
+
+    result = cli(image.path, dev, "--sha384", wrong)
+
+    assert result.returncode == 4, result.stderr
+    message = one_line(result.stderr)
+    assert "HashMismatch" in message
+    assert wrong in message
+    assert image.sha384 in message
+    # Everything after the first MiB was written; the first MiB is zeros.
+    assert_invalidated(dev, written_from=raw_data(IMAGE_SIZE, seed=3))
+
+
+@pytest.mark.parametrize("cut", ["half", "last-byte", "inside-header"])
+def test_truncated_image_fails_even_with_its_own_hash(
+    cut: str, loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    # 12 MiB: several 4 MiB buffers, so the writer is usually busy when the cut is found.
+    img = write_sample_image(tmp_path / "image.zst", 12 * MiB, seed=4)
+    data = img.path.read_bytes()
+    keep = {"half": len(data) // 2, "last-byte": len(data) - 1, "inside-header": 10}[cut]
+    truncated = tmp_path / "truncated.zst"
+    truncated.write_bytes(data[:keep])
+    dev = loop_device_factory(16 * MiB)
+    before = fill_pattern(dev, 16 * MiB)
+
+    # The hash of the truncated file matches what is fetched: only the stream can tell.
+    result = cli(truncated, dev, "--sha384", sha384_file(truncated))
+
+    assert result.returncode == 4, result.stderr
+    assert "TruncatedStream" in one_line(result.stderr)
+    if cut == "inside-header":
+        assert read_device(dev, 16 * MiB) == before  # nothing to write: nothing written
+    else:
+        assert_never_valid(dev, before)
+
+
+def test_corrupt_bytes_in_the_middle_fail(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    # With a content checksum libzstd catches any corruption, even inside a raw block (without
+    # one, flipped bytes in a stored block decode "fine": then only the SHA-384 can tell).
+    raw = raw_data(12 * MiB, seed=5)
+    data = bytearray(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(raw))
+    middle = len(data) * 3 // 4
+    data[middle : middle + 16] = bytes(b ^ 0x5A for b in data[middle : middle + 16])
+    corrupt = tmp_path / "corrupt.zst"
+    corrupt.write_bytes(data)
+    dev = loop_device_factory(16 * MiB)
+    before = fill_pattern(dev, 16 * MiB)
+
+    result = cli(corrupt, dev, "--sha384", sha384_file(corrupt))
+
+    assert result.returncode == 4, result.stderr
+    assert "CorruptStream" in one_line(result.stderr)
+    assert_never_valid(dev, before)
+
+
+# -- cancellation -----------------------------------------------------------------------------
+
+
+def test_sigterm_stops_the_stream_and_invalidates(
+    loop_device_factory: LoopDeviceFactory, nginx_factory: NginxFactory, tmp_path: Path
+) -> None:
+    size = 16 * MiB
+    docroot = tmp_path / "docroot"
+    docroot.mkdir()
+    img = write_sample_image(docroot / "slow.zst", size, seed=8)
+    # About 1 MiB/s: the whole image would take ~8 s; SIGTERM arrives after the first buffer.
+    server = nginx_factory(docroot, extra_server_config="limit_rate 1m;")
+    dev = loop_device_factory(size)
+    fill_pattern(dev, size)
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imagestream",
+            "stream",
+            server.url_for("slow.zst"),
+            str(dev),
+            "--sha384",
+            img.sha384,
+            "--progress",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert process.stdout is not None
+        written = 0
+        for line in process.stdout:
+            record = json.loads(line)
+            if record["event"] != "progress":
+                pytest.fail(f"the stream ended before it could be cancelled: {record}")
+            written = record["bytesWritten"]
+            if written >= 4 * MiB:
+                break
+        assert written >= 4 * MiB
+        fetched = record["bytesFetched"]
+        assert fetched < img.compressed_size  # still in the middle of the transfer
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 130, stderr
+    final = json_records(stdout)[-1]
+    assert final["ok"] is False
+    assert final["reason"] == "Cancelled"
+    # The first 4 MiB buffer was written (past the first MiB), the first MiB is zeros.
+    assert_invalidated(dev, written_from=raw_data(4 * MiB, seed=8))
+    # And the end of the device was never reached.
+    assert read_device(dev, MiB, size - MiB) == PATTERN
