@@ -94,6 +94,14 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         "writer lock still apply)",
     )
     parser.add_argument("--host-root", type=Path, help="where the host's / is mounted (agent)")
+    parser.add_argument(
+        "--allowed-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="confine file targets to DIR (repeatable; default: anywhere)",
+    )
     parser.add_argument("--no-direct-io", action="store_true", help="write through the cache")
     parser.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
 
@@ -118,6 +126,7 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
         max_window_log=args.max_window_log,
         direct_io=not args.no_direct_io,
         skip_usage_checks=args.force,
+        allowed_file_dirs=tuple(args.allowed_dir),
         cancel=cancel,
     )
 

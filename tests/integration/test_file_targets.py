@@ -407,3 +407,46 @@ def test_skip_verification_with_a_wrong_sha384_still_fails(
     result = cli("stream", image.path, target, "--skip-verification-unsafe", "--sha384", wrong)
     assert result.returncode == 4, result.stderr
     assert list(out_dir.iterdir()) == []
+
+
+def test_allowed_dir_confines_file_targets(
+    image: SampleImage, out_dir: Path, tmp_path: Path
+) -> None:
+    allowed = tmp_path / "extensions"
+    allowed.mkdir()
+    outside = cli(
+        "stream",
+        image.path,
+        out_dir / "root.img",
+        "--sha384",
+        image.sha384,
+        "--allowed-dir",
+        allowed,
+    )
+    assert outside.returncode == 5, outside.stderr
+    assert "TargetNotAllowed" in one_line(outside.stderr)
+    assert list(out_dir.iterdir()) == []
+    # A symlink inside the allowed directory that points outside it is still outside.
+    (allowed / "escape").symlink_to(out_dir)
+    via_link = cli(
+        "stream",
+        image.path,
+        allowed / "escape" / "x.img",
+        "--sha384",
+        image.sha384,
+        "--allowed-dir",
+        allowed,
+    )
+    assert via_link.returncode == 5, via_link.stderr
+    assert list(out_dir.iterdir()) == []
+    inside = cli(
+        "stream",
+        image.path,
+        allowed / "tools.raw",
+        "--sha384",
+        image.sha384,
+        "--allowed-dir",
+        allowed,
+    )
+    assert inside.returncode == 0, inside.stderr
+    assert file_sha384(allowed / "tools.raw") == image.raw_sha384

@@ -58,6 +58,7 @@ class StreamRequest:
     max_window_log: int = DEFAULT_MAX_WINDOW_LOG
     direct_io: bool = True
     skip_usage_checks: bool = False
+    allowed_file_dirs: tuple[Path, ...] = ()
     cancel: threading.Event | None = None
 
 
@@ -100,6 +101,7 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
         request.target,
         None if request.skip_usage_checks else request.host,
         direct=request.direct_io,
+        allowed_dirs=request.allowed_file_dirs,
     )
     try:
         source = open_source(request.source, request.source_options)

@@ -209,15 +209,33 @@ class FileSink(_FdSink):
             log.error("could not remove %s: %s", self._staging, exc.strerror)
 
 
-def open_sink(path: Path, host: HostView | None, direct: bool = True) -> BlockDeviceSink | FileSink:
+def open_sink(
+    path: Path,
+    host: HostView | None,
+    direct: bool = True,
+    allowed_dirs: tuple[Path, ...] = (),
+) -> BlockDeviceSink | FileSink:
     """Run the safety checks and open the target for writing, locked against other writers.
 
     `host=None` skips the mount-table, swap and holder checks (`--force`); the kernel's
-    exclusive open and the writer lock apply regardless.
+    exclusive open and the writer lock apply regardless. A non-empty `allowed_dirs` confines
+    file targets to those directories (symlinks resolved).
     """
     if classify(path) == "block":
         return _open_block(path, host, direct)
+    if allowed_dirs:
+        _check_allowed(path, allowed_dirs)
     return _open_file(path)
+
+
+def _check_allowed(path: Path, allowed_dirs: tuple[Path, ...]) -> None:
+    resolved = path.parent.resolve() / path.name
+    if not any(resolved.is_relative_to(d.resolve()) for d in allowed_dirs):
+        allowed = ", ".join(str(d) for d in allowed_dirs)
+        raise TargetError(
+            f"file target {path} is outside the allowed directories ({allowed})",
+            reason="TargetNotAllowed",
+        )
 
 
 def _open_block(path: Path, host: HostView | None, direct: bool) -> BlockDeviceSink:
