@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from imagestream import __version__
-from imagestream.demo.run import demo_command
 from imagestream.errors import ImageStreamError
 from imagestream.pipeline.decompress import DEFAULT_MAX_WINDOW_LOG, Compression
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
@@ -174,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "demo":
+        # Imported here: the demo's generator and server cost 0.1 s of start-up on every stream.
+        from imagestream.demo.run import demo_command  # noqa: PLC0415
+
         return demo_command(args, console)
     if args.sha384 is None and not args.unverified:
         console.print(f"error: --sha384 is required (or {_UNSAFE_FLAG} to write unverified)")

@@ -1,6 +1,6 @@
-"""The stream: fetch+hash, decompress and write on three threads, then verify and commit.
+"""The stream: fetch, hash, decompress and write on four threads, then verify and commit.
 
-hashlib and zstandard release the GIL on large buffers, and writes block in the kernel, so three
+hashlib and zstandard release the GIL on large buffers, and writes block in the kernel, so the
 threads overlap the stages on separate cores. Bounded channels and a fixed buffer pool cap the
 memory whatever the image size; one abort event stops every stage when any of them fails.
 """
@@ -136,12 +136,14 @@ class _Stream:
         self.output_hash = hashlib.sha384() if request.verify_after_write else None
         self.compression = request.compression
         self.chunks: Channel[bytes] = Channel(_FETCH_QUEUE, self.abort)
+        self.to_hash: Channel[bytes] = Channel(_FETCH_QUEUE, self.abort)
         self.filled: Channel[Filled] = Channel(_POOL_BUFFERS, self.abort)
         self.pool = BufferPool(_POOL_BUFFERS, WRITE_BUFFER, self.abort)
 
     def run(self, expected: str | None) -> StreamResult:
         threads = [
             self._thread("fetch", self._fetch),
+            self._thread("hash", self._hash),
             self._thread("decompress", self._decompress),
             self._thread("write", self._write),
         ]
@@ -184,14 +186,22 @@ class _Stream:
     def _fetch(self) -> None:
         counters = self.counters
         for chunk in self.source.chunks():
-            self.fetched_hash.update(chunk)
             counters.bytes_fetched += len(chunk)
             counters.bytes_total = self.source.total
             counters.resumes = self.source.resumes
+            # The same immutable chunk goes to both consumers: no copy.
+            self.to_hash.put(chunk)
             self.chunks.put(chunk)
         counters.bytes_total = self.source.total
         counters.resumes = self.source.resumes
+        self.to_hash.close()
         self.chunks.close()
+
+    def _hash(self) -> None:
+        # Its own thread: SHA-384 is the slowest per-byte step after the network, and hashlib
+        # releases the GIL, so it runs beside the socket reads instead of between them.
+        while (chunk := self.to_hash.get()) is not None:
+            self.fetched_hash.update(chunk)
 
     def _decompress(self) -> None:
         reader = ChannelReader(self.chunks)
