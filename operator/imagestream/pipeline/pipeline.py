@@ -170,12 +170,20 @@ class _Stream:
         """Report progress until the stages end; turn a cancel request into an abort."""
         cancel = self.request.cancel
         fetch, *rest = threads
-        while any(t.is_alive() for t in rest):
-            rest[-1].join(_REPORT_INTERVAL)
-            if cancel is not None and cancel.is_set() and not self.abort.is_set():
-                self.errors.append(Cancelled("the stream was cancelled; the target is invalid"))
-                self.abort.set()
-            self._report()
+        try:
+            while any(t.is_alive() for t in rest):
+                rest[-1].join(_REPORT_INTERVAL)
+                if cancel is not None and cancel.is_set() and not self.abort.is_set():
+                    self.errors.append(Cancelled("the stream was cancelled; the target is invalid"))
+                    self.abort.set()
+                self._report()
+        except BaseException:
+            # A failing progress consumer or an interrupt: stop the stages before the caller
+            # invalidates the target, so no late write lands after the invalidation.
+            self.abort.set()
+            for thread in rest:
+                thread.join()
+            raise
         # The fetch thread may sit in a network read after an abort; the stall timeout ends it.
         fetch.join(None if not self.abort.is_set() else 1.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import ssl
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,9 @@ class FileSource:
             self._file = path.open("rb", buffering=0)
         except OSError as exc:
             raise SourceError(f"cannot open source file {path}: {exc.strerror}") from exc
-        self.total: int | None = os.fstat(self._file.fileno()).st_size
+        status = os.fstat(self._file.fileno())
+        # A pipe or a character device (`/dev/stdin`) has no size to promise.
+        self.total: int | None = status.st_size if stat.S_ISREG(status.st_mode) else None
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the file's bytes."""
