@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from contextlib import AbstractContextManager
-from types import TracebackType
 from typing import TextIO
 
 from rich.console import Console
@@ -35,13 +34,11 @@ class ProgressDisplay(AbstractContextManager["ProgressDisplay"]):
     def update(self, progress: Progress) -> None:
         """Show a snapshot; called about ten times a second."""
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
+    def close(self) -> None:
+        """Tear the display down (nothing to do for line-based displays)."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class BarDisplay(ProgressDisplay):
@@ -79,12 +76,8 @@ class BarDisplay(ProgressDisplay):
             resumes=progress.resumes,
         )
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Stop redrawing, leaving the final bar on screen."""
         self._bar.stop()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import zstandard
 
-from imagestream.errors import Cancelled, ImageStreamError, IntegrityError, TargetError, UsageError
+from imagestream.errors import Cancelled, IntegrityError, TargetError, UsageError
 from imagestream.pipeline.buffers import WRITE_BUFFER, BufferPool, Filled
 from imagestream.pipeline.channel import Aborted, Channel
 from imagestream.pipeline.decompress import (
@@ -293,8 +293,3 @@ class _Stream:
             seconds=time.monotonic() - self.counters.started,
             read_back_verified=read_back,
         )
-
-
-def describe_failure(exc: ImageStreamError) -> str:
-    """One line for a user: the reason code and the message."""
-    return f"{exc.reason}: {exc.message}"
