@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 _SHA384 = re.compile(r"[0-9a-f]{96}")
 _REPORT_INTERVAL = 0.1
-_FETCH_QUEUE = 8
+_FETCH_QUEUE = 4
 _POOL_BUFFERS = 4
 _ZSTD_HEADER_PEEK = 18
 
