@@ -10,21 +10,30 @@ real ones a user sees.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zstandard
-from tests.support.blockdev import LoopDeviceFactory, mounted_ext4, run
+from tests.support.blockdev import LoopDeviceFactory, mounted_ext4
+from tests.support.blockdev import run as run_command
+from tests.support.cli import (
+    assert_exited,
+    imagestream_command,
+    imagestream_env,
+    one_line,
+    result_record,
+    run_imagestream,
+)
 from tests.support.nginx import NginxFactory
+from tests.support.targets import read_device, sha384_of
 from tests.support.tools import require_tool, wait_until
 
 from imagestream.demo.image import SampleImage, iter_raw_data, write_raw_image, write_sample_image
@@ -40,50 +49,20 @@ pytestmark = pytest.mark.usefixtures("require_root")
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    # A wide console: rich would otherwise wrap messages (and paths in them) at 80 columns.
-    return {**os.environ, "COLUMNS": "1000", "NO_COLOR": "1"}
-
-
-def cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run `imagestream stream ARGS...` and return the finished process."""
-    return subprocess.run(
-        [sys.executable, "-m", "imagestream", "stream", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env=_env(),
-        check=False,
-    )
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def json_records(stdout: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+#: `imagestream stream ARGS...`.
+stream = functools.partial(run_imagestream, "stream")
 
 
 def raw_data(size: int, seed: int = 0) -> bytes:
     return b"".join(iter_raw_data(size, seed=seed))
 
 
-def read_device(dev: Path, length: int, offset: int = 0) -> bytes:
-    """Read what the device holds now, not what the page cache remembers."""
-    fd = os.open(dev, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        data = bytearray()
-        while len(data) < length:
-            chunk = os.pread(fd, length - len(data), offset + len(data))
-            if not chunk:
-                break
-            data += chunk
-        return bytes(data)
-    finally:
-        os.close(fd)
+def served_by_nginx(image: Path, name: str, nginx_factory: NginxFactory, tmp_path: Path) -> str:
+    """Start an nginx serving (a hard link to) `image` as `name`; return its URL."""
+    docroot = tmp_path / "docroot"
+    docroot.mkdir()
+    os.link(image, docroot / name)
+    return nginx_factory(docroot).url_for(name)
 
 
 def fill_pattern(dev: Path, size: int) -> bytes:
@@ -96,10 +75,6 @@ def fill_pattern(dev: Path, size: int) -> bytes:
     finally:
         os.close(fd)
     return content
-
-
-def sha384_file(path: Path) -> str:
-    return hashlib.sha384(path.read_bytes()).hexdigest()
 
 
 def assert_never_valid(dev: Path, before: bytes) -> None:
@@ -127,32 +102,31 @@ def image(tmp_path: Path) -> SampleImage:
     return write_sample_image(tmp_path / "image.zst", IMAGE_SIZE, seed=3)
 
 
+@pytest.fixture
+def dev(loop_device_factory: LoopDeviceFactory) -> Path:
+    """An 8 MiB loop device filled with PATTERN."""
+    device = loop_device_factory(8 * MiB)
+    fill_pattern(device, 8 * MiB)
+    return device
+
+
 # -- success ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("via", ["file", "http"])
 def test_stream_onto_loop_device(
-    via: str,
-    image: SampleImage,
-    loop_device_factory: LoopDeviceFactory,
-    nginx_factory: NginxFactory,
-    tmp_path: Path,
+    via: str, image: SampleImage, dev: Path, nginx_factory: NginxFactory, tmp_path: Path
 ) -> None:
-    dev = loop_device_factory(8 * MiB)
-    fill_pattern(dev, 8 * MiB)
     source = str(image.path)
     if via == "http":
-        docroot = tmp_path / "docroot"
-        docroot.mkdir()
-        os.link(image.path, docroot / "image.zst")
-        source = nginx_factory(docroot).url_for("image.zst")
+        source = served_by_nginx(image.path, "image.zst", nginx_factory, tmp_path)
 
-    result = cli(source, dev, "--sha384", image.sha384, "--progress", "plain")
+    run = stream(source, dev, "--sha384", image.sha384, "--progress", "plain")
 
-    assert result.returncode == 0, result.stderr
+    assert run.code == 0, run.stderr
     assert read_device(dev, IMAGE_SIZE) == raw_data(IMAGE_SIZE, seed=3)
-    assert f"Wrote {dev}: verified" in one_line(result.stdout)
-    assert image.sha384 in result.stdout
+    assert f"Wrote {dev}: verified" in one_line(run.stdout)
+    assert image.sha384 in run.stdout
     # Independent check: the on-device bytes are what `zstd -d` makes of the image.
     zstd = require_tool("zstd")
     decoded = subprocess.run([zstd, "-dc", image.path], capture_output=True, check=True).stdout
@@ -162,31 +136,22 @@ def test_stream_onto_loop_device(
 @pytest.mark.parametrize(
     "size", [1000, 300_001, MiB, MiB + 1, 5 * MiB + 12345], ids=lambda size: f"{size}B"
 )
-def test_odd_sizes_onto_loop_device(
-    size: int, loop_device_factory: LoopDeviceFactory, tmp_path: Path
-) -> None:
+def test_odd_sizes_onto_loop_device(size: int, dev: Path, tmp_path: Path) -> None:
     # Smaller than the held-back first MiB, exactly it, and tails O_DIRECT cannot write.
     img = write_sample_image(tmp_path / "image.zst", size, seed=size)
-    dev = loop_device_factory(8 * MiB)
-    fill_pattern(dev, 8 * MiB)
-    result = cli(img.path, dev, "--sha384", img.sha384, "--verify-after-write")
-    assert result.returncode == 0, result.stderr
+    run = stream(img.path, dev, "--sha384", img.sha384, "--verify-after-write")
+    assert run.code == 0, run.stderr
     assert read_device(dev, size) == raw_data(size, seed=size)
     assert read_device(dev, 4096, size) == (PATTERN * 2)[size % MiB : size % MiB + 4096]
 
 
-def test_verify_after_write_cli_json(
-    image: SampleImage, loop_device_factory: LoopDeviceFactory
-) -> None:
-    dev = loop_device_factory(8 * MiB)
-    fill_pattern(dev, 8 * MiB)
-    result = cli(
+def test_verify_after_write_cli_json(image: SampleImage, dev: Path) -> None:
+    run = stream(
         image.path, dev, "--sha384", image.sha384, "--verify-after-write", "--progress", "json"
     )
-    assert result.returncode == 0, result.stderr
-    records = json_records(result.stdout)
-    final = records[-1]
-    assert final["event"] == "result"
+    assert run.code == 0, run.stderr
+    records = run.records()
+    final = run.result()  # the last record, which is the result
     assert final["ok"] is True
     assert final["verified"] is True
     assert final["readBackVerified"] is True
@@ -196,27 +161,19 @@ def test_verify_after_write_cli_json(
     assert final["compression"] == "zstd"
     phases = [r["phase"] for r in records if r["event"] == "progress"]
     assert phases[-2:] == ["Verifying", "Succeeded"]
-    assert hashlib.sha384(read_device(dev, IMAGE_SIZE)).hexdigest() == image.raw_sha384
+    assert sha384_of(dev, IMAGE_SIZE) == image.raw_sha384
 
-    plain = cli(
+    plain = stream(
         image.path, dev, "--sha384", image.sha384, "--verify-after-write", "--progress", "plain"
     )
-    assert plain.returncode == 0, plain.stderr
+    assert plain.code == 0, plain.stderr
     assert "read-back verified" in plain.stdout
 
 
 def test_verify_after_write_run_stream_over_http(
-    image: SampleImage,
-    loop_device_factory: LoopDeviceFactory,
-    nginx_factory: NginxFactory,
-    tmp_path: Path,
+    image: SampleImage, dev: Path, nginx_factory: NginxFactory, tmp_path: Path
 ) -> None:
-    dev = loop_device_factory(8 * MiB)
-    fill_pattern(dev, 8 * MiB)
-    docroot = tmp_path / "docroot"
-    docroot.mkdir()
-    os.link(image.path, docroot / "root.img.zst")
-    url = nginx_factory(docroot).url_for("root.img.zst")
+    url = served_by_nginx(image.path, "root.img.zst", nginx_factory, tmp_path)
 
     result = run_stream(
         StreamRequest(source=url, target=dev, sha384=image.sha384, verify_after_write=True)
@@ -279,16 +236,12 @@ def test_mounted_device_is_refused(
         (mount_point / "marker").write_text("still here")
         os.sync()
 
-        result = cli(image.path, dev, "--sha384", image.sha384)
-        assert result.returncode == 5, result.stderr
-        message = one_line(result.stderr)
-        assert "TargetMounted" in message
-        assert str(mount_point.resolve()) in message
+        run = stream(image.path, dev, "--sha384", image.sha384)
+        assert_exited(run, 5, "TargetMounted", str(mount_point.resolve()))
 
         # --force skips the mount-table check, but the kernel's exclusive open still refuses.
-        forced = cli(image.path, dev, "--sha384", image.sha384, "--force")
-        assert forced.returncode == 5, forced.stderr
-        assert "TargetInUse" in one_line(forced.stderr)
+        forced = stream(image.path, dev, "--sha384", image.sha384, "--force")
+        assert_exited(forced, 5, "TargetInUse")
 
         assert (mount_point / "marker").read_text() == "still here"
 
@@ -297,7 +250,7 @@ def test_mounted_device_is_refused(
     fsck = subprocess.run([e2fsck, "-fn", dev], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     debugfs = require_tool("debugfs")
-    assert run([debugfs, "-R", "cat /marker", dev]).strip() == "still here"
+    assert run_command([debugfs, "-R", "cat /marker", dev]).strip() == "still here"
 
 
 def _mbr(disk_size: int, start_sector: int = 2048) -> bytes:
@@ -325,17 +278,17 @@ def partitioned_loop_device(size: int, directory: Path) -> Iterator[tuple[Path, 
     with backing.open("wb") as fh:
         fh.truncate(size)
         fh.write(_mbr(size))
-    disk = Path(run([losetup, "-f", "--show", "-P", backing]).strip())
+    disk = Path(run_command([losetup, "-f", "--show", "-P", backing]).strip())
     try:
         partition = Path(f"{disk}p1")
         if not partition.is_block_device():
             # Kernels built without the MS-DOS partition parser (CONFIG_MSDOS_PARTITION) scan
             # nothing; partx parses the table itself and adds the partition (BLKPG).
-            run([require_tool("partx"), "-a", disk])
+            run_command([require_tool("partx"), "-a", disk])
         wait_until(partition.is_block_device, 10, what=f"{partition} to appear")
         yield disk, partition
     finally:
-        run([losetup, "-d", disk])
+        run_command([losetup, "-d", disk])
         backing.unlink(missing_ok=True)
 
 
@@ -343,11 +296,8 @@ def test_whole_disk_with_a_mounted_partition_is_refused(image: SampleImage, tmp_
     with partitioned_loop_device(64 * MiB, tmp_path) as (disk, partition):
         table_before = read_device(disk, 512)
         with mounted_ext4(partition, tmp_path / "mnt") as mount_point:
-            result = cli(image.path, disk, "--sha384", image.sha384)
-            assert result.returncode == 5, result.stderr
-            message = one_line(result.stderr)
-            assert "TargetMounted" in message
-            assert str(mount_point.resolve()) in message
+            run = stream(image.path, disk, "--sha384", image.sha384)
+            assert_exited(run, 5, "TargetMounted", str(mount_point.resolve()))
         assert read_device(disk, 512) == table_before  # the partition table was not touched
         e2fsck = require_tool("e2fsck")
         fsck = subprocess.run([e2fsck, "-fn", partition], capture_output=True, check=False)
@@ -367,12 +317,9 @@ def test_too_small_target_is_refused_before_any_write(
     dev = loop_device_factory(2 * MiB)
     before = fill_pattern(dev, 2 * MiB)
 
-    result = cli(img.path, dev, "--sha384", img.sha384, *extra)
+    run = stream(img.path, dev, "--sha384", img.sha384, *extra)
 
-    assert result.returncode == 5, result.stderr
-    message = one_line(result.stderr)
-    assert "TargetTooSmall" in message
-    assert str(IMAGE_SIZE) in message
+    assert_exited(run, 5, "TargetTooSmall", str(IMAGE_SIZE))
     assert read_device(dev, 2 * MiB) == before  # not a single byte written
 
 
@@ -383,10 +330,10 @@ def test_image_without_content_size_runs_out_of_space(
     dev = loop_device_factory(2 * MiB)
     fill_pattern(dev, 2 * MiB)
 
-    result = cli(img.path, dev, "--sha384", img.sha384, "--progress", "json")
+    run = stream(img.path, dev, "--sha384", img.sha384, "--progress", "json")
 
-    assert result.returncode == 5, result.stderr
-    final = json_records(result.stdout)[-1]
+    assert run.code == 5, run.stderr
+    final = run.result()
     assert final["ok"] is False
     assert final["reason"] == "TargetTooSmall"
     assert "full" in final["message"]
@@ -405,37 +352,26 @@ def test_locked_device_is_refused(
     fd = os.open(dev, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        result = cli(image.path, dev, "--sha384", image.sha384)
+        run = stream(image.path, dev, "--sha384", image.sha384)
     finally:
         os.close(fd)
-    assert result.returncode == 5, result.stderr
-    message = one_line(result.stderr)
-    assert "TargetBusy" in message
-    assert "locked" in message
+    assert_exited(run, 5, "TargetBusy", "locked")
     assert read_device(dev, 8 * MiB) == before
 
     # Once the lock is gone the same command succeeds (the refusal was the lock, nothing else).
-    again = cli(image.path, dev, "--sha384", image.sha384)
-    assert again.returncode == 0, again.stderr
+    again = stream(image.path, dev, "--sha384", image.sha384)
+    assert again.code == 0, again.stderr
 
 
 # -- integrity failures -----------------------------------------------------------------------
 
 
-def test_hash_mismatch_leaves_first_mib_zero(
-    image: SampleImage, loop_device_factory: LoopDeviceFactory
-) -> None:
-    dev = loop_device_factory(8 * MiB)
-    fill_pattern(dev, 8 * MiB)
+def test_hash_mismatch_leaves_first_mib_zero(image: SampleImage, dev: Path) -> None:
     wrong = hashlib.sha384(b"some other image").hexdigest()
 
-    result = cli(image.path, dev, "--sha384", wrong)
+    run = stream(image.path, dev, "--sha384", wrong)
 
-    assert result.returncode == 4, result.stderr
-    message = one_line(result.stderr)
-    assert "HashMismatch" in message
-    assert wrong in message
-    assert image.sha384 in message
+    assert_exited(run, 4, "HashMismatch", wrong, image.sha384)
     # Everything after the first MiB was written; the first MiB is zeros.
     assert_invalidated(dev, written_from=raw_data(IMAGE_SIZE, seed=3))
 
@@ -454,10 +390,9 @@ def test_truncated_image_fails_even_with_its_own_hash(
     before = fill_pattern(dev, 16 * MiB)
 
     # The hash of the truncated file matches what is fetched: only the stream can tell.
-    result = cli(truncated, dev, "--sha384", sha384_file(truncated))
+    run = stream(truncated, dev, "--sha384", sha384_of(truncated))
 
-    assert result.returncode == 4, result.stderr
-    assert "TruncatedStream" in one_line(result.stderr)
+    assert_exited(run, 4, "TruncatedStream")
     if cut == "inside-header":
         assert read_device(dev, 16 * MiB) == before  # nothing to write: nothing written
     else:
@@ -478,10 +413,9 @@ def test_corrupt_bytes_in_the_middle_fail(
     dev = loop_device_factory(16 * MiB)
     before = fill_pattern(dev, 16 * MiB)
 
-    result = cli(corrupt, dev, "--sha384", sha384_file(corrupt))
+    run = stream(corrupt, dev, "--sha384", sha384_of(corrupt))
 
-    assert result.returncode == 4, result.stderr
-    assert "CorruptStream" in one_line(result.stderr)
+    assert_exited(run, 4, "CorruptStream")
     assert_never_valid(dev, before)
 
 
@@ -501,23 +435,14 @@ def test_sigterm_stops_the_stream_and_invalidates(
     fill_pattern(dev, size)
 
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "imagestream",
-            "stream",
-            server.url_for("slow.zst"),
-            str(dev),
-            "--sha384",
-            img.sha384,
-            "--progress",
-            "json",
-        ],
+        imagestream_command(
+            "stream", server.url_for("slow.zst"), dev, "--sha384", img.sha384, "--progress", "json"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=_env(),
+        env=imagestream_env(),
     )
     try:
         assert process.stdout is not None
@@ -540,7 +465,7 @@ def test_sigterm_stops_the_stream_and_invalidates(
             process.wait()
 
     assert process.returncode == 130, stderr
-    final = json_records(stdout)[-1]
+    final = result_record(stdout, stderr)
     assert final["ok"] is False
     assert final["reason"] == "Cancelled"
     # The first 4 MiB buffer was written (past the first MiB), the first MiB is zeros.

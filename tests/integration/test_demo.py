@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.support.cli import IMAGESTREAM, one_line, run_imagestream
 from tests.support.tools import require_tool
-
-IMAGESTREAM = Path(sys.executable).with_name("imagestream")
-
-
-def _records(stdout: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def test_demo_with_faults_resumes_and_verifies() -> None:
-    run = subprocess.run(
-        [str(IMAGESTREAM), "demo", "--size-mib", "24", "--faults", "--progress", "json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr
-    result = _records(run.stdout)[-1]
-    assert result["event"] == "result"
+    run = run_imagestream("demo", "--size-mib", "24", "--faults", "--progress", "json")
+    assert run.code == 0, run.stderr
+    result = run.result()  # the last JSON line, which is the result
     assert result["ok"] is True
     assert result["verified"] is True
     assert result["bytesWritten"] == 24 << 20
     assert result["resumes"] == 3
-    assert "matches the generated data byte for byte" in " ".join(run.stderr.split())
+    assert "matches the generated data byte for byte" in one_line(run.stderr)
 
 
 def test_demo_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:

@@ -8,58 +8,33 @@ If-Range, status, body bytes sent).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
+from tests.support.cli import CliRun, assert_failed, assert_succeeded, stream_image
+from tests.support.targets import MIB, assert_file_target_invalid, sha384_of
 
 from imagestream.demo.image import SampleImage, write_sample_image
-from imagestream.demo.range_server import Fault, FaultKind, FaultPlan, RangeServer, RequestRecord
+from imagestream.demo.range_server import (
+    AUTO_ETAG,
+    Fault,
+    FaultKind,
+    FaultPlan,
+    RangeServer,
+    RequestRecord,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
-IMAGESTREAM = Path(sys.executable).with_name("imagestream")
-MIB = 1 << 20
 RAW_SIZE = 6 * MIB  # three frames, ~3.2 MB compressed: room for resets inside a MiB and a frame
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_ENV_DROPPED = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file"}
 
 
 # -- running the CLI --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CliRun:
-    """One finished `imagestream` process."""
-
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def text(self) -> str:
-        """stdout and stderr with whitespace runs folded to one space (rich wraps lines)."""
-        return " ".join(f"{self.stdout}\n{self.stderr}".split())
-
-    def result(self) -> dict[str, Any]:
-        """The final `{"event": "result", ...}` line of `--progress json`."""
-        for line in reversed(self.stdout.splitlines()):
-            if line.startswith("{"):
-                record: dict[str, Any] = json.loads(line)
-                if record.get("event") == "result":
-                    return record
-        raise AssertionError(f"no JSON result line:\n{self.stdout}\n{self.stderr}")
 
 
 def stream(
@@ -71,17 +46,10 @@ def stream(
     stall_timeout: float = 1.0,
 ) -> CliRun:
     """`imagestream stream` with fast backoff and a short stall timeout."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in _ENV_DROPPED}
-    env["COLUMNS"] = "1000"
-    args = [
-        str(IMAGESTREAM),
-        "stream",
+    return stream_image(
         url,
-        str(target),
-        "--sha384",
-        image.sha384,
-        "--progress",
-        "json",
+        target,
+        image,
         "--retry-backoff",
         "0.05",
         "--stall-timeout",
@@ -89,72 +57,39 @@ def stream(
         "--max-retries",
         str(max_retries),
         *extra,
-    ]
-    started = time.monotonic()
-    proc = subprocess.run(
-        args,
-        capture_output=True,
-        text=True,
-        env=env,
-        stdin=subprocess.DEVNULL,
         timeout=50,
-        check=False,
     )
-    return CliRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
 
-# -- checking the output ----------------------------------------------------------------------
+def stream_from(
+    image: SampleImage,
+    target: Path,
+    *faults: Fault,
+    max_retries: int = 4,
+    stall_timeout: float = 1.0,
+    advertise_ranges: bool = True,
+    etag: str | None = AUTO_ETAG,
+    last_modified: bool = True,
+) -> tuple[CliRun, RangeServer]:
+    """Serve `image` with `faults` planned and `stream` it to `target`: the run and the server.
+
+    The server is stopped on return; its request records and validators stay readable.
+    """
+    plan = FaultPlan(faults)
+    with RangeServer(
+        image.path,
+        faults=plan,
+        advertise_ranges=advertise_ranges,
+        etag=etag,
+        last_modified=last_modified,
+    ) as server:
+        run = stream(
+            server.url, target, image, max_retries=max_retries, stall_timeout=stall_timeout
+        )
+    return run, server
 
 
-def sha384_of(path: Path, length: int | None = None) -> str:
-    """SHA-384 of the first `length` bytes of a file or device (all of it without `length`)."""
-    digest = hashlib.sha384()
-    remaining = length
-    with path.open("rb") as fh:
-        while remaining is None or remaining > 0:
-            chunk = fh.read(MIB if remaining is None else min(MIB, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-    assert not remaining, f"{path} is {remaining} bytes short"
-    return digest.hexdigest()
-
-
-def staging_of(target: Path) -> Path:
-    return target.with_name(f".{target.name}.partial")
-
-
-def assert_succeeded(run: CliRun, target: Path, image: SampleImage) -> dict[str, Any]:
-    """Exit 0, a verified result, and the written file is exactly the raw image."""
-    assert run.code == 0, run.text
-    result = run.result()
-    assert result["ok"] is True
-    assert result["verified"] is True
-    assert result["sha384"] == image.sha384
-    assert result["bytesFetched"] == image.compressed_size
-    assert result["bytesWritten"] == image.raw_size
-    assert target.stat().st_size == image.raw_size
-    assert sha384_of(target) == image.raw_sha384
-    assert not staging_of(target).exists()
-    return result
-
-
-def assert_failed(run: CliRun, code: int, *causes: str) -> dict[str, Any]:
-    """The failure family's exit code, and a message naming each cause."""
-    assert run.code == code, run.text
-    for cause in causes:
-        assert cause.lower() in run.text.lower(), run.text
-    assert "Traceback" not in run.stderr, run.stderr
-    result = run.result()
-    assert result["ok"] is False
-    return result
-
-
-def assert_file_target_invalid(target: Path) -> None:
-    assert not target.exists(), f"{target} exists after a failure"
-    assert not staging_of(target).exists(), f"{staging_of(target)} left behind"
+# -- checking what the server was asked -------------------------------------------------------
 
 
 def range_start(record: RequestRecord) -> int:
@@ -168,8 +103,9 @@ def gets(server: RangeServer) -> list[RequestRecord]:
     return [r for r in server.requests if r.method == "GET"]
 
 
-def assert_resumes_are_pinned(server: RangeServer, etag: str | None) -> None:
+def assert_resumes_are_pinned(server: RangeServer) -> None:
     """Every request asks an open range; each resume is pinned with If-Range to the ETag."""
+    etag = server.etag
     records = gets(server)
     assert range_start(records[0]) == 0
     assert records[0].if_range is None
@@ -237,24 +173,21 @@ def target(tmp_path: Path) -> Path:
 
 
 def test_reset_before_the_first_byte(image: SampleImage, target: Path) -> None:
-    with RangeServer(image.path, faults=FaultPlan([Fault.reset(after=0)])) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, Fault.reset(after=0))
+    records = gets(server)
 
     result = assert_succeeded(run, target, image)
     assert result["resumes"] >= 1
     assert [(r.fault, r.status, r.body_bytes) for r in records[:1]] == [(FaultKind.RESET, 206, 0)]
     assert [range_start(r) for r in records] == [0, 0]
-    assert_resumes_are_pinned(server, etag)
+    assert_resumes_are_pinned(server)
 
 
 def test_reset_mid_frame(image: SampleImage, frame_starts: list[int], target: Path) -> None:
     offset = mid_frame(frame_starts, image.compressed_size // 2 + 12345)
-    with RangeServer(image.path, faults=FaultPlan([Fault.reset_at(offset)])) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, Fault.reset_at(offset))
+    records = gets(server)
+    etag = server.etag
 
     result = assert_succeeded(run, target, image)
     assert result["resumes"] >= 1
@@ -265,15 +198,13 @@ def test_reset_mid_frame(image: SampleImage, frame_starts: list[int], target: Pa
     assert 0 < range_start(records[1]) <= offset
     assert records[1].if_range == etag
     assert records[1].status == 206
-    assert_resumes_are_pinned(server, etag)
+    assert_resumes_are_pinned(server)
 
 
 def test_reset_at_the_last_byte(image: SampleImage, target: Path) -> None:
     last = image.compressed_size - 1
-    with RangeServer(image.path, faults=FaultPlan([Fault.reset_at(last)])) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, Fault.reset_at(last))
+    records = gets(server)
 
     result = assert_succeeded(run, target, image)
     assert result["resumes"] >= 1
@@ -281,34 +212,29 @@ def test_reset_at_the_last_byte(image: SampleImage, target: Path) -> None:
     assert len(records) == 2
     assert records[1].content_range is not None
     assert records[1].content_range.endswith(f"-{last}/{image.compressed_size}")
-    assert_resumes_are_pinned(server, etag)
+    assert_resumes_are_pinned(server)
 
 
 def test_several_resets_resume_each_time(
     image: SampleImage, frame_starts: list[int], target: Path
 ) -> None:
     offsets = [mid_frame(frame_starts, n) for n in (300_000, 1_700_000, 2_900_000)]
-    plan = FaultPlan([Fault.reset_at(o) for o in offsets])
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, *[Fault.reset_at(o) for o in offsets])
+    records = gets(server)
 
     result = assert_succeeded(run, target, image)
     assert result["resumes"] == len(records) - 1 >= 3
     assert [r.fault for r in records if r.fault] == [FaultKind.RESET_AT] * 3
-    assert_resumes_are_pinned(server, etag)
+    assert_resumes_are_pinned(server)
 
 
 def test_resumes_ask_for_exactly_the_next_byte_at_mib_boundaries(
     image: SampleImage, target: Path
 ) -> None:
     # Resets where the client holds whole MiBs: Range must start exactly there.
-    plan = FaultPlan([Fault.reset_at(MIB), Fault.reset_at(2 * MIB)])
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, Fault.reset_at(MIB), Fault.reset_at(2 * MIB))
+    records = gets(server)
+    etag = server.etag
 
     assert_succeeded(run, target, image)
     assert [r.range for r in records] == ["bytes=0-", f"bytes={MIB}-", f"bytes={2 * MIB}-"]
@@ -320,11 +246,9 @@ def test_resumes_ask_for_exactly_the_next_byte(
     image: SampleImage, frame_starts: list[int], target: Path
 ) -> None:
     offsets = [mid_frame(frame_starts, n) for n in (300_000, 1_700_000, 2_900_000)]
-    plan = FaultPlan([Fault.reset_at(o) for o in offsets])
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, *[Fault.reset_at(o) for o in offsets])
+    records = gets(server)
+    etag = server.etag
 
     assert_succeeded(run, target, image)
     assert [range_start(r) for r in records] == delivered_before(records)
@@ -333,19 +257,15 @@ def test_resumes_ask_for_exactly_the_next_byte(
 
 
 def test_a_link_that_breaks_every_700_kb_still_completes(image: SampleImage, target: Path) -> None:
-    plan = FaultPlan([Fault.reset(after=700_000)] * 6)
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image, max_retries=2)
+    run, _server = stream_from(image, target, *[Fault.reset(after=700_000)] * 6, max_retries=2)
 
     assert_succeeded(run, target, image)
 
 
 def test_short_body_is_resumed(image: SampleImage, frame_starts: list[int], target: Path) -> None:
     after = mid_frame(frame_starts, 1_234_567)
-    with RangeServer(image.path, faults=FaultPlan([Fault.short(after)])) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, Fault.short(after))
+    records = gets(server)
 
     result = assert_succeeded(run, target, image)
     assert result["resumes"] >= 1
@@ -353,23 +273,21 @@ def test_short_body_is_resumed(image: SampleImage, frame_starts: list[int], targ
     assert records[0].content_length == image.compressed_size
     assert records[0].body_bytes == after
     assert len(records) == 2
-    assert_resumes_are_pinned(server, etag)
+    assert_resumes_are_pinned(server)
 
 
 def test_stall_longer_than_the_stall_timeout_is_resumed(
     image: SampleImage, frame_starts: list[int], target: Path
 ) -> None:
     after = mid_frame(frame_starts, 2 * MIB + 4321)
-    with RangeServer(image.path, faults=FaultPlan([Fault.stall(after, seconds=20)])) as server:
-        run = stream(server.url, target, image, stall_timeout=1.0)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, Fault.stall(after, seconds=20), stall_timeout=1.0)
+    records = gets(server)
 
     result = assert_succeeded(run, target, image)
     assert result["resumes"] >= 1
     assert records[0].fault is FaultKind.STALL
     assert len(records) == 2
-    assert_resumes_are_pinned(server, etag)
+    assert_resumes_are_pinned(server)
     # It gave up on the stalled connection after about the stall timeout, not the 20 s stall.
     assert run.seconds < 10
 
@@ -380,9 +298,8 @@ def test_resets_onto_a_loop_device(
     device = loop_device_factory(16 * MIB)
     with device.open("r+b") as fh:
         fh.write(b"\xaa" * (8 * MIB))
-    plan = FaultPlan([Fault.reset(after=0), Fault.reset_at(mid_frame(frame_starts, 2_000_000))])
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, device, image)
+    faults = [Fault.reset(after=0), Fault.reset_at(mid_frame(frame_starts, 2_000_000))]
+    run, _server = stream_from(image, device, *faults)
 
     assert run.code == 0, run.text
     assert run.result()["resumes"] >= 2
@@ -396,11 +313,8 @@ def test_200_instead_of_206_on_a_resume_skips_what_was_received(
     image: SampleImage, frame_starts: list[int], target: Path
 ) -> None:
     offset = mid_frame(frame_starts, 1_600_000)
-    plan = FaultPlan([Fault.reset_at(offset), Fault.ignore_range()])
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        etag = server.etag
+    run, server = stream_from(image, target, Fault.reset_at(offset), Fault.ignore_range())
+    records = gets(server)
 
     result = assert_succeeded(run, target, image)
     assert result["resumes"] >= 1
@@ -409,7 +323,7 @@ def test_200_instead_of_206_on_a_resume_skips_what_was_received(
         (200, FaultKind.IGNORE_RANGE),
     ]
     assert range_start(records[1]) > 0
-    assert records[1].if_range == etag
+    assert records[1].if_range == server.etag
     assert records[1].body_bytes == image.compressed_size
 
 
@@ -417,10 +331,8 @@ def test_server_without_range_support_restarts_from_zero(
     image: SampleImage, frame_starts: list[int], target: Path
 ) -> None:
     offset = mid_frame(frame_starts, 2_500_000)
-    plan = FaultPlan([Fault.reset_at(offset)])
-    with RangeServer(image.path, faults=plan, advertise_ranges=False) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
+    run, server = stream_from(image, target, Fault.reset_at(offset), advertise_ranges=False)
+    records = gets(server)
 
     result = assert_succeeded(run, target, image)
     assert result["resumes"] >= 1
@@ -434,14 +346,11 @@ def test_if_range_falls_back_to_last_modified_without_an_etag(
     image: SampleImage, frame_starts: list[int], target: Path
 ) -> None:
     offset = mid_frame(frame_starts, 1_900_000)
-    plan = FaultPlan([Fault.reset_at(offset)])
-    with RangeServer(image.path, faults=plan, etag=None) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
-        last_modified = server.last_modified
+    run, server = stream_from(image, target, Fault.reset_at(offset), etag=None)
+    records = gets(server)
 
     assert_succeeded(run, target, image)
-    assert [r.if_range for r in records] == [None, last_modified]
+    assert [r.if_range for r in records] == [None, server.last_modified]
     assert [r.status for r in records] == [206, 206]
 
 
@@ -516,10 +425,9 @@ def test_retry_after_http_date_is_honoured(image: SampleImage, target: Path) -> 
 
 
 def test_invalid_retry_after_falls_back_to_backoff(image: SampleImage, target: Path) -> None:
-    plan = FaultPlan([Fault.status(503, retry_after="soon"), Fault.status(429, retry_after="1.5")])
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
+    faults = [Fault.status(503, retry_after="soon"), Fault.status(429, retry_after="1.5")]
+    run, server = stream_from(image, target, *faults)
+    records = gets(server)
 
     assert_succeeded(run, target, image)
     assert [r.status for r in records] == [503, 429, 206]
@@ -527,10 +435,8 @@ def test_invalid_retry_after_falls_back_to_backoff(image: SampleImage, target: P
 
 @pytest.mark.parametrize("code", [404, 403])
 def test_client_errors_fail_at_once(image: SampleImage, target: Path, code: int) -> None:
-    plan = FaultPlan([Fault.status(code)] * 3)
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
+    run, server = stream_from(image, target, *[Fault.status(code)] * 3)
+    records = gets(server)
 
     result = assert_failed(run, 3, str(code))
     assert result["reason"] == f"HTTP{code}"
@@ -539,10 +445,8 @@ def test_client_errors_fail_at_once(image: SampleImage, target: Path, code: int)
 
 
 def test_server_errors_beyond_max_retries_give_up(image: SampleImage, target: Path) -> None:
-    plan = FaultPlan([Fault.status(500)] * 10)
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image, max_retries=2)
-        records = gets(server)
+    run, server = stream_from(image, target, *[Fault.status(500)] * 10, max_retries=2)
+    records = gets(server)
 
     assert_failed(run, 3, "giving up", "500")
     assert len(records) == 3
@@ -550,10 +454,8 @@ def test_server_errors_beyond_max_retries_give_up(image: SampleImage, target: Pa
 
 
 def test_repeated_resets_beyond_max_retries_give_up(image: SampleImage, target: Path) -> None:
-    plan = FaultPlan([Fault.reset(after=0)] * 10)
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image, max_retries=3)
-        records = gets(server)
+    run, server = stream_from(image, target, *[Fault.reset(after=0)] * 10, max_retries=3)
+    records = gets(server)
 
     result = assert_failed(run, 3, "giving up")
     assert result["reason"] == "RetriesExhausted"
@@ -565,10 +467,9 @@ def test_resets_after_progress_give_up_only_after_retries_without_progress(
     image: SampleImage, target: Path
 ) -> None:
     # First a reset after 1.5 MiB (progress), then nothing but resets before any byte.
-    plan = FaultPlan([Fault.reset_at(MIB + MIB // 2), *[Fault.reset(after=0)] * 10])
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image, max_retries=2)
-        records = gets(server)
+    faults = [Fault.reset_at(MIB + MIB // 2), *[Fault.reset(after=0)] * 10]
+    run, server = stream_from(image, target, *faults, max_retries=2)
+    records = gets(server)
 
     assert_failed(run, 3, "giving up")
     assert len(records) == 1 + 2
@@ -578,10 +479,8 @@ def test_resets_after_progress_give_up_only_after_retries_without_progress(
 
 @pytest.mark.timeout(30)
 def test_repeated_empty_206_bodies_are_bounded(image: SampleImage, target: Path) -> None:
-    plan = FaultPlan([Fault.empty()] * 50)
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image, max_retries=3)
-        records = gets(server)
+    run, server = stream_from(image, target, *[Fault.empty()] * 50, max_retries=3)
+    records = gets(server)
 
     assert_failed(run, 3, "giving up")
     assert len(records) == 4
@@ -619,9 +518,9 @@ def test_a_changed_object_invalidates_a_device_target(
     with device.open("r+b") as fh:
         fh.write(b"\xaa" * (16 * MIB))
     # Late in the stream, so several MiB of output were written before the change shows.
-    plan = FaultPlan([Fault.reset_at(big.compressed_size - 200_000), Fault.change()])
-    with RangeServer(big.path, faults=plan) as server:
-        run = stream(server.url, device, big)
+    run, _server = stream_from(
+        big, device, Fault.reset_at(big.compressed_size - 200_000), Fault.change()
+    )
 
     assert_failed(run, 3, "source changed")
     with device.open("rb") as fh:
@@ -636,10 +535,9 @@ def test_a_changed_object_without_validators_is_caught_by_the_hash(
 ) -> None:
     # No ETag, no Last-Modified: nothing pins the object, the SHA-384 is the last line.
     offset = mid_frame(frame_starts, 400_000)
-    plan = FaultPlan([Fault.reset_at(offset), Fault.change(), Fault.ignore_range()])
-    with RangeServer(image.path, faults=plan, etag=None, last_modified=False) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
+    faults = [Fault.reset_at(offset), Fault.change(), Fault.ignore_range()]
+    run, server = stream_from(image, target, *faults, etag=None, last_modified=False)
+    records = gets(server)
 
     assert records[1].if_range is None
     # Either the decoder trips over the spliced bytes or the hash does not match.
@@ -654,10 +552,8 @@ def test_a_range_starting_elsewhere_is_refused(
     image: SampleImage, frame_starts: list[int], target: Path, delta: int
 ) -> None:
     offset = mid_frame(frame_starts, 2_200_000)
-    plan = FaultPlan([Fault.reset_at(offset), Fault.wrong_range_start(delta)])
-    with RangeServer(image.path, faults=plan) as server:
-        run = stream(server.url, target, image)
-        records = gets(server)
+    run, server = stream_from(image, target, Fault.reset_at(offset), Fault.wrong_range_start(delta))
+    records = gets(server)
 
     result = assert_failed(run, 3, "refusing")
     assert result["reason"] == "BadRangeResponse"
@@ -668,8 +564,7 @@ def test_a_range_starting_elsewhere_is_refused(
 
 
 def test_a_wrong_range_on_the_first_request_is_refused(image: SampleImage, target: Path) -> None:
-    with RangeServer(image.path, faults=FaultPlan([Fault.wrong_range_start(100)])) as server:
-        run = stream(server.url, target, image)
+    run, _server = stream_from(image, target, Fault.wrong_range_start(100))
 
     assert_failed(run, 3, "refusing")
     assert_file_target_invalid(target)

@@ -8,73 +8,31 @@ untouched) and no staging file. The CLI runs as a subprocess: exit codes and out
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zstandard
 from tests.support.blockdev import small_tmpfs
+from tests.support.cli import assert_exited, run_imagestream
 from tests.support.nginx import Nginx
+from tests.support.targets import assert_file_target_invalid, sha384_of, staging_path
 from tests.support.tools import require_tool
 
-from imagestream.demo.image import SampleImage, iter_raw_data, write_raw_image, write_sample_image
+from imagestream.demo.image import SampleImage, write_raw_image, write_sample_image
 
 MiB = 1 << 20
 IMAGE_SIZE = 4 * MiB
 
-
-# -- helpers ----------------------------------------------------------------------------------
-
-
-def cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run `imagestream ARGS...` (not only `stream`: usage errors are tested too)."""
-    return subprocess.run(
-        [sys.executable, "-m", "imagestream", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        # A wide console: rich would otherwise wrap messages at 80 columns.
-        env={**os.environ, "COLUMNS": "1000", "NO_COLOR": "1"},
-        check=False,
-    )
+#: `imagestream stream ARGS...` (`run_imagestream` itself for the usage errors).
+stream = functools.partial(run_imagestream, "stream")
 
 
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def result_record(stdout: str) -> dict[str, Any]:
-    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    assert records, f"no JSON output: {stdout!r}"
-    final: dict[str, Any] = records[-1]
-    assert final["event"] == "result"
-    return final
-
-
-def raw_sha384(size: int, seed: int = 0) -> str:
-    digest = hashlib.sha384()
-    for chunk in iter_raw_data(size, seed=seed):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha384(path: Path) -> str:
-    return hashlib.sha384(path.read_bytes()).hexdigest()
-
-
-def staging(target: Path) -> Path:
-    return target.with_name(f".{target.name}.partial")
-
-
-def assert_no_output(target: Path) -> None:
-    assert not target.exists(), f"{target} must not exist after a failure"
-    assert not staging(target).exists(), "the staging file must be removed after a failure"
+# -- fixtures ---------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -95,11 +53,11 @@ def image(tmp_path: Path) -> SampleImage:
 
 def test_file_target_success_is_atomic(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "root.img"
-    result = cli("stream", image.path, target, "--sha384", image.sha384, "--progress", "json")
-    assert result.returncode == 0, result.stderr
-    assert file_sha384(target) == image.raw_sha384
+    run = stream(image.path, target, "--sha384", image.sha384, "--progress", "json")
+    assert run.code == 0, run.stderr
+    assert sha384_of(target) == image.raw_sha384
     assert sorted(p.name for p in out_dir.iterdir()) == ["root.img"]
-    final = result_record(result.stdout)
+    final = run.result()
     assert final["ok"] is True
     assert final["verified"] is True
     assert final["target"] == str(target)
@@ -112,8 +70,7 @@ def test_file_target_success_is_atomic(image: SampleImage, out_dir: Path) -> Non
 
 def test_file_target_verify_after_write(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "root.img"
-    result = cli(
-        "stream",
+    run = stream(
         image.path,
         target,
         "--sha384",
@@ -122,29 +79,29 @@ def test_file_target_verify_after_write(image: SampleImage, out_dir: Path) -> No
         "--progress",
         "json",
     )
-    assert result.returncode == 0, result.stderr
-    assert result_record(result.stdout)["readBackVerified"] is True
-    assert file_sha384(target) == image.raw_sha384
+    assert run.code == 0, run.stderr
+    assert run.result()["readBackVerified"] is True
+    assert sha384_of(target) == image.raw_sha384
     assert sorted(p.name for p in out_dir.iterdir()) == ["root.img"]
 
 
 def test_file_target_replaces_an_existing_file(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "root.img"
     target.write_bytes(b"old image " * 1000000)  # larger than the new one: must be truncated
-    result = cli("stream", image.path, target, "--sha384", image.sha384)
-    assert result.returncode == 0, result.stderr
+    run = stream(image.path, target, "--sha384", image.sha384)
+    assert run.code == 0, run.stderr
     assert target.stat().st_size == IMAGE_SIZE
-    assert file_sha384(target) == image.raw_sha384
+    assert sha384_of(target) == image.raw_sha384
     assert sorted(p.name for p in out_dir.iterdir()) == ["root.img"]
 
 
 def test_stale_staging_file_is_overwritten(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "root.img"
-    staging(target).write_bytes(b"left over by a crashed run " * 400000)  # > IMAGE_SIZE
-    result = cli("stream", image.path, target, "--sha384", image.sha384)
-    assert result.returncode == 0, result.stderr
-    assert file_sha384(target) == image.raw_sha384
-    assert not staging(target).exists()
+    staging_path(target).write_bytes(b"left over by a crashed run " * 400000)  # > IMAGE_SIZE
+    run = stream(image.path, target, "--sha384", image.sha384)
+    assert run.code == 0, run.stderr
+    assert sha384_of(target) == image.raw_sha384
+    assert not staging_path(target).exists()
 
 
 def test_file_target_over_http(
@@ -152,9 +109,9 @@ def test_file_target_over_http(
 ) -> None:
     os.link(image.path, nginx_docroot / "image.zst")
     target = out_dir / "root.img"
-    result = cli("stream", nginx.url_for("image.zst"), target, "--sha384", image.sha384)
-    assert result.returncode == 0, result.stderr
-    assert file_sha384(target) == image.raw_sha384
+    run = stream(nginx.url_for("image.zst"), target, "--sha384", image.sha384)
+    assert run.code == 0, run.stderr
+    assert sha384_of(target) == image.raw_sha384
 
 
 # -- failures leave nothing behind ------------------------------------------------------------
@@ -163,10 +120,9 @@ def test_file_target_over_http(
 def test_hash_mismatch_leaves_no_file(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "root.img"
     wrong = hashlib.sha384(b"another image").hexdigest()
-    result = cli("stream", image.path, target, "--sha384", wrong)
-    assert result.returncode == 4, result.stderr
-    assert "HashMismatch" in one_line(result.stderr)
-    assert_no_output(target)
+    run = stream(image.path, target, "--sha384", wrong)
+    assert_exited(run, 4, "HashMismatch")
+    assert_file_target_invalid(target)
     assert list(out_dir.iterdir()) == []
 
 
@@ -177,12 +133,12 @@ def test_failure_leaves_an_existing_target_untouched(image: SampleImage, out_dir
     os.utime(target, (1_700_000_000, 1_700_000_000))
     wrong = hashlib.sha384(b"another image").hexdigest()
 
-    result = cli("stream", image.path, target, "--sha384", wrong)
+    run = stream(image.path, target, "--sha384", wrong)
 
-    assert result.returncode == 4, result.stderr
+    assert run.code == 4, run.stderr
     assert target.read_bytes() == previous
     assert target.stat().st_mtime == 1_700_000_000
-    assert not staging(target).exists()
+    assert not staging_path(target).exists()
     assert sorted(p.name for p in out_dir.iterdir()) == ["root.img"]
 
 
@@ -190,9 +146,8 @@ def test_truncated_image_leaves_no_file(image: SampleImage, out_dir: Path, tmp_p
     truncated = tmp_path / "truncated.zst"
     truncated.write_bytes(image.path.read_bytes()[: image.compressed_size * 2 // 3])
     target = out_dir / "root.img"
-    result = cli("stream", truncated, target, "--sha384", file_sha384(truncated))
-    assert result.returncode == 4, result.stderr
-    assert "TruncatedStream" in one_line(result.stderr)
+    run = stream(truncated, target, "--sha384", sha384_of(truncated))
+    assert_exited(run, 4, "TruncatedStream")
     assert list(out_dir.iterdir()) == []
 
 
@@ -203,15 +158,15 @@ def test_full_file_system_fails_with_target_too_small(
     img = write_sample_image(tmp_path / "image.zst", IMAGE_SIZE, content_size=content_size)
     with small_tmpfs(tmp_path / "small", "2m") as mount_point:
         target = mount_point / "root.img"
-        result = cli("stream", img.path, target, "--sha384", img.sha384, "--progress", "json")
-        assert result.returncode == 5, result.stderr
-        final = result_record(result.stdout)
+        run = stream(img.path, target, "--sha384", img.sha384, "--progress", "json")
+        assert run.code == 5, run.stderr
+        final = run.result()
         assert final["reason"] == "TargetTooSmall"
         # With a declared size the capacity check refuses up front; without one the writes
         # hit ENOSPC. Either way nothing is left to fill the file system.
         expected = "needs at least" if content_size else "is full after"
         assert expected in final["message"]
-        assert_no_output(target)
+        assert_file_target_invalid(target)
         assert list(mount_point.iterdir()) == []
 
 
@@ -220,37 +175,30 @@ def test_second_writer_is_refused_and_does_not_disturb_the_first(
 ) -> None:
     target = out_dir / "root.img"
     in_progress = b"a first writer's bytes " * 1000
-    staging(target).write_bytes(in_progress)
-    fd = os.open(staging(target), os.O_RDWR)
+    staging_path(target).write_bytes(in_progress)
+    fd = os.open(staging_path(target), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # the first writer holds the staging file's lock
-        result = cli("stream", image.path, target, "--sha384", image.sha384)
+        run = stream(image.path, target, "--sha384", image.sha384)
     finally:
         os.close(fd)
-    assert result.returncode == 5, result.stderr
-    message = one_line(result.stderr)
-    assert "TargetBusy" in message
-    assert "locked" in message
+    assert_exited(run, 5, "TargetBusy", "locked")
     # Neither truncated nor removed: the first writer's file is as it was.
-    assert staging(target).read_bytes() == in_progress
+    assert staging_path(target).read_bytes() == in_progress
     assert not target.exists()
 
 
 def test_directory_target_is_refused(image: SampleImage, out_dir: Path) -> None:
-    result = cli("stream", image.path, out_dir, "--sha384", image.sha384)
-    assert result.returncode == 5, result.stderr
-    message = one_line(result.stderr)
-    assert "TargetInvalid" in message
-    assert "directory" in message
+    run = stream(image.path, out_dir, "--sha384", image.sha384)
+    assert_exited(run, 5, "TargetInvalid", "directory")
     assert list(out_dir.iterdir()) == []
-    assert not staging(out_dir).exists()
+    assert not staging_path(out_dir).exists()
 
 
 def test_missing_parent_directory_is_refused(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "no-such-dir" / "root.img"
-    result = cli("stream", image.path, target, "--sha384", image.sha384)
-    assert result.returncode == 5, result.stderr
-    assert "TargetNotFound" in one_line(result.stderr)
+    run = stream(image.path, target, "--sha384", image.sha384)
+    assert_exited(run, 5, "TargetNotFound")
     assert list(out_dir.iterdir()) == []
 
 
@@ -270,10 +218,10 @@ ENCODINGS: dict[str, dict[str, Any]] = {
 def test_image_encodings(label: str, out_dir: Path, tmp_path: Path) -> None:
     img = write_sample_image(tmp_path / f"{label}.zst", IMAGE_SIZE, seed=2, **ENCODINGS[label])
     target = out_dir / "root.img"
-    result = cli("stream", img.path, target, "--sha384", img.sha384, "--progress", "json")
-    assert result.returncode == 0, result.stderr
-    assert file_sha384(target) == img.raw_sha384
-    assert result_record(result.stdout)["compression"] == "zstd"
+    run = stream(img.path, target, "--sha384", img.sha384, "--progress", "json")
+    assert run.code == 0, run.stderr
+    assert sha384_of(target) == img.raw_sha384
+    assert run.result()["compression"] == "zstd"
 
 
 def test_long_window_needs_max_window_log(out_dir: Path, tmp_path: Path) -> None:
@@ -283,26 +231,21 @@ def test_long_window_needs_max_window_log(out_dir: Path, tmp_path: Path) -> None
     assert zstandard.get_frame_parameters(img.path.read_bytes()[:18]).window_size == 1 << 27
     target = out_dir / "root.img"
 
-    refused = cli("stream", img.path, target, "--sha384", img.sha384, "--max-window-log", "26")
+    refused = stream(img.path, target, "--sha384", img.sha384, "--max-window-log", "26")
 
-    assert refused.returncode == 4, refused.stderr
-    message = one_line(refused.stderr)
-    assert "WindowTooLarge" in message
-    assert "2^26" in message
-    assert "--max-window-log" in message
+    assert_exited(refused, 4, "WindowTooLarge", "2^26", "--max-window-log")
     assert list(out_dir.iterdir()) == []
 
-    accepted = cli("stream", img.path, target, "--sha384", img.sha384, "--max-window-log", "27")
-    assert accepted.returncode == 0, accepted.stderr
-    assert file_sha384(target) == img.raw_sha384
+    accepted = stream(img.path, target, "--sha384", img.sha384, "--max-window-log", "27")
+    assert accepted.code == 0, accepted.stderr
+    assert sha384_of(target) == img.raw_sha384
 
 
 @pytest.mark.parametrize("compression", ["none", "auto"])
 def test_raw_image_passthrough(compression: str, out_dir: Path, tmp_path: Path) -> None:
     img = write_raw_image(tmp_path / "image.raw", IMAGE_SIZE + 12345, seed=6)
     target = out_dir / "root.img"
-    result = cli(
-        "stream",
+    run = stream(
         img.path,
         target,
         "--sha384",
@@ -312,26 +255,25 @@ def test_raw_image_passthrough(compression: str, out_dir: Path, tmp_path: Path) 
         "--progress",
         "json",
     )
-    assert result.returncode == 0, result.stderr
+    assert run.code == 0, run.stderr
     assert target.read_bytes() == img.path.read_bytes()
-    final = result_record(result.stdout)
+    final = run.result()
     assert final["compression"] == "none"
     assert final["bytesWritten"] == final["bytesFetched"] == IMAGE_SIZE + 12345
 
 
 def test_compression_none_writes_a_zstd_image_verbatim(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "copy.zst"
-    result = cli("stream", image.path, target, "--sha384", image.sha384, "--compression", "none")
-    assert result.returncode == 0, result.stderr
+    run = stream(image.path, target, "--sha384", image.sha384, "--compression", "none")
+    assert run.code == 0, run.stderr
     assert target.read_bytes() == image.path.read_bytes()
 
 
 def test_compression_zstd_on_raw_data_fails(out_dir: Path, tmp_path: Path) -> None:
     img = write_raw_image(tmp_path / "image.raw", IMAGE_SIZE, seed=6)
     target = out_dir / "root.img"
-    result = cli("stream", img.path, target, "--sha384", img.sha384, "--compression", "zstd")
-    assert result.returncode == 4, result.stderr
-    assert "CorruptStream" in one_line(result.stderr)
+    run = stream(img.path, target, "--sha384", img.sha384, "--compression", "zstd")
+    assert_exited(run, 4, "CorruptStream")
     assert list(out_dir.iterdir()) == []
 
 
@@ -345,25 +287,23 @@ def test_compression_zstd_on_raw_data_fails(out_dir: Path, tmp_path: Path) -> No
 )
 def test_bad_sha384_is_a_usage_error(bad: str, image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "root.img"
-    result = cli("stream", image.path, target, "--sha384", bad)
-    assert result.returncode == 2, result.stderr
-    assert "--sha384" in one_line(result.stderr)
+    run = stream(image.path, target, "--sha384", bad)
+    assert_exited(run, 2, "--sha384")
     assert list(out_dir.iterdir()) == []
 
 
 def test_uppercase_sha384_is_accepted(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "root.img"
-    result = cli("stream", image.path, target, "--sha384", image.sha384.upper())
-    assert result.returncode == 0, result.stderr
-    assert file_sha384(target) == image.raw_sha384
+    run = stream(image.path, target, "--sha384", image.sha384.upper())
+    assert run.code == 0, run.stderr
+    assert sha384_of(target) == image.raw_sha384
 
 
 def test_missing_sha384_is_a_usage_error(image: SampleImage, out_dir: Path) -> None:
-    result = cli("stream", image.path, out_dir / "root.img")
-    assert result.returncode == 2, result.stderr
-    output = one_line(result.stdout + result.stderr)
-    assert "--sha384 is required" in output
-    assert "--skip-verification-unsafe" in output
+    run = stream(image.path, out_dir / "root.img")
+    assert run.code == 2, run.stderr
+    assert "--sha384 is required" in run.text
+    assert "--skip-verification-unsafe" in run.text
     assert list(out_dir.iterdir()) == []
 
 
@@ -378,22 +318,22 @@ def test_missing_sha384_is_a_usage_error(image: SampleImage, out_dir: Path) -> N
     ids=["no-args", "no-target", "bad-compression", "bad-command"],
 )
 def test_argument_errors_exit_2(args: list[str]) -> None:
-    result = cli(*args)
-    assert result.returncode == 2, result.stderr
-    assert "usage:" in result.stderr
+    run = run_imagestream(*args)
+    assert run.code == 2, run.stderr
+    assert "usage:" in run.stderr
 
 
 def test_skip_verification_without_sha384(image: SampleImage, out_dir: Path) -> None:
     target = out_dir / "root.img"
-    result = cli("stream", image.path, target, "--skip-verification-unsafe")
-    assert result.returncode == 0, result.stderr
-    assert "UNVERIFIED" in result.stdout
-    assert image.sha384 in result.stdout  # the computed hash is still reported
-    assert file_sha384(target) == image.raw_sha384
+    run = stream(image.path, target, "--skip-verification-unsafe")
+    assert run.code == 0, run.stderr
+    assert "UNVERIFIED" in run.stdout
+    assert image.sha384 in run.stdout  # the computed hash is still reported
+    assert sha384_of(target) == image.raw_sha384
 
-    as_json = cli("stream", image.path, target, "--skip-verification-unsafe", "--progress", "json")
-    assert as_json.returncode == 0, as_json.stderr
-    final = result_record(as_json.stdout)
+    as_json = stream(image.path, target, "--skip-verification-unsafe", "--progress", "json")
+    assert as_json.code == 0, as_json.stderr
+    final = as_json.result()
     assert final["verified"] is False
     assert final["sha384"] == image.sha384
 
@@ -404,8 +344,8 @@ def test_skip_verification_with_a_wrong_sha384_still_fails(
     # The unsafe flag only allows a missing hash; a given one is always checked.
     target = out_dir / "root.img"
     wrong = hashlib.sha384(b"nope").hexdigest()
-    result = cli("stream", image.path, target, "--skip-verification-unsafe", "--sha384", wrong)
-    assert result.returncode == 4, result.stderr
+    run = stream(image.path, target, "--skip-verification-unsafe", "--sha384", wrong)
+    assert run.code == 4, run.stderr
     assert list(out_dir.iterdir()) == []
 
 
@@ -414,8 +354,7 @@ def test_allowed_dir_confines_file_targets(
 ) -> None:
     allowed = tmp_path / "extensions"
     allowed.mkdir()
-    outside = cli(
-        "stream",
+    outside = stream(
         image.path,
         out_dir / "root.img",
         "--sha384",
@@ -423,13 +362,11 @@ def test_allowed_dir_confines_file_targets(
         "--allowed-dir",
         allowed,
     )
-    assert outside.returncode == 5, outside.stderr
-    assert "TargetNotAllowed" in one_line(outside.stderr)
+    assert_exited(outside, 5, "TargetNotAllowed")
     assert list(out_dir.iterdir()) == []
     # A symlink inside the allowed directory that points outside it is still outside.
     (allowed / "escape").symlink_to(out_dir)
-    via_link = cli(
-        "stream",
+    via_link = stream(
         image.path,
         allowed / "escape" / "x.img",
         "--sha384",
@@ -437,10 +374,9 @@ def test_allowed_dir_confines_file_targets(
         "--allowed-dir",
         allowed,
     )
-    assert via_link.returncode == 5, via_link.stderr
+    assert via_link.code == 5, via_link.stderr
     assert list(out_dir.iterdir()) == []
-    inside = cli(
-        "stream",
+    inside = stream(
         image.path,
         allowed / "tools.raw",
         "--sha384",
@@ -448,5 +384,5 @@ def test_allowed_dir_confines_file_targets(
         "--allowed-dir",
         allowed,
     )
-    assert inside.returncode == 0, inside.stderr
-    assert file_sha384(allowed / "tools.raw") == image.raw_sha384
+    assert inside.code == 0, inside.stderr
+    assert sha384_of(allowed / "tools.raw") == image.raw_sha384

@@ -11,78 +11,31 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
+from tests.support.cli import (
+    CliRun,
+    assert_failed,
+    assert_succeeded,
+    imagestream_env,
+    run_imagestream,
+    stream_image,
+)
 from tests.support.nginx import AccessLogEntry, Nginx, NginxFactory, TLSNginx
+from tests.support.targets import MIB, assert_file_target_invalid, sha384_of, staging_path
 from tests.support.tinyproxy import Tinyproxy
 
 from imagestream.demo.image import SampleImage, write_sample_image
 
 pytestmark = pytest.mark.timeout(60)
 
-IMAGESTREAM = Path(sys.executable).with_name("imagestream")
 RAW_SIZE = 3 << 20  # 3 MiB raw, ~1.6 MiB compressed: two frames, more than the held-back MiB
-MIB = 1 << 20
-# Variables that would change where the CLI connects or whom it trusts: never inherited.
-_ENV_DROPPED = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file"}
-_ENV_DROPPED |= {"ssl_cert_dir", "requests_ca_bundle", "curl_ca_bundle"}
-
-
-@dataclass(frozen=True)
-class CliRun:
-    """One finished `imagestream` process."""
-
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def text(self) -> str:
-        """stdout and stderr with all whitespace runs folded to one space (rich wraps lines)."""
-        return " ".join(f"{self.stdout}\n{self.stderr}".split())
-
-    def result(self) -> dict[str, Any]:
-        """The final `{"event": "result", ...}` line of `--progress json`."""
-        for line in reversed(self.stdout.splitlines()):
-            if line.startswith("{"):
-                record: dict[str, Any] = json.loads(line)
-                if record.get("event") == "result":
-                    return record
-        raise AssertionError(f"no JSON result line in stdout:\n{self.stdout}\n{self.stderr}")
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for the CLI: ours minus proxies and CA overrides, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in _ENV_DROPPED}
-    env["COLUMNS"] = "1000"  # rich would otherwise wrap at 80 columns
-    env.update(extra)
-    return env
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 45) -> CliRun:
-    """Run `imagestream ARGS` and wait for it."""
-    started = time.monotonic()
-    proc = subprocess.run(
-        [str(IMAGESTREAM), *args],
-        capture_output=True,
-        text=True,
-        env=env if env is not None else cli_env(),
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-        check=False,
-    )
-    return CliRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
 
 def stream(
@@ -90,75 +43,21 @@ def stream(
     target: Path,
     image: SampleImage,
     *extra: str,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> CliRun:
     """`imagestream stream SOURCE TARGET` with the image's hash and fast, bounded retries."""
-    return run_cli(
-        "stream",
+    return stream_image(
         source,
-        str(target),
-        "--sha384",
-        image.sha384,
-        "--progress",
-        "json",
+        target,
+        image,
         "--retry-backoff",
         "0.05",
         "--stall-timeout",
         "2",
         *extra,
         env=env,
+        timeout=45,
     )
-
-
-def sha384_of(path: Path, length: int | None = None) -> str:
-    """SHA-384 of a file's (or a device's) first `length` bytes, or of all of it."""
-    digest = hashlib.sha384()
-    remaining = length
-    with path.open("rb") as fh:
-        while remaining is None or remaining > 0:
-            chunk = fh.read(MIB if remaining is None else min(MIB, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-    if remaining:
-        raise AssertionError(f"{path} ended {remaining} bytes short of {length}")
-    return digest.hexdigest()
-
-
-def staging_of(target: Path) -> Path:
-    return target.with_name(f".{target.name}.partial")
-
-
-def assert_succeeded(run: CliRun, target: Path, image: SampleImage) -> dict[str, Any]:
-    """Exit 0, a verified JSON result, and the file holds exactly the raw image."""
-    assert run.code == 0, run.text
-    result = run.result()
-    assert result["ok"] is True
-    assert result["verified"] is True
-    assert result["sha384"] == image.sha384
-    assert result["bytesFetched"] == image.compressed_size
-    assert result["bytesWritten"] == image.raw_size
-    assert target.stat().st_size == image.raw_size
-    assert sha384_of(target) == image.raw_sha384
-    assert not staging_of(target).exists()
-    return result
-
-
-def assert_failed(run: CliRun, code: int, *causes: str) -> None:
-    """The exit code of the failure's family, and a message that names each cause."""
-    assert run.code == code, run.text
-    for cause in causes:
-        assert cause.lower() in run.text.lower(), run.text
-    assert "Traceback" not in run.stderr, run.stderr
-    result = run.result()
-    assert result["ok"] is False
-
-
-def assert_file_target_invalid(target: Path) -> None:
-    assert not target.exists(), f"{target} exists after a failure"
-    assert not staging_of(target).exists(), f"{staging_of(target)} left behind"
 
 
 def settled_access_log(server: Nginx, min_entries: int) -> list[AccessLogEntry]:
@@ -284,7 +183,7 @@ def test_http_proxy_from_the_environment_carries_the_request(
     target = tmp_path / "disk.raw"
     url = nginx.url_for("image.zst")
 
-    run = stream(url, target, image, env=cli_env(HTTP_PROXY=tinyproxy.url, NO_PROXY=""))
+    run = stream(url, target, image, env=imagestream_env(HTTP_PROXY=tinyproxy.url, NO_PROXY=""))
 
     assert_succeeded(run, target, image)
     assert tinyproxy.requests_seen() == [f"GET {url} HTTP/1.1"]
@@ -298,7 +197,7 @@ def test_https_proxy_tunnels_with_connect(
     nginx_tls: TLSNginx, tinyproxy: Tinyproxy, image: SampleImage, tmp_path: Path
 ) -> None:
     target = tmp_path / "disk.raw"
-    env = cli_env(HTTPS_PROXY=tinyproxy.url, NO_PROXY="")
+    env = imagestream_env(HTTPS_PROXY=tinyproxy.url, NO_PROXY="")
 
     run = stream(
         nginx_tls.url_for("image.zst"),
@@ -318,7 +217,7 @@ def test_no_proxy_bypasses_the_proxy(
     nginx: Nginx, tinyproxy: Tinyproxy, image: SampleImage, tmp_path: Path
 ) -> None:
     target = tmp_path / "disk.raw"
-    env = cli_env(HTTP_PROXY=tinyproxy.url, NO_PROXY="127.0.0.1")
+    env = imagestream_env(HTTP_PROXY=tinyproxy.url, NO_PROXY="127.0.0.1")
 
     run = stream(nginx.url_for("image.zst"), target, image, env=env)
 
@@ -332,6 +231,7 @@ def test_no_proxy_bypasses_the_proxy(
 
 USER = "imaging"
 PASSWORD = "s3cret:with-colon"  # a colon in the password: only the first one separates
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 
 @pytest.fixture
@@ -347,14 +247,25 @@ def auth_nginx(nginx_factory: NginxFactory, nginx_docroot: Path, tmp_path: Path)
     )
 
 
-def test_basic_auth_with_user_password_file(
-    auth_nginx: Nginx, image: SampleImage, tmp_path: Path
-) -> None:
+def stream_with_auth_file(
+    url: str, image: SampleImage, tmp_path: Path, credentials: str
+) -> tuple[CliRun, Path]:
+    """`stream` URL into a new target, with `--auth-file` holding `credentials`: run, target."""
     auth = tmp_path / "auth"
-    auth.write_text(f"{USER}:{PASSWORD}\n")
+    auth.write_text(f"{credentials}\n")
     target = tmp_path / "disk.raw"
+    return stream(url, target, image, "--auth-file", str(auth)), target
 
-    run = stream(auth_nginx.url_for("image.zst"), target, image, "--auth-file", str(auth))
+
+@pytest.mark.parametrize(
+    "credentials", [f"{USER}:{PASSWORD}", BASIC], ids=["user-password", "verbatim-header"]
+)
+def test_basic_auth_with_an_auth_file(
+    auth_nginx: Nginx, image: SampleImage, tmp_path: Path, credentials: str
+) -> None:
+    run, target = stream_with_auth_file(
+        auth_nginx.url_for("image.zst"), image, tmp_path, credentials
+    )
 
     assert_succeeded(run, target, image)
     assert PASSWORD not in run.stdout + run.stderr
@@ -362,27 +273,11 @@ def test_basic_auth_with_user_password_file(
     assert [e.status for e in log] == [206]
 
 
-def test_basic_auth_with_a_verbatim_header_file(
-    auth_nginx: Nginx, image: SampleImage, tmp_path: Path
-) -> None:
-    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    auth = tmp_path / "auth"
-    auth.write_text(f"Basic {token}\n")
-    target = tmp_path / "disk.raw"
-
-    run = stream(auth_nginx.url_for("image.zst"), target, image, "--auth-file", str(auth))
-
-    assert_succeeded(run, target, image)
-
-
 def test_wrong_password_fails_at_once_with_401(
     auth_nginx: Nginx, image: SampleImage, tmp_path: Path
 ) -> None:
-    auth = tmp_path / "auth"
-    auth.write_text(f"{USER}:not-the-password\n")
-    target = tmp_path / "disk.raw"
-
-    run = stream(auth_nginx.url_for("image.zst"), target, image, "--auth-file", str(auth))
+    url = auth_nginx.url_for("image.zst")
+    run, target = stream_with_auth_file(url, image, tmp_path, f"{USER}:not-the-password")
 
     assert_failed(run, 3, "401")
     assert run.result()["reason"] == "HTTP401"
@@ -432,15 +327,13 @@ def test_credentials_are_not_forwarded_on_a_cross_origin_redirect(
     first = nginx_factory(
         nginx_docroot, extra_http_config=a_http, extra_server_config=f"{a_server}\n{redirect}"
     )
-    auth = tmp_path / "auth"
-    auth.write_text(f"{USER}:{PASSWORD}\n")
-    target = tmp_path / "disk.raw"
 
-    run = stream(first.url_for("moved.zst"), target, image, "--auth-file", str(auth))
+    run, target = stream_with_auth_file(
+        first.url_for("moved.zst"), image, tmp_path, f"{USER}:{PASSWORD}"
+    )
 
     assert_succeeded(run, target, image)
-    basic = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    assert log_lines(a_log, 1) == [f"{basic}|302"]
+    assert log_lines(a_log, 1) == [f"{BASIC}|302"]
     # Another origin (another port) must not get the credentials.
     assert log_lines(b_log, 1) == ["-|206"]
 
@@ -472,7 +365,7 @@ def test_404_keeps_an_existing_target_untouched(
 
     assert_failed(run, 3, "404")
     assert target.read_bytes() == b"previous image"
-    assert not staging_of(target).exists()
+    assert not staging_path(target).exists()
 
 
 SECRETS = ("hunter2-password", "tok3n-value-4711", "frag-secret")
@@ -533,7 +426,7 @@ def test_credentials_in_the_url_are_redacted_in_verbose_logs(
 ) -> None:
     target = tmp_path / "disk.raw"
 
-    run = run_cli(
+    run = run_imagestream(
         "-v",
         "stream",
         _secret_url(nginx, "missing.zst"),
@@ -542,6 +435,7 @@ def test_credentials_in_the_url_are_redacted_in_verbose_logs(
         image.sha384,
         "--progress",
         "plain",
+        timeout=45,
     )
 
     assert run.code == 3, run.text

@@ -8,9 +8,7 @@ loop device; `--verify-after-write` makes the measured run read the whole device
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +17,9 @@ from pathlib import Path
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
+from tests.support.cli import imagestream_command, imagestream_env, json_records
 from tests.support.nginx import Nginx
+from tests.support.targets import sha384_of
 
 from imagestream.demo.image import write_sample_image
 
@@ -67,19 +67,9 @@ def stream_measured(url: str, dev: Path, sha384: str, workdir: Path) -> Measured
     stderr_path = workdir / "stderr.txt"
     report_path = workdir / "rusage.json"
     report_path.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "imagestream",
-        "stream",
-        url,
-        str(dev),
-        "--sha384",
-        sha384,
-        "--verify-after-write",
-        "--progress",
-        "json",
-    ]
+    command = imagestream_command(
+        "stream", url, dev, "--sha384", sha384, "--verify-after-write", "--progress", "json"
+    )
     started = time.monotonic()
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         subprocess.run(
@@ -87,15 +77,14 @@ def stream_measured(url: str, dev: Path, sha384: str, workdir: Path) -> Measured
             stdout=stdout,
             stderr=stderr,
             stdin=subprocess.DEVNULL,
+            env=imagestream_env(),
             check=True,
             timeout=300,
         )
     seconds = time.monotonic() - started
     report = json.loads(report_path.read_text())
     assert report["floor_kib"] / 1024 < _FLOOR_LIMIT_MIB, report
-    records = [
-        json.loads(line) for line in stdout_path.read_text().splitlines() if line.startswith("{")
-    ]
+    records = json_records(stdout_path.read_text())
     return Measured(
         exit_code=report["exit_code"],
         peak_rss_mib=report["maxrss_kib"] / 1024,
@@ -103,23 +92,6 @@ def stream_measured(url: str, dev: Path, sha384: str, workdir: Path) -> Measured
         result=records[-1] if records else {},
         stderr=stderr_path.read_text(),
     )
-
-
-def device_sha384(dev: Path, length: int) -> str:
-    digest = hashlib.sha384()
-    fd = os.open(dev, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        offset = 0
-        while offset < length:
-            chunk = os.pread(fd, min(8 * MiB, length - offset), offset)
-            if not chunk:
-                break
-            digest.update(chunk)
-            offset += len(chunk)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
 
 
 @pytest.mark.slow
@@ -132,7 +104,7 @@ def test_peak_rss_is_bounded_and_independent_of_image_size(
 
     baseline = stream_measured(nginx.url_for("small.zst"), dev, small.sha384, tmp_path)
     assert baseline.exit_code == 0, baseline.stderr
-    assert device_sha384(dev, small.raw_size) == small.raw_sha384
+    assert sha384_of(dev, small.raw_size) == small.raw_sha384
 
     measured = stream_measured(nginx.url_for("large.zst"), dev, large.sha384, tmp_path)
 
@@ -144,7 +116,7 @@ def test_peak_rss_is_bounded_and_independent_of_image_size(
     assert measured.result["bytesWritten"] == GiB
     assert measured.result["bytesFetched"] == large.compressed_size
     # The test's own reading of the device, against the generator's hash of the raw data.
-    assert device_sha384(dev, GiB) == large.raw_sha384
+    assert sha384_of(dev, GiB) == large.raw_sha384
 
     report = (
         f"peak RSS {measured.peak_rss_mib:.1f} MiB for 1 GiB ({measured.seconds:.1f} s), "

@@ -158,16 +158,11 @@ def _umount(mountpoint: Path, body_failed: bool) -> None:
 
 
 @contextmanager
-def mounted_ext4(dev: Path, mountpoint: Path) -> Iterator[Path]:
-    """Make an ext4 file system on ``dev`` (``mkfs.ext4 -q -F``) and mount it on ``mountpoint``.
-
-    Creates ``mountpoint`` if needed, yields it, and always unmounts on exit.
-    """
-    mkfs = require_tool("mkfs.ext4")
+def _mounted(mountpoint: Path, *mount_args: str | os.PathLike[str]) -> Iterator[Path]:
+    """``mount MOUNT_ARGS... MOUNTPOINT`` (creating it if needed); yield it, always unmount."""
     mount = require_tool("mount")
-    run([mkfs, "-q", "-F", dev])
     mountpoint.mkdir(parents=True, exist_ok=True)
-    run([mount, "-t", "ext4", dev, mountpoint])
+    run([mount, *mount_args, mountpoint])
     body_failed = True
     try:
         yield mountpoint
@@ -177,18 +172,22 @@ def mounted_ext4(dev: Path, mountpoint: Path) -> Iterator[Path]:
 
 
 @contextmanager
+def mounted_ext4(dev: Path, mountpoint: Path) -> Iterator[Path]:
+    """Make an ext4 file system on ``dev`` (``mkfs.ext4 -q -F``) and mount it on ``mountpoint``.
+
+    Creates ``mountpoint`` if needed, yields it, and always unmounts on exit.
+    """
+    run([require_tool("mkfs.ext4"), "-q", "-F", dev])
+    with _mounted(mountpoint, "-t", "ext4", dev) as mounted:
+        yield mounted
+
+
+@contextmanager
 def small_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
     """Mount a tmpfs of ``size`` (``mount -o size=``, e.g. ``"1m"``) on ``mountpoint``.
 
     Writing past the size fails with ENOSPC, which makes it the honest way to test "disk full".
     Creates ``mountpoint`` if needed, yields it, and always unmounts on exit.
     """
-    mount = require_tool("mount")
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    run([mount, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", mountpoint])
-    body_failed = True
-    try:
-        yield mountpoint
-        body_failed = False
-    finally:
-        _umount(mountpoint, body_failed)
+    with _mounted(mountpoint, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs") as mounted:
+        yield mounted

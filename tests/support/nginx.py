@@ -23,22 +23,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
-import tempfile
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, ClassVar, Protocol
 from urllib.parse import quote
 
-from .tools import die_with_parent, free_port, port_is_open, require_tool, stop_process, wait_until
-
-_HOST = "127.0.0.1"
-_PORT_RETRIES = 5
+from .process import ServerProcess, read_text_or_empty
+from .tools import port_is_open, wait_until
 
 _LOG_FORMAT = (
     '{"remote_addr":"$remote_addr","method":"$request_method","uri":"$request_uri",'
@@ -83,7 +77,7 @@ class AccessLogEntry:
         )
 
 
-class Nginx:
+class Nginx(ServerProcess):
     """A real nginx master process serving ``docroot`` on ``127.0.0.1:<free port>``.
 
     Use as a context manager (or call :meth:`start` / :meth:`stop`)::
@@ -96,6 +90,8 @@ class Nginx:
     the ``server {}`` / ``http {}`` blocks for tests that need more (``limit_rate``, extra
     ``location`` blocks, ...).
     """
+
+    name: ClassVar[str] = "nginx"
 
     def __init__(
         self,
@@ -115,26 +111,16 @@ class Nginx:
         self.docroot = Path(docroot).resolve()
         if not self.docroot.is_dir():
             raise ValueError(f"docroot {self.docroot} is not a directory")
-        self._owns_workdir = workdir is None
-        self.workdir = (
-            Path(tempfile.mkdtemp(prefix="nginx-")) if workdir is None else Path(workdir).resolve()
-        )
+        super().__init__(workdir, startup_timeout=startup_timeout, binary=binary)
         self.cert_file = None if cert_file is None else Path(cert_file).resolve()
         self.key_file = None if key_file is None else Path(key_file).resolve()
         self.extra_server_config = extra_server_config
         self.extra_http_config = extra_http_config
         self.worker_processes = worker_processes
-        self.startup_timeout = startup_timeout
-        self.binary = binary if binary is not None else require_tool("nginx")
-
-        self.host = _HOST
-        self.port = 0
         self.conf_file = self.workdir / "nginx.conf"
         self.pid_file = self.workdir / "nginx.pid"
         self.error_log = self.workdir / "error.log"
         self.access_log_file = self.workdir / "access.log"
-        self.output_file = self.workdir / "output.log"
-        self._process: subprocess.Popen[bytes] | None = None
 
     # -- URLs -------------------------------------------------------------------------------
 
@@ -154,13 +140,6 @@ class Nginx:
         """Return the URL of ``filename`` (a path relative to the docroot), percent-encoded."""
         relative = os.fspath(filename).lstrip("/")
         return f"{self.base_url}/{quote(relative)}"
-
-    @property
-    def pid(self) -> int:
-        """PID of the nginx master process."""
-        if self._process is None:
-            raise RuntimeError("nginx is not started")
-        return self._process.pid
 
     # -- logs -------------------------------------------------------------------------------
 
@@ -192,10 +171,7 @@ class Nginx:
 
     def error_log_text(self) -> str:
         """Return the error log (startup problems, "client prematurely closed", ...)."""
-        try:
-            return self.error_log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_text_or_empty(self.error_log)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -267,60 +243,44 @@ class Nginx:
             """
         )
 
-    def start(self) -> Self:
-        """Start nginx and wait until it accepts connections; retries if the port was taken."""
-        if self._process is not None:
-            raise RuntimeError("nginx is already started")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        last_error = ""
-        for _attempt in range(_PORT_RETRIES):
-            self.port = free_port(self.host)
-            self.conf_file.write_text(self._config(), encoding="utf-8")
-            self.pid_file.unlink(missing_ok=True)
-            self.error_log.unlink(missing_ok=True)  # so last_error shows this attempt only
-            with self.output_file.open("wb") as output:
-                process = subprocess.Popen(
-                    die_with_parent(
-                        [
-                            self.binary,
-                            "-p",
-                            f"{self.workdir}/",
-                            "-e",
-                            str(self.error_log),
-                            "-c",
-                            str(self.conf_file),
-                        ]
-                    ),
-                    stdin=subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=output,
-                    start_new_session=True,
-                )
-            try:
-                # The master writes its pid file only after it has bound the listening socket,
-                # so "pid file names our process" means "nginx itself owns the port" (a bare
-                # port probe could be answered by whoever won a race for the port).
-                wait_until(
-                    self._pid_file_is_ours(process),
-                    self.startup_timeout,
-                    what="nginx to write its pid file",
-                    process=process,
-                )
-                wait_until(
-                    lambda: port_is_open(self.host, self.port),
-                    self.startup_timeout,
-                    what=f"nginx to accept connections on {self.host}:{self.port}",
-                    process=process,
-                )
-            except (RuntimeError, TimeoutError) as exc:
-                stop_process(process)
-                last_error = f"{exc}\n{self.error_log_text()}"
-                if "Address already in use" in last_error:
-                    continue
-                raise RuntimeError(f"nginx failed to start: {last_error}") from exc
-            self._process = process
-            return self
-        raise RuntimeError(f"nginx failed to start after {_PORT_RETRIES} attempts: {last_error}")
+    def _prepare(self) -> None:
+        self.conf_file.write_text(self._config(), encoding="utf-8")
+        self.pid_file.unlink(missing_ok=True)
+        self.error_log.unlink(missing_ok=True)  # so a failure shows this attempt's log only
+
+    def _command(self) -> list[str]:
+        return [
+            self.binary,
+            "-p",
+            f"{self.workdir}/",
+            "-e",
+            str(self.error_log),
+            "-c",
+            str(self.conf_file),
+        ]
+
+    def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        # The master writes its pid file only after it has bound the listening socket, so
+        # "pid file names our process" means "nginx itself owns the port" (a bare port probe
+        # could be answered by whoever won a race for the port).
+        wait_until(
+            self._pid_file_is_ours(process),
+            self.startup_timeout,
+            what="nginx to write its pid file",
+            process=process,
+        )
+        wait_until(
+            lambda: port_is_open(self.host, self.port),
+            self.startup_timeout,
+            what=f"nginx to accept connections on {self.host}:{self.port}",
+            process=process,
+        )
+
+    def _diagnostics(self) -> str:
+        return self.error_log_text()
+
+    def _lost_port_race(self, error: str) -> bool:
+        return "Address already in use" in error
 
     def _pid_file_is_ours(self, process: subprocess.Popen[bytes]) -> Callable[[], bool]:
         def check() -> bool:
@@ -330,29 +290,6 @@ class Nginx:
                 return False
 
         return check
-
-    def stop(self) -> None:
-        """Stop nginx (fast shutdown: SIGTERM, wait; SIGKILL the process group if it hangs)."""
-        process, self._process = self._process, None
-        if process is not None:
-            stop_process(process, sig=signal.SIGTERM)
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def is_running(self) -> bool:
-        """Return True while the nginx master process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         where = self.base_url if self.port else "not started"

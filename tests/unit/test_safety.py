@@ -94,21 +94,22 @@ def test_device_named_through_a_symlink_is_still_checked(dev: Path, tmp_path: Pa
         check_block_device(link, _host(tmp_path, table))
 
 
-def test_escaped_mount_point_is_unescaped_in_the_message(dev: Path, tmp_path: Path) -> None:
-    # The kernel escapes space, tab, newline and backslash as octal in mountinfo.
-    escaped = r"/mnt/my\040disk\011tab\012nl\134back"
+@pytest.mark.parametrize(
+    ("escaped", "mount_point"),
+    [
+        # The kernel escapes space, tab, newline and backslash as octal in mountinfo.
+        (r"/mnt/my\040disk\011tab\012nl\134back", "/mnt/my disk\ttab\nnl\\back"),
+        (r"/mnt/données\040système", "/mnt/données système"),
+    ],
+    ids=["space-tab-newline-backslash", "non-ascii-with-escaped-space"],
+)
+def test_escaped_mount_point_is_unescaped_in_the_message(
+    dev: Path, tmp_path: Path, escaped: str, mount_point: str
+) -> None:
     table = _BASE_MOUNTINFO + _mount_line(_number(dev), escaped, str(dev))
     with pytest.raises(TargetError) as excinfo:
         check_block_device(dev, _host(tmp_path, table))
-    assert "/mnt/my disk\ttab\nnl\\back" in excinfo.value.message
-
-
-def test_non_ascii_mount_point_with_escaped_space(dev: Path, tmp_path: Path) -> None:
-    escaped = r"/mnt/données\040système"
-    table = _BASE_MOUNTINFO + _mount_line(_number(dev), escaped, str(dev))
-    with pytest.raises(TargetError) as excinfo:
-        check_block_device(dev, _host(tmp_path, table))
-    assert "/mnt/données système" in excinfo.value.message
+    assert mount_point in excinfo.value.message
 
 
 def test_unreadable_mount_table_refuses(dev: Path, tmp_path: Path) -> None:
