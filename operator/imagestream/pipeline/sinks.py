@@ -7,12 +7,14 @@ a good one. A file target is written under a staging name and renamed into place
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import logging
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -114,33 +116,33 @@ class _FdSink:
 
     def flush(self) -> None:
         """fsync the descriptor."""
-        try:
+        with _target_io(f"fsync of {self.path}"):
             os.fsync(self._fd)
-        except OSError as exc:
-            raise TargetError(f"fsync of {self.path} failed: {exc.strerror}") from exc
 
     def restore_header(self) -> None:
         """Write the real first MiB at offset 0, then fsync."""
-        self._set_direct(False)
-        os.pwrite(self._fd, memoryview(self._header)[: self._header_length], 0)
+        with _target_io(f"writing the first MiB of {self.path}"):
+            self._set_direct(False)
+            header = memoryview(self._header)[: self._header_length]
+            done = 0
+            while done < len(header):
+                done += os.pwrite(self._fd, header[done:], done)
         self.flush()
 
     def sha384_on_disk(self, length: int) -> str:
         """Hash the first `length` bytes as the device returns them, not as the cache holds them."""
         self.flush()
         digest = hashlib.sha384()
-        fd = os.open(self.path_on_disk, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            remaining = length
-            while remaining:
-                chunk = os.read(fd, min(_READ_BACK, remaining))
-                if not chunk:
-                    break
-                digest.update(chunk)
-                remaining -= len(chunk)
-        finally:
-            os.close(fd)
+        with _target_io(f"reading back {self.path}"):
+            fd = os.open(self.path_on_disk, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                remaining = length
+                while remaining and (chunk := os.read(fd, min(_READ_BACK, remaining))):
+                    digest.update(chunk)
+                    remaining -= len(chunk)
+            finally:
+                os.close(fd)
         return digest.hexdigest()
 
     @property
@@ -190,12 +192,13 @@ class FileSink(_FdSink):
 
     def publish(self) -> None:
         """Rename the staging file over the target and make the rename durable."""
-        os.rename(self._staging, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with _target_io(f"renaming {self._staging} to {self.path}"):
+            os.rename(self._staging, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         self.close()
 
     def invalidate(self) -> None:
@@ -283,6 +286,15 @@ def _open_file(path: Path) -> FileSink:
         os.close(fd)
         raise
     return FileSink(path, staging, fd, capacity=vfs.f_bavail * vfs.f_frsize)
+
+
+@contextlib.contextmanager
+def _target_io(what: str) -> Iterator[None]:
+    """Turn an OSError on the target into a TargetError that says what was being done."""
+    try:
+        yield
+    except OSError as exc:
+        raise TargetError(f"{what} failed: {exc.strerror}", reason="WriteFailed") from exc
 
 
 def _lock(fd: int, path: Path) -> None:
