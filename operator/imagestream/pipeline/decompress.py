@@ -7,7 +7,6 @@ One `ZstdDecompressor` per stream, used from this stage's thread only, and outpu
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Callable
 from typing import IO, cast
 
@@ -17,8 +16,6 @@ from imagestream.errors import IntegrityError
 from imagestream.pipeline.buffers import BufferPool, Filled
 from imagestream.pipeline.channel import Channel
 from imagestream.pipeline.zstd_frames import FrameWalker, is_zstd
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WINDOW_LOG = 31
 _READ_SIZE = 1 << 20
@@ -86,7 +83,6 @@ def resolve_compression(requested: Compression, head: bytes) -> Compression:
 def decompress_stage(
     reader: ChannelReader,
     *,
-    walker: FrameWalker,
     compression: Compression,
     pool: BufferPool,
     out: Channel[Filled],
@@ -98,6 +94,8 @@ def decompress_stage(
     sees aligned lengths everywhere but at the tail.
     """
     if compression is Compression.ZSTD:
+        walker = FrameWalker()
+        reader.observe = walker.feed
         dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
         # zstandard only calls read(); its stubs ask for a full IO object.
         source = cast("IO[bytes]", reader)

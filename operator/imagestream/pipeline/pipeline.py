@@ -8,7 +8,6 @@ memory whatever the image size; one abort event stops every stage when any of th
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 import threading
 import time
@@ -32,9 +31,6 @@ from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter,
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sinks import Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
-from imagestream.pipeline.zstd_frames import FrameWalker
-
-log = logging.getLogger(__name__)
 
 _SHA384 = re.compile(r"[0-9a-f]{96}")
 _REPORT_INTERVAL = 0.1
@@ -188,6 +184,9 @@ class _Stream:
         fetch.join(None if not self.abort.is_set() else 1.0)
 
     def _report(self) -> None:
+        # The source keeps its own size and resume count; copy them in at report time.
+        self.counters.bytes_total = self.source.total
+        self.counters.resumes = self.source.resumes
         if self.on_progress is not None:
             self.on_progress(snapshot(self.counters, self.rate))
 
@@ -195,13 +194,9 @@ class _Stream:
         counters = self.counters
         for chunk in self.source.chunks():
             counters.bytes_fetched += len(chunk)
-            counters.bytes_total = self.source.total
-            counters.resumes = self.source.resumes
             # The same immutable chunk goes to both consumers: no copy.
             self.to_hash.put(chunk)
             self.chunks.put(chunk)
-        counters.bytes_total = self.source.total
-        counters.resumes = self.source.resumes
         self.to_hash.close()
         self.chunks.close()
 
@@ -215,13 +210,9 @@ class _Stream:
         reader = ChannelReader(self.chunks)
         head = reader.peek(_ZSTD_HEADER_PEEK)
         self.compression = resolve_compression(self.request.compression, head)
-        walker = FrameWalker()
-        if self.compression is Compression.ZSTD:
-            reader.observe = walker.feed
         self._check_capacity(self._known_output_size(head))
         decompress_stage(
             reader,
-            walker=walker,
             compression=self.compression,
             pool=self.pool,
             out=self.filled,
@@ -289,7 +280,7 @@ class _Stream:
             compression=self.compression,
             bytes_fetched=self.counters.bytes_fetched,
             bytes_written=self.counters.bytes_written,
-            resumes=self.counters.resumes,
+            resumes=self.source.resumes,
             seconds=time.monotonic() - self.counters.started,
             read_back_verified=read_back,
         )

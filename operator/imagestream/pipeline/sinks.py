@@ -67,7 +67,7 @@ class _FdSink:
         self.capacity = capacity
         self.written = 0
         self._fd = fd
-        self._direct = direct
+        self._direct = direct and _try_direct(fd, path)
         self._header = mmap.mmap(-1, HEADER_SIZE)
         self._header_length = 0
         self._zeros = mmap.mmap(-1, HEADER_SIZE)
@@ -153,7 +153,7 @@ class _FdSink:
     def _zero_header(self) -> None:
         try:
             self._set_direct(False)
-            os.pwrite(self._fd, memoryview(self._zeros)[: max(self._header_length, 0)], 0)
+            os.pwrite(self._fd, memoryview(self._zeros)[: self._header_length], 0)
             os.fsync(self._fd)
         except OSError as exc:
             log.error("could not zero the first MiB of %s: %s", self.path, exc.strerror)
@@ -182,7 +182,7 @@ class FileSink(_FdSink):
     """A regular file written as `.NAME.partial` beside it and renamed into place."""
 
     def __init__(self, path: Path, staging: Path, fd: int, capacity: int | None) -> None:
-        super().__init__(path, fd, capacity, direct=_try_direct(fd))
+        super().__init__(path, fd, capacity, direct=True)
         self._staging = staging
 
     @property
@@ -262,13 +262,7 @@ def _open_block(path: Path, host: HostView | None, direct: bool) -> BlockDeviceS
     except BaseException:
         os.close(fd)
         raise
-    sink = BlockDeviceSink(real, fd, capacity, direct=False)
-    if direct:
-        try:
-            sink._set_direct(True)
-        except OSError:
-            log.info("O_DIRECT refused for %s; writing through the page cache", path)
-    return sink
+    return BlockDeviceSink(real, fd, capacity, direct=direct)
 
 
 def _open_file(path: Path) -> FileSink:
@@ -307,11 +301,12 @@ def _lock(fd: int, path: Path) -> None:
         ) from exc
 
 
-def _try_direct(fd: int) -> bool:
-    """O_DIRECT on a file: some filesystems (tmpfs) refuse it, then plain writes it is."""
+def _try_direct(fd: int, path: Path) -> bool:
+    """Turn O_DIRECT on; some filesystems (tmpfs) refuse it, then plain writes it is."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
     except OSError:
+        log.info("O_DIRECT refused for %s; writing through the page cache", path)
         return False
     return True
