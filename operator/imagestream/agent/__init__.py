@@ -1,0 +1,1 @@
+"""The in-Pod runner: instructions from the Pod spec, the pipeline, status reporting."""
