@@ -29,10 +29,13 @@ Outcome = Literal["Succeeded", "Failed"]
 class AgentInstructions:
     """One stream, as the controller built it for one generation of one ImageStream.
 
-    Paths are as the agent's container sees them: `target` under `/dev` (mounted from the host)
-    or under `allowed_dir` for file targets; `auth_dir` is a mounted Secret, `ca_file` a file
-    of a mounted ConfigMap; `host_root` is where the host's /proc is visible for the safety
-    checks.
+    Paths are as the agent's container sees them. The host's /dev is mounted at `/host/dev`,
+    not over the container's own /dev (where the kubelet puts the termination-log file), so a
+    device target reads `/host/dev/disk/by-partlabel/root-b`; udev's relative symlinks still
+    resolve inside that mount. File targets lie under `allowed_dir` (also a host mount).
+    `auth_dir` is a mounted Secret, `ca_file` a file of a mounted ConfigMap, and `host_proc` the
+    host's /proc, whose `1/mountinfo` and `swaps` the safety checks read. `host_prefix` is cut
+    from the paths the agent reports, so the status names the device as the host knows it.
     """
 
     name: str
@@ -48,7 +51,8 @@ class AgentInstructions:
     layer: str | None = None
     auth_dir: str | None = None
     ca_file: str | None = None
-    host_root: str = "/host"
+    host_proc: str = "/host/proc"
+    host_prefix: str = "/host"
     termination_log: str = TERMINATION_LOG
     stall_timeout: float = 30.0
     max_retries: int = 8
