@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 
 from imagestream import __version__
 from imagestream.errors import ImageStreamError
+from imagestream.pipeline.credentials import load_auth_file
 from imagestream.pipeline.decompress import DEFAULT_MAX_WINDOW_LOG, Compression
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
@@ -40,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     stream = commands.add_parser("stream", help="stream SOURCE onto TARGET and verify it")
-    stream.add_argument("source", help="http(s):// URL or a local file path")
+    stream.add_argument(
+        "source", help="http(s):// URL, oci://HOST[:PORT]/REPO[:TAG|@DIGEST] or a local file path"
+    )
     stream.add_argument("target", type=Path, help="block device, partition or file path")
     add_stream_options(stream)
 
@@ -49,7 +52,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
     demo.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
     demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
+
+    commands.add_parser(
+        "agent", help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)"
+    )
+    add_controller_parser(commands)
     return parser
+
+
+def add_controller_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`imagestream controller`: the kopf operator, scoped like `kopf run`."""
+    controller = commands.add_parser("controller", help="run the ImageStream controller")
+    scope = controller.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
+        "-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable)"
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    controller.add_argument(
+        "--standalone", action="store_true", help="no peering with other controller instances"
+    )
+    controller.add_argument(
+        "--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: disabled)"
+    )
+    controller.add_argument(
+        "--metrics-address", default="0.0.0.0", help="address the metrics port binds to"
+    )
+    controller.add_argument(
+        "--agent-image",
+        default="ghcr.io/imagestream/imagestream-operator:latest",
+        help="container image of the agent Jobs",
+    )
+    controller.add_argument(
+        "--agent-service-account",
+        default="imagestream-agent",
+        help="ServiceAccount of the agent Pods (may only patch imagestreams/status)",
+    )
+    controller.add_argument(
+        "--job-ttl-seconds",
+        type=int,
+        default=3600,
+        help="how long a finished agent Job (and its logs) is kept (default 3600)",
+    )
 
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +111,24 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--auth-file",
         type=Path,
-        help="file holding 'Basic ...', 'Bearer ...', user:password or a bare token",
+        help="file holding 'Basic ...', 'Bearer ...', user:password, a bare token, or a Docker "
+        'config JSON ({"auths": ...}, as docker/oras login write it)',
+    )
+    oci = parser.add_argument_group("oci:// sources")
+    oci.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="the index entry to take (default: this machine's, e.g. linux/amd64)",
+    )
+    oci.add_argument(
+        "--layer",
+        metavar="TITLE",
+        help="the layer whose org.opencontainers.image.title is TITLE (needed with several)",
+    )
+    oci.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="talk HTTP to the registry (loopback registries without TLS need no flag)",
     )
     parser.add_argument("--stall-timeout", type=float, default=30.0, metavar="S")
     parser.add_argument("--max-retries", type=int, default=8, metavar="N")
@@ -106,7 +166,7 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> StreamRequest:
-    """Turn parsed `stream` arguments into a `StreamRequest`."""
+    """Turn parsed `stream` arguments into a `StreamRequest` (reading the auth file)."""
     host = HostView.from_host_root(args.host_root) if args.host_root else HostView()
     policy = RetryPolicy(
         max_retries=args.max_retries,
@@ -118,7 +178,14 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
         target=args.target,
         sha384=args.sha384,
         compression=Compression(args.compression),
-        source_options=SourceOptions(ca_file=args.ca_file, auth_file=args.auth_file, policy=policy),
+        source_options=SourceOptions(
+            ca_file=args.ca_file,
+            credentials=load_auth_file(args.auth_file) if args.auth_file else None,
+            policy=policy,
+            platform=args.platform,
+            layer=args.layer,
+            plain_http=args.plain_http,
+        ),
         host=host,
         verify_after_write=args.verify_after_write,
         allow_unverified=args.unverified,
@@ -172,6 +239,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # httpx logs every request URL at INFO, credentials and query tokens included.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "agent":
+        # Imported here: the Kubernetes client costs start-up time every plain stream would pay.
+        from imagestream.agent.main import agent_command  # noqa: PLC0415
+
+        return agent_command()
+    if args.command == "controller":
+        from imagestream.controller.main import controller_command  # noqa: PLC0415
+
+        return controller_command(args)
     if args.command == "demo":
         # Imported here: the demo's generator and server cost 0.1 s of start-up on every stream.
         from imagestream.demo.run import demo_command  # noqa: PLC0415

@@ -169,7 +169,7 @@ def _human(count: int | None) -> str:
 
 
 def report_success(result: StreamResult, mode: str, console: Console) -> None:
-    """Print the summary: hash, bytes, time, resumes; JSON with `--progress json`."""
+    """Print the summary: hashes, bytes, time, resumes; JSON with `--progress json`."""
     verdict = "verified" if result.verified else "UNVERIFIED (no expected hash was given)"
     if mode == "json":
         emit_json(
@@ -180,6 +180,7 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
                 "verified": result.verified,
                 "target": str(result.target),
                 "sha384": result.sha384,
+                "digest": result.digest,
                 "compression": result.compression.value,
                 "bytesFetched": result.bytes_fetched,
                 "bytesWritten": result.bytes_written,
@@ -194,6 +195,8 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
     style = "green" if result.verified else "bold red"
     out.print(f"[{style}]Wrote {result.target}: {verdict}[/{style}]")
     out.print(f"  sha384   {result.sha384}")
+    if result.digest:
+        out.print(f"  digest   {result.digest} (registry blob digest, verified)")
     out.print(
         f"  fetched  {result.bytes_fetched} bytes ({result.compression.value}), "
         f"written {result.bytes_written} bytes"

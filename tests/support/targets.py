@@ -64,3 +64,19 @@ def sha384_of(path: Path, length: int | None = None) -> str:
     if length is not None and seen < length:
         raise AssertionError(f"{path} ended {length - seen} bytes short of {length}")
     return digest.hexdigest()
+
+
+#: Neither zeros nor anything a sample image holds: what a device is filled with before a test.
+PATTERN = bytes(range(256)) * (MIB // 256)
+
+
+def fill_pattern(dev: Path, size: int) -> bytes:
+    """Fill the first ``size`` bytes of ``dev`` with :data:`PATTERN` (synced); return them."""
+    content = (PATTERN * (size // MIB + 1))[:size]
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        os.pwrite(fd, content, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return content

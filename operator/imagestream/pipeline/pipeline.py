@@ -27,6 +27,7 @@ from imagestream.pipeline.decompress import (
     decompress_stage,
     resolve_compression,
 )
+from imagestream.pipeline.oci import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sinks import Sink, open_sink
@@ -60,7 +61,7 @@ class StreamRequest:
 
 @dataclass(frozen=True)
 class StreamResult:
-    """The outcome of a stream that succeeded."""
+    """The outcome of a stream that succeeded; `digest` is the verified OCI blob digest."""
 
     target: Path
     sha384: str
@@ -71,6 +72,7 @@ class StreamResult:
     resumes: int
     seconds: float
     read_back_verified: bool
+    digest: str | None = None
 
 
 def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
@@ -129,6 +131,8 @@ class _Stream:
         self.abort = threading.Event()
         self.errors: list[BaseException] = []
         self.fetched_hash = hashlib.sha384()
+        # The registry's own digest of the blob, checked beside the requested SHA-384.
+        self.blob_hash = new_hash(source.digest) if source.digest else None
         self.output_hash = hashlib.sha384() if request.verify_after_write else None
         self.compression = request.compression
         self.chunks: Channel[bytes] = Channel(_FETCH_QUEUE, self.abort)
@@ -203,8 +207,11 @@ class _Stream:
     def _hash(self) -> None:
         # Its own thread: SHA-384 is the slowest per-byte step after the network, and hashlib
         # releases the GIL, so it runs beside the socket reads instead of between them.
+        blob_hash = self.blob_hash
         while (chunk := self.to_hash.get()) is not None:
             self.fetched_hash.update(chunk)
+            if blob_hash is not None:
+                blob_hash.update(chunk)
 
     def _decompress(self) -> None:
         reader = ChannelReader(self.chunks)
@@ -252,6 +259,8 @@ class _Stream:
     def _verify_and_commit(self, expected: str | None) -> StreamResult:
         self.counters.phase = "Verifying"
         self._report()
+        # The blob digest first: when both differ, the bytes are not the registry's blob at all.
+        digest = self._verify_blob_digest()
         actual = self.fetched_hash.hexdigest()
         if expected is not None and actual != expected:
             raise IntegrityError(
@@ -283,4 +292,18 @@ class _Stream:
             resumes=self.source.resumes,
             seconds=time.monotonic() - self.counters.started,
             read_back_verified=read_back,
+            digest=digest,
         )
+
+    def _verify_blob_digest(self) -> str | None:
+        expected = self.source.digest
+        if expected is None or self.blob_hash is None:
+            return None
+        actual = digest_of(self.blob_hash)
+        if actual != expected:
+            raise IntegrityError(
+                f"blob digest mismatch: {self.source.name} promised {expected}, the fetched "
+                f"bytes have {actual}; the target was left invalid",
+                reason="DigestMismatch",
+            )
+        return expected

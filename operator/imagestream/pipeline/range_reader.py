@@ -14,12 +14,12 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 
-from imagestream.errors import SourceError
+from imagestream.errors import ImageStreamError, IntegrityError, SourceError
 from imagestream.pipeline.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,22 @@ class SourceChangedError(SourceError):
     default_reason = "SourceChanged"
 
 
-class _Retryable(Exception):
-    """An attempt failed in a way another request may fix."""
+class RetryableError(Exception):
+    """An attempt failed in a way another request may fix.
+
+    Raised inside a request (by the reader, or by an `httpx.Auth` flow whose token service is
+    throttled or down) to have the reader back off and resume from the same byte.
+    """
 
     def __init__(self, what: str, retry_after: float | None = None) -> None:
         super().__init__(what)
         self.what = what
         self.retry_after = retry_after
+
+    @classmethod
+    def from_response(cls, what: str, response: httpx.Response) -> RetryableError:
+        """A throttled or failing answer, waiting as long as its `Retry-After` asks."""
+        return cls(what, _retry_after(response))
 
 
 @dataclass
@@ -85,8 +94,17 @@ class _Validators:
         return False
 
 
+Refusal = Callable[[httpx.Response], ImageStreamError]
+"""Turns a final error answer (not retryable) into the error to raise; may read the body."""
+
+
 class HttpRangeReader:
-    """Reads one URL from the first to the last byte with ranged, resumable GETs."""
+    """Reads one URL from the first to the last byte with ranged, resumable GETs.
+
+    `size`, when the caller knows it in advance (an OCI descriptor), is held against what the
+    server says. `refusal` lets the caller explain a final error answer in its own terms (a
+    registry's error codes); by default the status is reported.
+    """
 
     def __init__(
         self,
@@ -94,15 +112,21 @@ class HttpRangeReader:
         client: httpx.Client,
         policy: RetryPolicy,
         headers: dict[str, str] | None = None,
+        *,
+        size: int | None = None,
+        refusal: Refusal | None = None,
     ) -> None:
         self.url = url
-        self.total: int | None = None
+        self.total: int | None = size
+        self.content_type: str | None = None
         self.resumes = 0
         self._client = client
         self._policy = policy
         self._headers = dict(headers or {})
         self._validators: _Validators | None = None
         self._name = redact_url(url)
+        self._expected_size = size
+        self._refusal = refusal
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the object's bytes in order; raises `SourceError` when it cannot go on."""
@@ -113,16 +137,21 @@ class HttpRangeReader:
             try:
                 for chunk in self._attempt(offset):
                     offset += len(chunk)
+                    if self.total is not None and offset > self.total:
+                        raise SourceError(
+                            f"{self._name} sent more than the {self.total} bytes it announced",
+                            reason="BadRangeResponse",
+                        )
                     yield chunk
                 if self.total is None or offset >= self.total:
                     return
-                raise _Retryable(f"body ended at byte {offset} of {self.total}")
-            except (httpx.TransportError, _Retryable) as exc:
+                raise RetryableError(f"body ended at byte {offset} of {self.total}")
+            except (httpx.TransportError, RetryableError) as exc:
                 _refuse_untrusted(exc, self._name)
                 if offset > delivered_before:
                     failures = 0
                 failures += 1
-                what = exc.what if isinstance(exc, _Retryable) else _describe_transport(exc)
+                what = exc.what if isinstance(exc, RetryableError) else _describe_transport(exc)
                 if failures > self._policy.max_retries:
                     raise SourceError(
                         f"giving up on {self._name} after {failures} attempts without progress "
@@ -143,7 +172,7 @@ class HttpRangeReader:
                 self.resumes += 1
 
     def _delay(self, failures: int, exc: Exception) -> float:
-        retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
+        retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
         if retry_after is not None:
             return min(retry_after, self._policy.max_retry_after)
         return self._policy.backoff(failures)
@@ -177,16 +206,31 @@ class HttpRangeReader:
         if status == 200:
             return self._check_full(response, offset)
         if status == 416:
-            match = _UNSATISFIED_RANGE.search(response.headers.get("content-range", ""))
-            if match and offset >= int(match.group(1)) and self.total == int(match.group(1)):
+            if self._past_the_end(response, offset):
                 return None
             raise SourceError(
                 f"{self._name} refused the range from byte {offset} (HTTP 416)",
                 reason="BadRangeResponse",
             )
         if status in (408, 429) or status >= 500:
-            raise _Retryable(f"HTTP {status} {response.reason_phrase}", _retry_after(response))
+            raise RetryableError.from_response(f"HTTP {status} {response.reason_phrase}", response)
+        if self._refusal is not None:
+            raise self._refusal(response)
         raise SourceError(_status_message(self._name, response), reason=f"HTTP{status}")
+
+    def _past_the_end(self, response: httpx.Response, offset: int) -> bool:
+        """Whether a 416 only says that every byte was already received.
+
+        The size comes from `Content-Range: bytes */SIZE` or from what is already known; some
+        registries send a 416 without Content-Range, or with the Content-Length of the whole
+        blob over an error body, so neither the body nor its Content-Length is ever read.
+        """
+        match = _UNSATISFIED_RANGE.search(response.headers.get("content-range", ""))
+        stated = int(match.group(1)) if match else None
+        known = self.total if self.total is not None else stated
+        if known is None or offset < known:
+            return False
+        return stated is None or stated == known
 
     def _check_partial(self, response: httpx.Response, offset: int) -> None:
         match = _CONTENT_RANGE.search(response.headers.get("content-range", ""))
@@ -217,12 +261,21 @@ class HttpRangeReader:
             )
         return offset
 
+    def _check_expected_size(self, total: int | None) -> None:
+        if self._expected_size is not None and total is not None and total != self._expected_size:
+            raise IntegrityError(
+                f"{self._name} has {total} bytes, but {self._expected_size} were expected",
+                reason="SizeMismatch",
+            )
+
     def _pin(self, response: httpx.Response, total: int | None) -> None:
         """Remember the object's identity on the first answer; compare it on every later one."""
         seen = _Validators.of(response)
         if self._validators is None:
             self._validators = seen
-            self.total = total
+            self.content_type = response.headers.get("content-type")
+            self._check_expected_size(total)
+            self.total = total if total is not None else self._expected_size
             return
         if seen.differs_from(self._validators) or (
             total is not None and self.total is not None and total != self.total

@@ -1,8 +1,7 @@
-"""Where the image comes from: an HTTP(S) URL read with ranges, or a local file."""
+"""Where the image comes from: an HTTP(S) URL read with ranges, an OCI blob, or a local file."""
 
 from __future__ import annotations
 
-import base64
 import os
 import ssl
 import stat
@@ -17,16 +16,32 @@ import httpx
 
 from imagestream import __version__
 from imagestream.errors import SourceError, UsageError
+from imagestream.pipeline.credentials import Credentials
+from imagestream.pipeline.oci import (
+    OCI_SCHEME,
+    Registry,
+    host_platform,
+    parse_platform,
+    parse_reference,
+    registry_scheme,
+    resolve_layer,
+)
 from imagestream.pipeline.range_reader import HttpRangeReader, RetryPolicy
 from imagestream.pipeline.redact import redact_url
+from imagestream.pipeline.registry_auth import RegistryAuth
 
 _FILE_CHUNK = 1 << 20
 
 
 class Source(Protocol):
-    """A byte stream with a known or unknown length that counts its own resumes."""
+    """A byte stream with a known or unknown length that counts its own resumes.
+
+    `digest` is the `algorithm:hex` digest the bytes must have when the source publishes one
+    (an OCI blob); the pipeline verifies it beside the SHA-384.
+    """
 
     name: str
+    digest: str | None
 
     @property
     def total(self) -> int | None:
@@ -49,11 +64,19 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """How to reach the source: TLS trust, credentials, retries."""
+    """How to reach the source: TLS trust, credentials, retries, and which OCI blob to take.
+
+    `platform` (`OS/ARCH[/VARIANT]`, default this machine's) picks an index entry, `layer` the
+    layer by its title annotation; `plain_http` allows HTTP to a registry that is not on
+    loopback. The three only matter to `oci://` sources.
+    """
 
     ca_file: Path | None = None
-    auth_file: Path | None = None
+    credentials: Credentials | None = None
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    platform: str | None = None
+    layer: str | None = None
+    plain_http: bool = False
 
 
 class FileSource:
@@ -61,6 +84,7 @@ class FileSource:
 
     def __init__(self, path: Path) -> None:
         self.name = str(path)
+        self.digest: str | None = None
         self.resumes = 0
         try:
             self._file = path.open("rb", buffering=0)
@@ -85,10 +109,13 @@ class HttpSource:
 
     def __init__(self, url: str, options: SourceOptions) -> None:
         self.name = redact_url(url)
+        self.digest: str | None = None
         self._client = make_client(options)
-        headers = {"User-Agent": f"imagestream/{__version__}"}
-        if options.auth_file:
-            headers["Authorization"] = read_auth_header(options.auth_file)
+        headers = {}
+        if options.credentials is not None:
+            authorization = options.credentials.authorization_for(httpx.URL(url).netloc.decode())
+            if authorization:
+                headers["Authorization"] = authorization
         self._reader = HttpRangeReader(url, self._client, options.policy, headers)
 
     @property
@@ -110,8 +137,62 @@ class HttpSource:
         self._client.close()
 
 
+class OciSource:
+    """One layer blob of an OCI artifact, resolved from `oci://` and read like an HTTP object.
+
+    The manifest is resolved when the source opens, so an unknown tag, a refusal or a missing
+    platform fails before any byte is written. The blob's size is known from its descriptor.
+    """
+
+    def __init__(self, location: str, options: SourceOptions) -> None:
+        reference = parse_reference(location)
+        wanted = parse_platform(options.platform) if options.platform else host_platform()
+        credentials = options.credentials or Credentials()
+        self.name = str(reference)
+        self._client = make_client(options)
+        try:
+            base = f"{registry_scheme(self._client, reference, options.plain_http)}://"
+            base += reference.registry
+            self._client.auth = RegistryAuth(
+                credentials.login_for(reference.registry), httpx.URL(base)
+            )
+            registry = Registry(self._client, base, reference, options.policy)
+            layer = resolve_layer(registry, wanted, options.layer)
+            self.digest: str | None = layer.digest
+            self._reader = HttpRangeReader(
+                registry.blob_url(layer.digest),
+                self._client,
+                options.policy,
+                size=layer.size,
+                refusal=registry.refusal(f"blob {layer.digest}"),
+            )
+        except BaseException:
+            self._client.close()
+            raise
+
+    @property
+    def total(self) -> int | None:
+        """The blob's size, from its descriptor."""
+        return self._reader.total
+
+    @property
+    def resumes(self) -> int:
+        """How many times the transfer was resumed."""
+        return self._reader.resumes
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield the blob's bytes."""
+        return self._reader.chunks()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+
 def open_source(location: str, options: SourceOptions) -> Source:
-    """Open a URL (http://, https://) or a local path (plain or file://)."""
+    """Open a URL (http://, https://, oci://) or a local path (plain or file://)."""
+    if location.startswith(OCI_SCHEME):
+        return OciSource(location, options)
     if location.startswith(("http://", "https://")):
         try:
             # Both parsers, so a URL either would reject fails here as a usage error.
@@ -124,7 +205,9 @@ def open_source(location: str, options: SourceOptions) -> Source:
         return FileSource(Path(location.removeprefix("file://")))
     if "://" in location:
         scheme = location.split("://", 1)[0]
-        raise UsageError(f"unsupported source scheme {scheme}://: use http://, https:// or a path")
+        raise UsageError(
+            f"unsupported source scheme {scheme}://: use http://, https://, oci:// or a path"
+        )
     return FileSource(Path(location))
 
 
@@ -136,8 +219,13 @@ if hasattr(httpcore_http11.HTTP11Connection, "READ_NUM_BYTES"):
     httpcore_http11.HTTP11Connection.READ_NUM_BYTES = _HTTPCORE_READ_SIZE
 
 
-def make_client(options: SourceOptions) -> httpx.Client:
-    """An httpx client: system trust plus the extra CA, proxies from the environment."""
+def make_client(
+    options: SourceOptions, transport: httpx.BaseTransport | None = None
+) -> httpx.Client:
+    """An httpx client: system trust plus the extra CA, proxies from the environment.
+
+    `transport` replaces the network (tests hand in an `httpx.MockTransport`).
+    """
     policy = options.policy
     timeout = httpx.Timeout(
         connect=policy.connect_timeout,
@@ -151,6 +239,8 @@ def make_client(options: SourceOptions) -> httpx.Client:
         timeout=timeout,
         follow_redirects=True,
         trust_env=True,
+        transport=transport,
+        headers={"User-Agent": f"imagestream/{__version__}"},
     )
 
 
@@ -163,23 +253,3 @@ def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"cannot load CA bundle {ca_file}: {exc}") from exc
     return context
-
-
-def read_auth_header(path: Path) -> str:
-    """The Authorization header from a file.
-
-    The file holds `Basic ...` or `Bearer ...` verbatim, `user:password` (sent as Basic), or a
-    bare token (sent as Bearer). Its content is never logged.
-    """
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read auth file {path}: {exc.strerror}") from exc
-    if not text:
-        raise UsageError(f"auth file {path} is empty")
-    scheme = text.split(" ", 1)[0].lower()
-    if scheme in ("basic", "bearer") and " " in text:
-        return text
-    if ":" in text:
-        return "Basic " + base64.b64encode(text.encode()).decode()
-    return f"Bearer {text}"

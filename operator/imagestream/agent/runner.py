@@ -1,0 +1,202 @@
+"""From instructions to a verdict: build the stream request, run it, judge the outcome.
+
+No Kubernetes here: progress goes to whatever callback the caller passes, and the verdict is an
+`AgentResult` (plus the process exit code) that the caller writes to the termination log.
+Every way a stream can end maps to a result; `Succeeded` only ever with a verified hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagestream.agent.contract import (
+    TERMINATION_LOG,
+    AgentInstructions,
+    AgentResult,
+    env_name,
+)
+from imagestream.errors import ImageStreamError, IntegrityError, UsageError
+from imagestream.pipeline.credentials import Credentials, load_secret_dir
+from imagestream.pipeline.decompress import Compression
+from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_stream, validate_sha384
+from imagestream.pipeline.progress import Progress, ProgressCallback
+from imagestream.pipeline.range_reader import RetryPolicy
+from imagestream.pipeline.safety import HostView
+from imagestream.pipeline.sources import SourceOptions
+
+log = logging.getLogger(__name__)
+
+#: `run_stream`'s signature; a parameter so tests can stand in for the pipeline.
+StreamFunction = Callable[[StreamRequest, ProgressCallback | None], StreamResult]
+
+#: Exit code of an error nobody raised on purpose (a bug), as for `ImageStreamError` itself.
+EXIT_AGENT_ERROR = ImageStreamError.exit_code
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    """The verdict for the termination log and the exit code of the agent process."""
+
+    result: AgentResult
+    exit_code: int
+
+
+def request_from_instructions(instr: AgentInstructions, cancel: threading.Event) -> StreamRequest:
+    """The pipeline request for `instr`; a UsageError names the offending variable."""
+    try:
+        validate_sha384(instr.sha384, allow_unverified=False)
+    except UsageError as exc:
+        raise UsageError(f"{env_name('sha384')}: {exc.message}") from None
+    try:
+        compression = Compression(instr.compression)
+    except ValueError:
+        choices = ", ".join(c.value for c in Compression)
+        raise UsageError(
+            f"{env_name('compression')}={instr.compression!r} is not one of {choices}"
+        ) from None
+    host_proc = Path(instr.host_proc)
+    return StreamRequest(
+        source=instr.source,
+        target=Path(instr.target),
+        sha384=instr.sha384,
+        compression=compression,
+        source_options=SourceOptions(
+            ca_file=Path(instr.ca_file) if instr.ca_file else None,
+            credentials=_credentials(instr.auth_dir),
+            policy=RetryPolicy(max_retries=instr.max_retries, stall_timeout=instr.stall_timeout),
+            platform=instr.platform,
+            layer=instr.layer,
+        ),
+        # PID 1's mounts: the node's own table, not this container's.
+        host=HostView(
+            mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
+        ),
+        verify_after_write=instr.verify_after_write,
+        direct_io=True,
+        skip_usage_checks=instr.force,
+        allowed_file_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),
+        cancel=cancel,
+    )
+
+
+def _credentials(auth_dir: str | None) -> Credentials | None:
+    if not auth_dir:
+        return None
+    try:
+        return load_secret_dir(Path(auth_dir))
+    except UsageError as exc:
+        raise UsageError(f"{env_name('auth_dir')}: {exc.message}") from None
+
+
+def run_agent(
+    instr: AgentInstructions,
+    cancel: threading.Event,
+    on_progress: ProgressCallback | None = None,
+    *,
+    stream: StreamFunction = run_stream,
+) -> AgentRun:
+    """Run the stream `instr` describes and judge it; never raises."""
+    started = time.monotonic()
+    last: list[Progress] = []
+
+    def track(progress: Progress) -> None:
+        last[:] = [progress]
+        if on_progress is not None:
+            on_progress(progress)
+
+    def failed(exc: ImageStreamError, reason: str | None = None) -> AgentRun:
+        seen = last[0] if last else None
+        result = AgentResult(
+            outcome="Failed",
+            reason=reason or exc.reason,
+            message=exc.message,
+            target=reported_path(instr.target, instr.host_prefix),
+            bytes_fetched=seen.bytes_fetched if seen else 0,
+            bytes_written=seen.bytes_written if seen else 0,
+            resumes=seen.resumes if seen else 0,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return AgentRun(result, exc.exit_code)
+
+    try:
+        result = stream(request_from_instructions(instr, cancel), track)
+    except ImageStreamError as exc:
+        return failed(exc)
+    except Exception as exc:
+        # A bug, not a stream outcome. The trace goes to the log; the status gets the type only
+        # (an unexpected message may carry a URL with a token).
+        log.exception("the agent failed unexpectedly")
+        bug = ImageStreamError(
+            f"the agent failed unexpectedly ({type(exc).__name__}); see the agent Pod's log"
+        )
+        return failed(bug, reason="AgentError")
+    if not (result.verified and result.sha384 == instr.sha384.strip().lower()):
+        refused = IntegrityError(
+            f"the stream ended without a verified SHA-384 match (computed {result.sha384}, "
+            f"expected {instr.sha384}); not reporting success",
+            reason="Unverified",
+        )
+        return failed(refused)
+    return AgentRun(succeeded(instr, result), 0)
+
+
+def succeeded(instr: AgentInstructions, result: StreamResult) -> AgentResult:
+    """The result of a verified stream."""
+    target = reported_path(result.target, instr.host_prefix)
+    checks = "SHA-384 verified" + (", read back" if result.read_back_verified else "")
+    return AgentResult(
+        outcome="Succeeded",
+        reason="Succeeded",
+        message=f"wrote {target}: {checks}",
+        target=target,
+        sha384=result.sha384,
+        digest=result.digest,
+        bytes_fetched=result.bytes_fetched,
+        bytes_written=result.bytes_written,
+        resumes=result.resumes,
+        seconds=round(result.seconds, 3),
+    )
+
+
+def instructions_failure(exc: UsageError, env: Mapping[str, str]) -> AgentRun:
+    """The verdict when the instructions themselves are unusable (missing or malformed)."""
+    result = AgentResult(
+        outcome="Failed",
+        reason=exc.reason,
+        message=exc.message,
+        target=env.get(env_name("target"), ""),
+    )
+    return AgentRun(result, exc.exit_code)
+
+
+def termination_log_path(env: Mapping[str, str]) -> Path:
+    """Where the verdict goes, even when the rest of the instructions could not be read."""
+    return Path(env.get(env_name("termination_log"), TERMINATION_LOG))
+
+
+def reported_path(path: Path | str, host_prefix: str) -> str:
+    """The path as the host knows it: symlinks resolved, `host_prefix` cut from the front.
+
+    `/host/dev/disk/by-partlabel/root-b` -> `/host/dev/nvme0n1p5` -> `/dev/nvme0n1p5`. A path
+    outside the prefix (or with no prefix) is reported resolved but otherwise as is.
+    """
+    real = Path(os.path.realpath(path))
+    if host_prefix:
+        prefix = Path(os.path.realpath(host_prefix))
+        if real.is_relative_to(prefix) and prefix != Path("/"):
+            return str(Path("/") / real.relative_to(prefix))
+    return str(real)
+
+
+def write_termination_log(path: Path, result: AgentResult) -> None:
+    """Write the verdict for the kubelet; a failure to do so is logged (nothing else can)."""
+    try:
+        path.write_text(result.to_json())
+    except OSError as exc:
+        log.error("cannot write the result to %s: %s", path, exc.strerror)

@@ -1,0 +1,291 @@
+"""Pure builders: the agent Job of one generation, and the status conditions.
+
+Nothing here talks to the API; the same input always gives the same object, which is what lets
+a restarted controller recognise (and adopt) the Job it created before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from imagestream.agent.contract import TERMINATION_LOG, AgentInstructions
+from imagestream.controller.spec import HOST_PREFIX, StreamSpec
+
+API_VERSION = "imagestream.dev/v1alpha1"
+KIND = "ImageStream"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+#: The owning ImageStream's uid: how Jobs and Pods are found (names can be reused, uids not).
+LABEL_UID = "imagestream.dev/uid"
+#: The spec generation a Job streams; older generations' Jobs are cancelled.
+LABEL_GENERATION = "imagestream.dev/generation"
+#: `namespace/name` of the owning ImageStream, for people reading `kubectl describe job`.
+ANNOTATION_STREAM = "imagestream.dev/stream"
+#: The host path the Job writes.
+ANNOTATION_TARGET = "imagestream.dev/target"
+
+APP_NAME = "imagestream-operator"
+MANAGED_BY = "imagestream-controller"
+COMPONENT = "agent"
+CONTAINER_NAME = "agent"
+
+AUTH_DIR = "/etc/imagestream/auth"
+CA_DIR = "/etc/imagestream/ca"
+HOST_DEV = HOST_PREFIX + "/dev"
+HOST_PROC = HOST_PREFIX + "/proc"
+
+#: A Job name is also a label value on its Pods: a DNS-1123 label of at most 63 characters.
+MAX_JOB_NAME = 63
+MAX_CONDITION_MESSAGE = 4096
+
+ACTIVE_PHASES = ("Pending", "Running", "Verifying")
+FINAL_PHASES = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What the controller's command line decides about every agent Job."""
+
+    agent_image: str
+    service_account: str = "imagestream-agent"
+    ttl_seconds_after_finished: int = 3600
+    image_pull_policy: str = "IfNotPresent"
+    termination_grace_seconds: int = 60
+
+
+def job_name(name: str, uid: str, generation: int) -> str:
+    """`NAME-UIDHASH-gGEN`: deterministic, a DNS-1123 label, at most 63 characters.
+
+    The uid hash keeps a Job of a deleted-and-recreated ImageStream of the same name apart, so
+    adopting an existing Job on a name conflict can never adopt someone else's.
+    """
+    suffix = f"-{hashlib.sha256(uid.encode()).hexdigest()[:8]}-g{generation}"
+    base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    base = base[: MAX_JOB_NAME - len(suffix)].rstrip("-") or "imagestream"
+    return base + suffix
+
+
+def selector(uid: str, generation: int | None = None) -> str:
+    """Label selector of the Jobs and Pods of one ImageStream (optionally one generation)."""
+    terms = [f"{LABEL_UID}={uid}"]
+    if generation is not None:
+        terms.append(f"{LABEL_GENERATION}={generation}")
+    return ",".join(terms)
+
+
+def agent_instructions(stream: StreamSpec) -> AgentInstructions:
+    """The contract's instructions for this generation, with paths as the agent sees them."""
+    source = stream.source
+    options = stream.options
+    return AgentInstructions(
+        name=stream.name,
+        namespace=stream.namespace,
+        uid=stream.uid,
+        generation=stream.generation,
+        source=source.url,
+        sha384=source.sha384,
+        target=stream.target.agent_path,
+        compression=source.compression,
+        allowed_dir=stream.target.agent_dir,
+        platform=source.platform,
+        layer=source.layer,
+        auth_dir=AUTH_DIR if source.auth_secret else None,
+        ca_file=f"{CA_DIR}/{source.ca_key}" if source.ca_config_map else None,
+        host_proc=HOST_PROC,
+        host_prefix=HOST_PREFIX,
+        termination_log=TERMINATION_LOG,
+        stall_timeout=float(options.stall_timeout_seconds),
+        max_retries=options.max_retries,
+        verify_after_write=options.verify_after_write,
+        force=options.force,
+    )
+
+
+def labels(stream: StreamSpec) -> dict[str, str]:
+    """Labels of the Job and its Pods."""
+    return {
+        LABEL_NAME: APP_NAME,
+        LABEL_COMPONENT: COMPONENT,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_UID: stream.uid,
+        LABEL_GENERATION: str(stream.generation),
+    }
+
+
+def owner_reference(stream: StreamSpec) -> dict[str, Any]:
+    """The ImageStream as the controlling owner: its deletion garbage-collects the Job."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": stream.name,
+        "uid": stream.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_job(stream: StreamSpec, settings: JobSettings) -> dict[str, Any]:
+    """The agent Job of one generation: one privileged Pod on `spec.nodeName`, never retried.
+
+    backoffLimit is 0 because a second attempt must not start behind a failed one's back: the
+    failure is reported and a new generation (a spec change) is the retry.
+    """
+    annotations = {
+        ANNOTATION_STREAM: f"{stream.namespace}/{stream.name}",
+        ANNOTATION_TARGET: stream.target.host_path,
+    }
+    metadata = {
+        "name": job_name(stream.name, stream.uid, stream.generation),
+        "namespace": stream.namespace,
+        "labels": labels(stream),
+        "annotations": annotations,
+        "ownerReferences": [owner_reference(stream)],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": stream.options.active_deadline_seconds,
+            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+            "template": {
+                "metadata": {"labels": labels(stream), "annotations": annotations},
+                "spec": _pod_spec(stream, settings),
+            },
+        },
+    }
+
+
+def _pod_spec(stream: StreamSpec, settings: JobSettings) -> dict[str, Any]:
+    volumes, mounts = _volumes(stream)
+    env = [
+        {"name": key, "value": value}
+        for key, value in sorted(agent_instructions(stream).to_env().items())
+    ]
+    container = {
+        "name": CONTAINER_NAME,
+        "image": settings.agent_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["imagestream", "agent"],
+        "env": env,
+        "securityContext": {"privileged": True},
+        "resources": {
+            "requests": {"cpu": "250m", "memory": "96Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    return {
+        # Pinned as DaemonSet Pods are: through the scheduler (resources, taints are seen)
+        # rather than spec.nodeName, which would bypass it.
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchFields": [
+                                {
+                                    "key": "metadata.name",
+                                    "operator": "In",
+                                    "values": [stream.node_name],
+                                }
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        # A node being reimaged is often cordoned or tainted for maintenance on purpose.
+        "tolerations": [{"operator": "Exists"}],
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.service_account,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "containers": [container],
+        "volumes": volumes,
+    }
+
+
+def _volumes(stream: StreamSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "host-dev", "hostPath": {"path": "/dev", "type": "Directory"}},
+        {"name": "host-proc", "hostPath": {"path": "/proc", "type": "Directory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        # HostToContainer: device nodes and by-* links udev creates later still show up.
+        {"name": "host-dev", "mountPath": HOST_DEV, "mountPropagation": "HostToContainer"},
+        {"name": "host-proc", "mountPath": HOST_PROC, "readOnly": True},
+    ]
+    target = stream.target
+    if target.host_dir is not None and target.agent_dir is not None:
+        volumes.append(
+            {
+                "name": "host-target-dir",
+                "hostPath": {"path": target.host_dir, "type": "DirectoryOrCreate"},
+            }
+        )
+        mounts.append({"name": "host-target-dir", "mountPath": target.agent_dir})
+    source = stream.source
+    if source.auth_secret:
+        secret = {"secretName": source.auth_secret, "defaultMode": 0o400}
+        volumes.append({"name": "auth", "secret": secret})
+        mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
+    if source.ca_config_map:
+        volumes.append({"name": "ca", "configMap": {"name": source.ca_config_map}})
+        mounts.append({"name": "ca", "mountPath": CA_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def condition_reason(reason: str) -> str:
+    """A reason as the CRD's condition schema accepts it (CamelCase, `[A-Za-z0-9_,:]`)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_,:]", "", reason).lstrip("0123456789_,:").rstrip(",:")
+    return cleaned or "Unknown"
+
+
+def conditions(
+    phase: str,
+    reason: str,
+    message: str,
+    *,
+    generation: int,
+    previous: Sequence[Mapping[str, Any]],
+    now: str,
+) -> list[dict[str, Any]]:
+    """kstatus conditions for a phase: Ready, Reconciling and Stalled.
+
+    Tools that follow kstatus (Flux, Argo CD, `kubectl wait`) read Reconciling=True as "in
+    progress", Stalled=True as "failed, needs a change", Ready=True as done. A condition's
+    lastTransitionTime moves only when its status flips.
+    """
+    wanted = {
+        "Ready": phase == "Succeeded",
+        "Reconciling": phase in ACTIVE_PHASES,
+        "Stalled": phase == "Failed",
+    }
+    before = {str(item.get("type")): item for item in previous}
+    result = []
+    for kind, true in wanted.items():
+        status = "True" if true else "False"
+        old = before.get(kind)
+        since = now
+        if old is not None and old.get("status") == status and old.get("lastTransitionTime"):
+            since = str(old["lastTransitionTime"])
+        result.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": condition_reason(reason),
+                "message": message[:MAX_CONDITION_MESSAGE],
+                "lastTransitionTime": since,
+                "observedGeneration": generation,
+            }
+        )
+    return result

@@ -1,0 +1,631 @@
+"""Pure reconcile decisions: one observation in, a status patch and actions out.
+
+The observation is everything the controller knows about one ImageStream: its body, the Jobs
+and Pods labelled with its uid, and the other streams aimed at the same node and target. The
+decision is level-based (it looks at what is, not at what happened) and idempotent: applying its
+status patch and deciding again on the same children gives no patch and no action. That is what
+makes a restarted controller safe: it decides from what exists, and a Job it created before is
+found by its deterministic name, never created twice.
+
+The final outcome comes from the Job and the agent's termination message, so an agent that
+crashed, was OOM-killed or lost with its node still ends `Failed` with a reason; nothing ends
+`Succeeded` unless the agent reported the SHA-384 the spec asks for.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from imagestream.agent.contract import AgentResult
+from imagestream.agent.reporter import rfc3339
+from imagestream.controller.builders import (
+    CONTAINER_NAME,
+    FINAL_PHASES,
+    LABEL_GENERATION,
+    LABEL_UID,
+    JobSettings,
+    build_job,
+    condition_reason,
+    conditions,
+    job_name,
+)
+from imagestream.controller.spec import StreamSpec, parse_stream
+from imagestream.errors import UsageError
+
+#: A Job the status says was created but the watch has not shown yet is given this long
+#: before it counts as lost (the watch lags the create by milliseconds, not seconds).
+JOB_VISIBILITY_GRACE = timedelta(seconds=30)
+#: How much of a crashed agent's log tail (the kubelet's fallback message) goes into status.
+LOG_TAIL_CHARS = 512
+
+TARGET_BUSY = "TargetBusy"
+CANCELLING_PREVIOUS = "CancellingPrevious"
+JOB_CREATED = "JobCreated"
+AGENT_STARTING = "AgentStarting"
+STREAMING = "Streaming"
+VERIFYING = "Verifying"
+SUCCEEDED = "Succeeded"
+RESULT_UNVERIFIED = "ResultUnverified"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+AGENT_OOM_KILLED = "AgentOOMKilled"
+AGENT_CRASHED = "AgentCrashed"
+AGENT_LOST = "AgentLost"
+AGENT_FAILED = "AgentFailed"
+JOB_REJECTED = "JobRejected"
+CANCELLING = "Cancelling"
+
+#: The status fields the controller owns. `progress` is the agent's and is only ever cleared.
+MANAGED_FIELDS = (
+    "phase",
+    "reason",
+    "message",
+    "observedGeneration",
+    "jobName",
+    "target",
+    "sha384",
+    "digest",
+    "startTime",
+    "completionTime",
+    "conditions",
+)
+
+_SHA384 = re.compile(r"[0-9a-f]{96}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How the agent container ended, as the kubelet recorded it."""
+
+    exit_code: int
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the decisions need from an agent Pod."""
+
+    name: str
+    generation: int
+    created: str = ""
+    phase: str = "Pending"
+    reason: str = ""
+    message: str = ""
+    deleting: bool = False
+    terminated: Termination | None = None
+    waiting: str = ""
+    unschedulable: str = ""
+    disrupted: str = ""
+
+    @property
+    def finished(self) -> bool:
+        """The agent no longer runs (and no longer holds its target)."""
+        return self.phase in FINAL_PHASES
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PodView | None:
+        """A Pod body as a view; None when it lacks the ImageStream labels."""
+        metadata = body.get("metadata") or {}
+        generation = _generation_label(metadata)
+        if generation is None:
+            return None
+        status = body.get("status") or {}
+        container = _agent_container_status(status)
+        state = container.get("state") or {}
+        terminated = state.get("terminated") or (container.get("lastState") or {}).get("terminated")
+        waiting = state.get("waiting") or {}
+        return cls(
+            name=str(metadata.get("name", "")),
+            generation=generation,
+            created=str(metadata.get("creationTimestamp") or ""),
+            phase=str(status.get("phase") or "Pending"),
+            reason=str(status.get("reason") or ""),
+            message=str(status.get("message") or ""),
+            deleting=bool(metadata.get("deletionTimestamp")),
+            terminated=_termination(terminated) if terminated else None,
+            waiting=_joined(waiting.get("reason"), waiting.get("message")),
+            unschedulable=_condition_text(status, "PodScheduled", "False"),
+            disrupted=_condition_text(status, "DisruptionTarget", "True"),
+        )
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the decisions need from an agent Job."""
+
+    name: str
+    generation: int
+    deleting: bool = False
+    complete: bool = False
+    failed: bool = False
+    failure_reason: str = ""
+    failure_message: str = ""
+    start_time: str | None = None
+    completion_time: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """The Job controller has decided the Job's outcome."""
+        return self.complete or self.failed
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> JobView | None:
+        """A Job body as a view; None when it lacks the ImageStream labels."""
+        metadata = body.get("metadata") or {}
+        generation = _generation_label(metadata)
+        if generation is None:
+            return None
+        status = body.get("status") or {}
+        true = {
+            str(item.get("type")): item
+            for item in status.get("conditions") or []
+            if item.get("status") == "True"
+        }
+        # FailureTarget/SuccessCriteriaMet (Kubernetes 1.31+) come first; the outcome is final.
+        failure = true.get("Failed") or true.get("FailureTarget") or {}
+        return cls(
+            name=str(metadata.get("name", "")),
+            generation=generation,
+            deleting=bool(metadata.get("deletionTimestamp")),
+            complete="Complete" in true or "SuccessCriteriaMet" in true,
+            failed=bool(failure),
+            failure_reason=str(failure.get("reason") or ""),
+            failure_message=str(failure.get("message") or ""),
+            start_time=status.get("startTime"),
+            completion_time=status.get("completionTime"),
+        )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another ImageStream aimed at the same node and target."""
+
+    namespace: str
+    name: str
+    uid: str
+    created: str
+    #: Not yet Succeeded/Failed for its current generation.
+    active: bool
+    #: Has a Job or a Pod that may be writing the target right now.
+    holds_target: bool
+
+    @property
+    def order(self) -> tuple[str, str, str]:
+        """First come, first served: creation time, then namespace/name as a tie-break."""
+        return (self.created, self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one decision looks at."""
+
+    body: Mapping[str, Any]
+    settings: JobSettings
+    now: datetime
+    jobs: tuple[JobView, ...] = ()
+    pods: tuple[PodView, ...] = ()
+    peers: tuple[Peer, ...] = ()
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    """Create this agent Job (an existing one of the same name is adopted)."""
+
+    body: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        """The Job's name."""
+        return str(self.body["metadata"]["name"])
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    """Delete a Job and its Pods (by the uid and generation labels): cancels that stream."""
+
+    name: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event on the ImageStream."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+Action = CreateJob | DeleteJob | Event
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A final result this decision records (for the metrics)."""
+
+    phase: str
+    reason: str
+    seconds: float | None = None
+    bytes_written: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A merge patch for `.status` (changed fields only) and the actions to take first."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    actions: tuple[Action, ...] = ()
+    outcome: Outcome | None = None
+
+
+@dataclass(frozen=True)
+class _State:
+    phase: str
+    reason: str
+    message: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    result: AgentResult | None = None
+
+
+def is_finished(body: Mapping[str, Any]) -> bool:
+    """The status records an outcome for the current generation: nothing is left to do."""
+    status = body.get("status") or {}
+    return status.get("phase") in FINAL_PHASES and status.get("observedGeneration") == _generation(
+        body
+    )
+
+
+def peer(body: Mapping[str, Any], jobs: Sequence[JobView], pods: Sequence[PodView]) -> Peer:
+    """Another stream (its body, Jobs and Pods) as the TargetBusy check sees it."""
+    metadata = body.get("metadata") or {}
+    holds = any(not job.finished and not job.deleting for job in jobs) or any(
+        not pod.finished for pod in pods
+    )
+    return Peer(
+        namespace=str(metadata.get("namespace", "")),
+        name=str(metadata.get("name", "")),
+        uid=str(metadata.get("uid", "")),
+        created=str(metadata.get("creationTimestamp") or ""),
+        active=not is_finished(body),
+        holds_target=holds,
+    )
+
+
+def decide(observation: Observation) -> Decision:
+    """The status patch and actions that move this ImageStream towards its spec."""
+    body = observation.body
+    if (body.get("metadata") or {}).get("deletionTimestamp"):
+        return Decision()  # the finalizer handler cancels and cleans up
+    cancels = _cancel_superseded(observation)
+    if is_finished(body):
+        return Decision(actions=tuple(cancels))
+    try:
+        stream = parse_stream(body)
+    except UsageError as exc:
+        return _conclude(observation, _State("Failed", exc.reason, exc.message), cancels)
+    job = _current_job(observation, stream)
+    if job is None:
+        return _without_job(observation, stream, cancels)
+    return _conclude(observation, _with_job(observation, stream, job), cancels)
+
+
+def job_rejected(observation: Observation, message: str) -> Decision:
+    """The API server refused the Job (a 4xx other than a conflict): fail with its reason."""
+    state = _State("Failed", JOB_REJECTED, f"the agent Job was rejected: {message}")
+    return _conclude(observation, state, [])
+
+
+def _cancel_superseded(observation: Observation) -> list[Action]:
+    """Delete Jobs and Pods of older generations that may still be running."""
+    generation = _generation(observation.body)
+    live = {
+        job.generation
+        for job in observation.jobs
+        if job.generation != generation and not job.finished and not job.deleting
+    } | {
+        pod.generation
+        for pod in observation.pods
+        if pod.generation != generation and not pod.finished and not pod.deleting
+    }
+    metadata = observation.body.get("metadata") or {}
+    status = observation.body.get("status") or {}
+    # Deletes repeat until the watch shows them (level-based); the Event is said once.
+    first_sight = status.get("observedGeneration") != generation
+    actions: list[Action] = []
+    for old in sorted(live):
+        name = job_name(str(metadata.get("name")), str(metadata.get("uid")), old)
+        actions.append(DeleteJob(name=name, generation=old))
+        if first_sight:
+            message = (
+                f"generation {old} is superseded by generation {generation}: deleting Job {name}"
+            )
+            actions.append(Event("Normal", CANCELLING, message))
+    return actions
+
+
+def _current_job(observation: Observation, stream: StreamSpec) -> JobView | None:
+    expected = job_name(stream.name, stream.uid, stream.generation)
+    current = [job for job in observation.jobs if job.generation == stream.generation]
+    current.sort(key=lambda job: job.name != expected)
+    return current[0] if current else None
+
+
+def _without_job(observation: Observation, stream: StreamSpec, cancels: list[Action]) -> Decision:
+    expected = job_name(stream.name, stream.uid, stream.generation)
+    status = observation.body.get("status") or {}
+    if _created_before(status, stream, expected):
+        started = _parse_time(status.get("startTime"))
+        if started is not None and observation.now - started < JOB_VISIBILITY_GRACE:
+            return Decision(actions=tuple(cancels))  # created a moment ago; the watch lags
+        message = (
+            f"Job {expected} disappeared before the agent's outcome was recorded (deleted, "
+            "or removed after it finished while the controller was away)"
+        )
+        return _conclude(observation, _State("Failed", AGENT_LOST, message), cancels)
+    if _previous_still_running(observation, stream.generation):
+        message = "waiting for the agent of an earlier generation to stop"
+        return _conclude(observation, _State("Pending", CANCELLING_PREVIOUS, message), cancels)
+    blocker = blocking_peer(stream, _created(observation.body), observation.peers)
+    if blocker is not None:
+        message = (
+            f"{stream.target.host_path} on node {stream.node_name} is being written by "
+            f"ImageStream {blocker.namespace}/{blocker.name}; this stream starts when it ends"
+        )
+        return _conclude(observation, _State("Pending", TARGET_BUSY, message), cancels)
+    job = build_job(stream, observation.settings)
+    fields = {"jobName": expected, "startTime": rfc3339(observation.now.timestamp())}
+    message = f"created Job {expected} on node {stream.node_name}"
+    state = _State("Pending", JOB_CREATED, message, fields)
+    return _conclude(observation, state, [*cancels, CreateJob(job)], clear_progress=True)
+
+
+def blocking_peer(stream: StreamSpec, created: str, peers: Sequence[Peer]) -> Peer | None:
+    """The stream that has the node's target first, if it is not this one.
+
+    A stream whose agent may be writing holds the target whatever its age; otherwise the
+    earliest active stream goes first, so two waiting streams never both start.
+    """
+    others = [item for item in peers if item.uid != stream.uid]
+    holder = next((item for item in others if item.holds_target), None)
+    if holder is not None:
+        return holder
+    mine = (created, stream.namespace, stream.name)
+    earlier = [item for item in others if item.active and item.order < mine]
+    return min(earlier, key=lambda item: item.order) if earlier else None
+
+
+def _with_job(observation: Observation, stream: StreamSpec, job: JobView) -> _State:
+    status = observation.body.get("status") or {}
+    started = status.get("startTime") if _created_before(status, stream, job.name) else None
+    now = rfc3339(observation.now.timestamp())
+    fields = {"jobName": job.name, "startTime": started or job.start_time or now}
+    pod = _latest_pod(observation.pods, stream.generation)
+    if job.complete:
+        ended = job.completion_time or now
+        return _succeeded_or_unverified(stream, pod, {**fields, "completionTime": ended})
+    if job.failed:
+        return _failed(stream, job, pod, {**fields, "completionTime": now})
+    if job.deleting:
+        message = f"Job {job.name} was deleted before the agent reported an outcome"
+        return _State("Failed", AGENT_LOST, message, {**fields, "completionTime": now})
+    if pod is None or pod.phase == "Pending":
+        detail = (pod.unschedulable or pod.waiting) if pod else ""
+        message = f"agent of Job {job.name} starting on node {stream.node_name}"
+        return _State("Pending", AGENT_STARTING, _joined(message, detail), fields)
+    progress = status.get("progress") or {}
+    if progress.get("phase") == "Verifying":
+        return _State("Verifying", VERIFYING, f"verifying {stream.target.host_path}", fields)
+    message = f"streaming to {stream.target.host_path} on node {stream.node_name}"
+    return _State("Running", STREAMING, message, fields)
+
+
+def _succeeded_or_unverified(
+    stream: StreamSpec, pod: PodView | None, fields: Mapping[str, Any]
+) -> _State:
+    result = _agent_result(pod)
+    expected = stream.source.sha384
+    if result is None or result.outcome != "Succeeded":
+        message = "the agent Job completed without reporting a verified result"
+        return _State("Failed", RESULT_UNVERIFIED, message, fields, result)
+    reported = (result.sha384 or "").lower()
+    if reported != expected:
+        message = f"the agent reported SHA-384 {reported or 'none'}, the spec expects {expected}"
+        return _State("Failed", RESULT_UNVERIFIED, message, fields, result)
+    message = result.message or f"wrote and verified {result.target}"
+    return _State("Succeeded", SUCCEEDED, message, fields, result)
+
+
+def _failed(
+    stream: StreamSpec, job: JobView, pod: PodView | None, fields: Mapping[str, Any]
+) -> _State:
+    result = _agent_result(pod)
+    if job.failure_reason == DEADLINE_EXCEEDED:
+        limit = stream.options.active_deadline_seconds
+        message = f"the stream ran longer than activeDeadlineSeconds ({limit} s)"
+        return _State("Failed", DEADLINE_EXCEEDED, message, fields, result)
+    if result is not None and result.outcome == "Failed":
+        return _State("Failed", result.reason, result.message, fields, result)
+    if pod is None:
+        message = f"the agent Pod of Job {job.name} is gone (node lost, or Pod deleted)"
+        return _State("Failed", AGENT_LOST, _joined(message, job.failure_message), fields)
+    end = pod.terminated
+    if end is not None and end.reason == "OOMKilled":
+        message = f"the agent was killed for exceeding its memory limit (exit code {end.exit_code})"
+        return _State("Failed", AGENT_OOM_KILLED, message, fields)
+    if pod.disrupted or (pod.reason and end is None):
+        message = f"the agent Pod {pod.name} was stopped by Kubernetes"
+        detail = pod.disrupted or _joined(pod.reason, pod.message)
+        return _State("Failed", AGENT_LOST, _joined(message, detail), fields)
+    if end is not None and end.exit_code != 0:
+        message = f"the agent exited with code {end.exit_code}"
+        tail = end.message[-LOG_TAIL_CHARS:].strip()
+        return _State("Failed", AGENT_CRASHED, _joined(message, tail), fields)
+    message = f"Job {job.name} failed"
+    detail = _joined(job.failure_reason, job.failure_message)
+    return _State("Failed", AGENT_FAILED, _joined(message, detail), fields)
+
+
+def _conclude(
+    observation: Observation,
+    state: _State,
+    actions: list[Action],
+    *,
+    clear_progress: bool = False,
+) -> Decision:
+    """Turn the wanted state into a diff of `.status`, a transition Event, and an Outcome."""
+    body = observation.body
+    status = body.get("status") or {}
+    generation = _generation(body)
+    now = rfc3339(observation.now.timestamp())
+    reason = condition_reason(state.reason)
+    wanted = _wanted_status(observation, state, reason, now)
+    patch = {key: value for key, value in wanted.items() if status.get(key) != value}
+    new_generation = status.get("observedGeneration") != generation
+    if (clear_progress or new_generation) and status.get("progress") is not None:
+        patch["progress"] = None  # the agent's report of an earlier generation
+    transition = (status.get("phase"), status.get("reason"), status.get("observedGeneration"))
+    events = list(actions)
+    outcome = None
+    if transition != (state.phase, reason, generation):
+        kind: Literal["Normal", "Warning"] = "Warning" if state.phase == "Failed" else "Normal"
+        events.append(Event(kind, reason, state.message))
+        if state.phase in FINAL_PHASES:
+            outcome = _outcome(state, reason, wanted)
+    return Decision(status=patch, actions=tuple(events), outcome=outcome)
+
+
+def _wanted_status(
+    observation: Observation, state: _State, reason: str, now: str
+) -> dict[str, Any]:
+    body = observation.body
+    status = body.get("status") or {}
+    result = state.result
+    fields = dict(state.fields)
+    if result is not None:
+        fields["target"] = result.target or None
+        fields["sha384"] = _matching(_SHA384, (result.sha384 or "").lower())
+        fields["digest"] = _matching(_DIGEST, result.digest or "")
+    if "target" not in fields:
+        fields["target"] = _host_target(body)
+    wanted: dict[str, Any] = {key: None for key in MANAGED_FIELDS}
+    wanted.update(fields)
+    wanted.update(
+        phase=state.phase,
+        reason=reason,
+        message=state.message,
+        observedGeneration=_generation(body),
+        conditions=conditions(
+            state.phase,
+            reason,
+            state.message,
+            generation=_generation(body),
+            previous=status.get("conditions") or [],
+            now=now,
+        ),
+    )
+    return wanted
+
+
+def _outcome(state: _State, reason: str, wanted: Mapping[str, Any]) -> Outcome:
+    started = _parse_time(wanted.get("startTime"))
+    ended = _parse_time(wanted.get("completionTime"))
+    seconds = (ended - started).total_seconds() if started and ended else None
+    written = state.result.bytes_written if state.result is not None else None
+    return Outcome(phase=state.phase, reason=reason, seconds=seconds, bytes_written=written)
+
+
+def _previous_still_running(observation: Observation, generation: int) -> bool:
+    return any(
+        pod.generation != generation and not pod.finished for pod in observation.pods
+    ) or any(
+        job.generation != generation and not job.finished and not job.deleting
+        for job in observation.jobs
+    )
+
+
+def _created_before(status: Mapping[str, Any], stream: StreamSpec, name: str) -> bool:
+    """The status records that this generation's Job was created."""
+    return status.get("jobName") == name and status.get("observedGeneration") == stream.generation
+
+
+def _latest_pod(pods: Sequence[PodView], generation: int) -> PodView | None:
+    mine = [pod for pod in pods if pod.generation == generation]
+    return max(mine, key=lambda pod: (pod.created, pod.name)) if mine else None
+
+
+def _agent_result(pod: PodView | None) -> AgentResult | None:
+    if pod is None or pod.terminated is None or not pod.terminated.message:
+        return None
+    try:
+        return AgentResult.from_json(pod.terminated.message)
+    except (ValueError, TypeError):
+        return None  # not JSON: the kubelet's fallback (the log tail) of an agent that crashed
+
+
+def _host_target(body: Mapping[str, Any]) -> str | None:
+    try:
+        return parse_stream(body).target.host_path
+    except UsageError:
+        return None
+
+
+def _matching(pattern: re.Pattern[str], value: str) -> str | None:
+    return value if pattern.fullmatch(value) else None
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int((body.get("metadata") or {}).get("generation") or 1)
+
+
+def _created(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def _generation_label(metadata: Mapping[str, Any]) -> int | None:
+    found = metadata.get("labels") or {}
+    if not found.get(LABEL_UID):
+        return None
+    try:
+        return int(str(found.get(LABEL_GENERATION)))
+    except (TypeError, ValueError):
+        return None
+
+
+def _agent_container_status(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    containers = status.get("containerStatuses") or []
+    named = [item for item in containers if item.get("name") == CONTAINER_NAME]
+    found = named or containers
+    return found[0] if found else {}
+
+
+def _termination(terminated: Mapping[str, Any]) -> Termination:
+    return Termination(
+        exit_code=int(terminated.get("exitCode") or 0),
+        reason=str(terminated.get("reason") or ""),
+        message=str(terminated.get("message") or ""),
+    )
+
+
+def _condition_text(status: Mapping[str, Any], kind: str, value: str) -> str:
+    for item in status.get("conditions") or []:
+        if item.get("type") == kind and item.get("status") == value:
+            return _joined(item.get("reason"), item.get("message"))
+    return ""
+
+
+def _joined(*parts: object) -> str:
+    return ": ".join(str(part) for part in parts if part)
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None

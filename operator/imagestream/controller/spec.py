@@ -1,0 +1,235 @@
+"""An ImageStream's spec as frozen dataclasses, with its target resolved for the agent's Pod.
+
+The CRD's schema and CEL rules reject bad input at apply time, but the controller cannot rely on
+them (an older CRD, a stand-in without validation, a field added later), so parsing checks what
+the Job builder depends on and raises `UsageError` with a machine-readable reason:
+`InvalidSpec` for malformed input, `TargetKindUnsupported` for a target kind the agent cannot
+write yet. Both end the stream `Failed` without creating a Job.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from imagestream.errors import UsageError
+
+#: Where the agent's container sees the host's filesystem (the contract's `host_prefix`).
+HOST_PREFIX = "/host"
+#: Host directories of systemd extension images, by extension type.
+EXTENSION_DIRS = {"sysext": "/var/lib/extensions", "confext": "/var/lib/confexts"}
+
+INVALID_SPEC = "InvalidSpec"
+TARGET_KIND_UNSUPPORTED = "TargetKindUnsupported"
+
+_SHA384 = re.compile(r"[0-9a-fA-F]{96}")
+_EXTENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_COMPRESSIONS = ("auto", "zstd", "none")
+_SCHEMES = ("http://", "https://", "oci://")
+
+TargetKind = Literal["device", "extension", "abUpdate", "disk"]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """`spec.source`: where the image comes from and what it must hash to."""
+
+    url: str
+    sha384: str
+    compression: str = "auto"
+    auth_secret: str | None = None
+    ca_config_map: str | None = None
+    ca_key: str = "ca.crt"
+    platform: str | None = None
+    layer: str | None = None
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """`spec.target`, resolved: the path on the host and the path the agent opens.
+
+    `host_dir` is set for file targets: the host directory mounted into the agent's container
+    (at `HOST_PREFIX + host_dir`), which is also the agent's `allowed_dir`.
+    """
+
+    kind: TargetKind
+    host_path: str
+    host_dir: str | None = None
+
+    @property
+    def agent_path(self) -> str:
+        """The path as the agent's container sees it."""
+        return HOST_PREFIX + self.host_path
+
+    @property
+    def agent_dir(self) -> str | None:
+        """The mounted host directory as the agent's container sees it."""
+        return None if self.host_dir is None else HOST_PREFIX + self.host_dir
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """The optional knobs of `spec`, with the CRD's defaults."""
+
+    stall_timeout_seconds: int = 30
+    max_retries: int = 8
+    active_deadline_seconds: int = 7200
+    verify_after_write: bool = False
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One generation of one ImageStream: its identity and what to write where."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    node_name: str
+    source: SourceSpec
+    target: TargetSpec
+    options: StreamOptions
+
+    @property
+    def target_key(self) -> tuple[str, str]:
+        """Two active streams with the same key would write the same disk at once."""
+        return (self.node_name, self.target.host_path)
+
+
+def parse_stream(body: Mapping[str, Any]) -> StreamSpec:
+    """Parse an ImageStream body; `UsageError` (reason InvalidSpec/TargetKindUnsupported)."""
+    metadata = _mapping(body.get("metadata"), "metadata")
+    spec = _mapping(body.get("spec"), "spec")
+    node_name = _string(spec, "nodeName", "spec")
+    if not _NODE_NAME.fullmatch(node_name):
+        raise _invalid(f"spec.nodeName {node_name!r} is not a node name")
+    return StreamSpec(
+        name=_string(metadata, "name", "metadata"),
+        namespace=_string(metadata, "namespace", "metadata"),
+        uid=_string(metadata, "uid", "metadata"),
+        generation=int(metadata.get("generation") or 1),
+        node_name=node_name,
+        source=parse_source(_mapping(spec.get("source"), "spec.source")),
+        target=resolve_target(_mapping(spec.get("target"), "spec.target")),
+        options=parse_options(spec),
+    )
+
+
+def target_key_of(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The (node, host path) a body's spec would write, or None when it does not parse."""
+    try:
+        return parse_stream(body).target_key
+    except UsageError:
+        return None
+
+
+def parse_source(source: Mapping[str, Any]) -> SourceSpec:
+    """`spec.source`; the URL must have a supported scheme and the hash 96 hex digits."""
+    url = _string(source, "url", "spec.source")
+    if not url.startswith(_SCHEMES):
+        raise _invalid("spec.source.url must start with http://, https:// or oci://")
+    sha384 = _string(source, "sha384", "spec.source")
+    if not _SHA384.fullmatch(sha384):
+        raise _invalid("spec.source.sha384 must be 96 hexadecimal digits")
+    compression = str(source.get("compression") or "auto")
+    if compression not in _COMPRESSIONS:
+        raise _invalid(f"spec.source.compression must be one of {', '.join(_COMPRESSIONS)}")
+    auth = _optional_mapping(source.get("authSecretRef"), "spec.source.authSecretRef")
+    ca = _optional_mapping(source.get("caConfigMapRef"), "spec.source.caConfigMapRef")
+    return SourceSpec(
+        url=url,
+        sha384=sha384.lower(),
+        compression=compression,
+        auth_secret=_string(auth, "name", "spec.source.authSecretRef") if auth else None,
+        ca_config_map=_string(ca, "name", "spec.source.caConfigMapRef") if ca else None,
+        ca_key=str(ca.get("key") or "ca.crt") if ca else "ca.crt",
+        platform=_optional_string(source.get("platform")),
+        layer=_optional_string(source.get("layer")),
+    )
+
+
+def resolve_target(target: Mapping[str, Any]) -> TargetSpec:
+    """Exactly one target kind; device and extension targets resolve to host paths."""
+    kinds = [kind for kind in ("device", "abUpdate", "extension", "disk") if target.get(kind)]
+    if len(kinds) != 1:
+        raise _invalid("spec.target must set exactly one of device, abUpdate, extension, disk")
+    kind = kinds[0]
+    if kind == "device":
+        return TargetSpec(kind="device", host_path=_device_path(target["device"]))
+    if kind == "extension":
+        return _extension_target(_mapping(target["extension"], "spec.target.extension"))
+    raise UsageError(
+        f"spec.target.{kind} is not supported by this version of the agent yet; "
+        "use spec.target.device (or extension)",
+        reason=TARGET_KIND_UNSUPPORTED,
+    )
+
+
+def parse_options(spec: Mapping[str, Any]) -> StreamOptions:
+    """The knobs at the top level of `spec`; absent ones take the CRD's defaults."""
+    defaults = StreamOptions()
+    return StreamOptions(
+        stall_timeout_seconds=_int(spec, "stallTimeoutSeconds", defaults.stall_timeout_seconds),
+        max_retries=_int(spec, "maxRetries", defaults.max_retries),
+        active_deadline_seconds=_int(
+            spec, "activeDeadlineSeconds", defaults.active_deadline_seconds
+        ),
+        verify_after_write=bool(spec.get("verifyAfterWrite", defaults.verify_after_write)),
+        force=bool(spec.get("force", defaults.force)),
+    )
+
+
+def _device_path(value: object) -> str:
+    path = str(value)
+    # The agent opens HOST_PREFIX + path: a `..` segment would leave the host's /dev mount.
+    if not path.startswith("/dev/") or posixpath.normpath(path) != path:
+        raise _invalid(f"spec.target.device {path!r} must be a normalized path under /dev/")
+    return path
+
+
+def _extension_target(extension: Mapping[str, Any]) -> TargetSpec:
+    kind = _string(extension, "type", "spec.target.extension")
+    name = _string(extension, "name", "spec.target.extension")
+    if kind not in EXTENSION_DIRS:
+        raise _invalid("spec.target.extension.type must be sysext or confext")
+    if not _EXTENSION_NAME.fullmatch(name) or name.endswith(".raw"):
+        raise _invalid(f"spec.target.extension.name {name!r} is not a plain extension name")
+    directory = EXTENSION_DIRS[kind]
+    return TargetSpec(kind="extension", host_path=f"{directory}/{name}.raw", host_dir=directory)
+
+
+def _invalid(message: str) -> UsageError:
+    return UsageError(message, reason=INVALID_SPEC)
+
+
+def _mapping(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _invalid(f"{where} is missing or not an object")
+    return value
+
+
+def _optional_mapping(value: object, where: str) -> Mapping[str, Any] | None:
+    return None if value is None else _mapping(value, where)
+
+
+def _string(mapping: Mapping[str, Any], key: str, where: str) -> str:
+    value = mapping.get(key)
+    if not isinstance(value, str) or not value:
+        raise _invalid(f"{where}.{key} is required")
+    return value
+
+
+def _optional_string(value: object) -> str | None:
+    return str(value) if value else None
+
+
+def _int(mapping: Mapping[str, Any], key: str, default: int) -> int:
+    value = mapping.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _invalid(f"spec.{key} must be a non-negative integer")
+    return value

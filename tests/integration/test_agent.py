@@ -1,0 +1,304 @@
+"""`imagestream agent` as a real process: instructions in env, a loop device, a real nginx.
+
+The agent runs outside any container here, so the host's /proc is `/proc`, the host prefix is
+empty and the target is the real `/dev/loopN`. The Kubernetes API is the recording stand-in of
+`tests.support.fake_status_api` (a real API server would also check the token, RBAC and the
+CRD schema, and merge the patch into a stored object); the kubeconfig pointing at it is a real
+one, read by the real Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.support.blockdev import LoopDeviceFactory
+from tests.support.cli import CliRun, imagestream_command, imagestream_env, run_imagestream
+from tests.support.fake_status_api import ApiRequest, FakeStatusApi, Mode
+from tests.support.nginx import NginxFactory
+from tests.support.oci_push import Layer, OciPusher
+from tests.support.registry import TEST_USER, HtpasswdAuth, Registry, write_htpasswd
+from tests.support.targets import MIB, PATTERN, fill_pattern, read_device, sha384_of
+from tests.support.tools import wait_until
+
+from imagestream.agent.contract import AgentInstructions, AgentResult, env_name
+from imagestream.demo.image import SampleImage, write_sample_image
+
+pytestmark = pytest.mark.usefixtures("require_root")
+
+NAMESPACE = "imagestream-system"
+NAME = "node-7-root-b"
+TOKEN = "agent-sa-token-do-not-log"
+STATUS_PATH = f"/apis/imagestream.dev/v1alpha1/namespaces/{NAMESPACE}/imagestreams/{NAME}/status"
+INTERVAL = 0.5
+DEVICE_SIZE = 16 * MIB
+UPDATED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def instructions(source: str, image: SampleImage, dev: Path, tmp_path: Path) -> AgentInstructions:
+    """What the controller would send, with the host paths of a process outside a container."""
+    return AgentInstructions(
+        name=NAME,
+        namespace=NAMESPACE,
+        uid="0b6c7d1e-4f0a-4c55-9d7e-2a1f3b4c5d6e",
+        generation=3,
+        source=source,
+        sha384=image.sha384,
+        target=str(dev),
+        host_proc="/proc",
+        host_prefix="",
+        termination_log=str(tmp_path / "termination-log"),
+        stall_timeout=5.0,
+        report_interval=INTERVAL,
+    )
+
+
+def agent_env(instr: AgentInstructions, tmp_path: Path, kubeconfig: Path | None) -> dict[str, str]:
+    """A clean environment: the instructions, our kubeconfig (or none at all), an empty HOME."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        key: value
+        for key, value in imagestream_env().items()
+        if not key.startswith(("IMAGESTREAM_", "KUBERNETES_", "KUBECONFIG"))
+    }
+    env["HOME"] = str(home)  # no ~/.kube/config of whoever runs the tests
+    if kubeconfig is not None:
+        env["KUBECONFIG"] = str(kubeconfig)
+    env.update(instr.to_env())
+    return env
+
+
+def run_agent(
+    instr: AgentInstructions, tmp_path: Path, api: FakeStatusApi | None
+) -> tuple[CliRun, AgentResult]:
+    """Run `imagestream agent` to the end; return the run and its termination message."""
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig", TOKEN) if api else None
+    run = run_imagestream("agent", env=agent_env(instr, tmp_path, kubeconfig), timeout=60)
+    assert "Traceback" not in run.stderr, run.stderr
+    return run, AgentResult.from_json(Path(instr.termination_log).read_text())
+
+
+def progress_of(request: ApiRequest) -> dict[str, Any]:
+    """The `status.progress` of a patch, after checking the patch holds nothing else."""
+    body = request.body
+    assert isinstance(body, dict)
+    assert list(body) == ["status"], body
+    assert list(body["status"]) == ["progress"], body
+    progress: dict[str, Any] = body["status"]["progress"]
+    return progress
+
+
+def assert_only_own_status_merge_patches(api: FakeStatusApi) -> list[dict[str, Any]]:
+    """Every request is a merge PATCH of this ImageStream's status; return the progress bodies."""
+    requests = api.requests
+    assert requests, "the agent sent no status patch"
+    for request in requests:
+        assert (request.method, request.path) == ("PATCH", STATUS_PATH)
+        assert request.content_type == "application/merge-patch+json"
+        assert request.authorization == f"Bearer {TOKEN}"
+    return [progress_of(request) for request in requests]
+
+
+def assert_succeeded(run: CliRun, result: AgentResult, image: SampleImage, dev: Path) -> None:
+    """Exit 0, a verified result naming the device, and the device holds the raw image."""
+    assert run.code == 0, run.stderr
+    assert result.outcome == "Succeeded", result
+    assert result.sha384 == image.sha384
+    assert result.target == str(dev)
+    assert result.bytes_fetched == image.compressed_size
+    assert result.bytes_written == image.raw_size
+    assert sha384_of(dev, image.raw_size) == image.raw_sha384
+    assert TOKEN not in run.stderr + run.stdout
+
+
+@pytest.fixture
+def image(nginx_docroot: Path) -> SampleImage:
+    """4 MiB raw, about 1.3 MiB compressed: a second and a half at nginx's 1 MiB/s limit."""
+    return write_sample_image(nginx_docroot / "root.img.zst", 4 * MIB, seed=11)
+
+
+@pytest.fixture
+def dev(loop_device_factory: LoopDeviceFactory) -> Path:
+    """A 16 MiB loop device filled with PATTERN, so zeros and image bytes mean something."""
+    device = loop_device_factory(DEVICE_SIZE)
+    fill_pattern(device, DEVICE_SIZE)
+    return device
+
+
+@pytest.fixture
+def slow_url(nginx_factory: NginxFactory, nginx_docroot: Path) -> str:
+    """The image from a real nginx at about 1 MiB/s, so the stream spans several intervals."""
+    server = nginx_factory(nginx_docroot, extra_server_config="limit_rate 1m;")
+    return server.url_for("root.img.zst")
+
+
+# -- success ----------------------------------------------------------------------------------
+
+
+def test_success_reports_progress_at_most_once_per_interval(
+    image: SampleImage, dev: Path, slow_url: str, tmp_path: Path
+) -> None:
+    instr = instructions(slow_url, image, dev, tmp_path)
+    with FakeStatusApi() as api:
+        run, result = run_agent(instr, tmp_path, api)
+
+    assert_succeeded(run, result, image, dev)
+    progress = assert_only_own_status_merge_patches(api)
+    # At most one patch per interval: n patches sent at least INTERVAL apart span (n-1)
+    # intervals; one interval of slack for network jitter on arrival.
+    times = [request.at for request in api.requests]
+    assert (len(times) - 1) * INTERVAL <= times[-1] - times[0] + INTERVAL
+    assert len(progress) >= 2, "expected progress during the stream and a final patch"
+    assert progress[0]["phase"] == "Running"
+    final = progress[-1]
+    assert final["bytesFetched"] == image.compressed_size
+    assert final["bytesTotal"] == image.compressed_size
+    assert final["bytesWritten"] == image.raw_size
+    assert final["percent"] == 100
+    assert final["phase"] == "Verifying"  # the verdict is the controller's, not the progress's
+    assert all(UPDATED_AT.fullmatch(p["updatedAt"]) for p in progress)
+    fetched = [p["bytesFetched"] for p in progress]
+    assert fetched == sorted(fetched)
+
+
+def test_without_api_configuration_the_stream_still_runs(
+    image: SampleImage, dev: Path, tmp_path: Path
+) -> None:
+    instr = instructions(str(image.path), image, dev, tmp_path)
+
+    run, result = run_agent(instr, tmp_path, api=None)
+
+    assert_succeeded(run, result, image, dev)
+    assert "without status progress" in run.stderr
+
+
+@pytest.mark.parametrize("mode", ["fail", "hang"])
+def test_broken_api_server_does_not_stop_the_stream(
+    mode: Mode, image: SampleImage, dev: Path, slow_url: str, tmp_path: Path
+) -> None:
+    """500 on every patch, or no answer at all: the stream and its verdict are unaffected."""
+    instr = instructions(slow_url, image, dev, tmp_path)
+    with FakeStatusApi(mode) as api:
+        run, result = run_agent(instr, tmp_path, api)
+
+    assert_succeeded(run, result, image, dev)
+    assert_only_own_status_merge_patches(api)
+    if mode == "fail":
+        assert len(api.requests) >= 2, "a failed patch is retried on the next tick"
+        # Logged once, not once per tick, and without the token.
+        assert run.stderr.count("status progress update failed") == 1, run.stderr
+        assert "500" in run.stderr
+
+
+def test_oci_source_with_basic_auth_secret(image: SampleImage, dev: Path, tmp_path: Path) -> None:
+    """A real registry with Basic auth; the credentials come as a mounted basic-auth Secret."""
+    password = "agent-registry-password"
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {TEST_USER: password})
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "username").write_text(TEST_USER)
+    (secret / "password").write_text(password)
+    with Registry(tmp_path / "registry", auth=HtpasswdAuth(htpasswd)) as registry:
+        pusher = OciPusher(registry, credentials=(TEST_USER, password))
+        pushed = pusher.push_artifact("os/root", "v1", [Layer(image.path)])
+        instr = replace(
+            instructions(registry.reference("os/root", tag="v1"), image, dev, tmp_path),
+            auth_dir=str(secret),
+            layer=image.path.name,
+        )
+        with FakeStatusApi() as api:
+            run, result = run_agent(instr, tmp_path, api)
+
+    assert_succeeded(run, result, image, dev)
+    assert result.digest == pushed.layers[image.path.name].digest
+    assert password not in run.stderr
+    assert_only_own_status_merge_patches(api)
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def test_hash_mismatch_fails_and_leaves_the_target_invalid(
+    image: SampleImage, dev: Path, nginx: Any, tmp_path: Path
+) -> None:
+    wrong = hashlib.sha384(b"another image").hexdigest()
+    instr = replace(instructions(nginx.url_for("root.img.zst"), image, dev, tmp_path), sha384=wrong)
+    with FakeStatusApi() as api:
+        run, result = run_agent(instr, tmp_path, api)
+
+    assert run.code == 4, run.stderr
+    assert (result.outcome, result.reason) == ("Failed", "HashMismatch")
+    assert wrong in result.message
+    assert result.sha384 is None
+    assert result.target == str(dev)
+    assert read_device(dev, MIB) == bytes(MIB)  # the first MiB zeroed: never looks valid
+
+
+def test_sigterm_mid_stream_cancels_and_leaves_the_target_invalid(
+    dev: Path, nginx_factory: NginxFactory, nginx_docroot: Path, tmp_path: Path
+) -> None:
+    # 16 MiB raw, ~5 MiB fetched at 1 MiB/s: several seconds, SIGTERM after the first buffer.
+    image = write_sample_image(nginx_docroot / "big.zst", DEVICE_SIZE, seed=12)
+    server = nginx_factory(nginx_docroot, extra_server_config="limit_rate 1m;")
+    instr = instructions(server.url_for("big.zst"), image, dev, tmp_path)
+    with FakeStatusApi() as api:
+        env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
+        process = subprocess.Popen(
+            imagestream_command("agent"),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            # The agent's own progress patches say when a buffer past the first MiB is written.
+            wait_until(
+                lambda: any(progress_of(r)["bytesWritten"] >= 4 * MIB for r in api.requests),
+                30,
+                what="4 MiB written",
+            )
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    assert process.returncode == 130, stderr
+    result = AgentResult.from_json(Path(instr.termination_log).read_text())
+    assert (result.outcome, result.reason) == ("Failed", "Cancelled")
+    assert result.bytes_written >= 4 * MIB  # the last numbers seen, not zeros
+    assert result.bytes_fetched < image.compressed_size
+    assert read_device(dev, MIB) == bytes(MIB)
+    # The end of the device was never reached.
+    assert read_device(dev, MIB, DEVICE_SIZE - MIB) == PATTERN
+
+
+def test_missing_instructions_fail_naming_the_variables(
+    image: SampleImage, dev: Path, tmp_path: Path
+) -> None:
+    instr = instructions(str(image.path), image, dev, tmp_path)
+    with FakeStatusApi() as api:
+        env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
+        del env[env_name("name")], env[env_name("sha384")]
+        run = run_imagestream("agent", env=env, timeout=60)
+
+    assert run.code == 2, run.stderr
+    result = AgentResult.from_json(Path(instr.termination_log).read_text())
+    assert (result.outcome, result.reason) == ("Failed", "InvalidRequest")
+    assert "IMAGESTREAM_NAME" in result.message
+    assert "IMAGESTREAM_SHA384" in result.message
+    assert result.target == str(dev)
+    assert api.requests == []  # it does not know whose status to patch
+    assert read_device(dev, MIB) == PATTERN  # nothing written

@@ -1,0 +1,146 @@
+"""A recording stand-in for the one API call the agent makes: PATCH of imagestreams/status.
+
+It answers every request on 127.0.0.1 (a free port) and records method, path, headers, body and
+arrival time. :attr:`FakeStatusApi.mode` says how it answers: ``"ok"`` (200 with the patch
+echoed in an ImageStream), ``"fail"`` (500 with a Kubernetes ``Status``) or ``"hang"`` (no
+answer until the server stops). :meth:`FakeStatusApi.kubeconfig` writes a kubeconfig for it.
+
+A real API server would also authenticate the token, check RBAC, validate the patch against
+the CRD schema and merge it into a stored object; this one only records what it was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Mode = Literal["ok", "fail", "hang"]
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    content_type: str
+    authorization: str
+    body: Any
+    at: float  # time.monotonic() on arrival
+
+
+class FakeStatusApi:
+    """Context manager: serve, record, and stop (waking any hanging request)."""
+
+    def __init__(self, mode: Mode = "ok") -> None:
+        self.mode: Mode = mode
+        self._requests: list[ApiRequest] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self._server.owner = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def requests(self) -> list[ApiRequest]:
+        """Every request so far, in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    def kubeconfig(self, path: Path, token: str) -> Path:
+        """Write a kubeconfig for this server with a bearer-token user; return ``path``."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "agent", "user": {"token": token}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agent"}}],
+            "current-context": "fake",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def __enter__(self) -> FakeStatusApi:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def _record(self, request: ApiRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_PATCH(self) -> None:
+        self._answer()
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_PUT(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the test reads the recorded requests instead."""
+
+    def _answer(self) -> None:
+        owner: FakeStatusApi = self.server.owner  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            body = raw.decode(errors="replace")
+        owner._record(
+            ApiRequest(
+                method=self.command,
+                path=self.path,
+                content_type=self.headers.get("Content-Type", ""),
+                authorization=self.headers.get("Authorization", ""),
+                body=body,
+                at=time.monotonic(),
+            )
+        )
+        if owner.mode == "hang":
+            owner._stopping.wait()
+            self.close_connection = True
+            return
+        if owner.mode == "fail":
+            self._send(500, {"kind": "Status", "status": "Failure", "code": 500})
+            return
+        echoed = body if isinstance(body, dict) else {}
+        self._send(200, {"apiVersion": "imagestream.dev/v1alpha1", "kind": "ImageStream", **echoed})
+
+    def _send(self, code: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

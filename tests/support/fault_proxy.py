@@ -1,0 +1,374 @@
+"""A small reverse HTTP proxy that misbehaves on purpose, in front of a real registry, for tests.
+
+:class:`FaultProxy` listens on ``127.0.0.1:<free port>`` and forwards every request to one plain
+HTTP upstream (a :class:`~tests.support.registry.Registry`), streaming the answer back, keeping
+the client's ``Host`` header (so the URLs the registry builds point at the proxy) and recording
+each exchange (:class:`ProxiedRequest`). Planned :class:`ProxyFault`\\ s change chosen answers:
+
+* ``reset`` — a blob GET (``/v2/<name>/blobs/sha256:...``) sends ``after`` bytes of its body,
+  waits until the client acknowledged them, holds the connection ``pause`` seconds, then aborts
+  it with a TCP RST: a load balancer or a flaky link cutting a download;
+* ``tamper_manifest`` — a manifest GET is answered with the registry's bytes plus a trailing
+  newline (still valid JSON, same ``Docker-Content-Digest`` header), so its sha256 no longer
+  matches the digest the client asked for: a corrupting or lying intermediary;
+* ``strip_accept_ranges`` — blob HEAD and GET answers lose their ``Accept-Ranges`` header, as
+  behind some CDNs (the registry still honours ``Range``).
+
+Each fault applies to the next ``times`` matching requests, in plan order. Plain HTTP only: a
+proxy in front of TLS would have to terminate it with its own certificate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import http.client
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Protocol, Self, cast
+from urllib.parse import urlsplit
+
+from .process import LOOPBACK
+from .registry import Registry
+
+try:  # Linux: bytes not yet acknowledged by the peer (see `reset_connection`)
+    import fcntl
+    import termios
+
+    _TIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover - not Linux
+    _TIOCOUTQ = None
+
+_BLOB_RE = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
+_MANIFEST_RE = re.compile(r"^/v2/.+/manifests/[^/]+$")
+_CHUNK = 64 * 1024
+_ACK_WAIT = 5.0
+#: Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+class FaultKind(enum.StrEnum):
+    """What a :class:`ProxyFault` does (see the module docstring)."""
+
+    RESET = "reset"
+    TAMPER_MANIFEST = "tamper_manifest"
+    STRIP_ACCEPT_RANGES = "strip_accept_ranges"
+
+
+@dataclass(frozen=True)
+class ProxyFault:
+    """One planned fault; build it with the class methods."""
+
+    kind: FaultKind
+    times: int = 1
+    after: int = 0
+    pause: float = 0.0
+
+    @classmethod
+    def reset(cls, after: int, *, times: int = 1, pause: float = 0.0) -> ProxyFault:
+        """Cut the next ``times`` blob GETs after ``after`` body bytes (``pause`` s before)."""
+        return cls(FaultKind.RESET, times=times, after=after, pause=pause)
+
+    @classmethod
+    def tamper_manifest(cls, *, times: int = 1) -> ProxyFault:
+        """Append a newline to the next ``times`` manifest GET bodies."""
+        return cls(FaultKind.TAMPER_MANIFEST, times=times)
+
+    @classmethod
+    def strip_accept_ranges(cls, *, times: int = 1_000_000) -> ProxyFault:
+        """Drop ``Accept-Ranges`` from blob HEAD/GET answers (by default from all of them)."""
+        return cls(FaultKind.STRIP_ACCEPT_RANGES, times=times)
+
+    def applies_to(self, method: str, path: str) -> bool:
+        """Whether this fault is about a request of ``method`` on ``path``."""
+        if self.kind is FaultKind.RESET:
+            return method == "GET" and _BLOB_RE.match(path) is not None
+        if self.kind is FaultKind.TAMPER_MANIFEST:
+            return method == "GET" and _MANIFEST_RE.match(path) is not None
+        return method in {"GET", "HEAD"} and _BLOB_RE.match(path) is not None
+
+
+@dataclass
+class _Planned:
+    fault: ProxyFault
+    remaining: int
+
+
+@dataclass
+class ProxiedRequest:
+    """One request the proxy forwarded, and what it did with the answer."""
+
+    method: str
+    path: str
+    range: str | None
+    authorization: str | None  # the client's Authorization header (test credentials only)
+    status: int = 0
+    body_bytes: int = 0  # body bytes sent to the client
+    faults: list[FaultKind] = field(default_factory=list)
+
+
+class FaultProxy:
+    """A reverse proxy to ``upstream`` (``http://HOST:PORT``) with a plan of faults.
+
+    Use as a context manager; :attr:`address` (``127.0.0.1:PORT``) is what a client uses in
+    place of the registry's. :meth:`add` plans more faults while it runs.
+    """
+
+    def __init__(self, upstream: str, faults: Iterable[ProxyFault] = ()) -> None:
+        parts = urlsplit(upstream)
+        if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+            raise ValueError(f"upstream must be http://HOST:PORT, got {upstream!r}")
+        self.upstream_host = parts.hostname
+        self.upstream_port = parts.port
+        self._lock = threading.Lock()
+        self._pending: list[_Planned] = []
+        self._requests: list[ProxiedRequest] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.add(*faults)
+
+    # -- plan and records -------------------------------------------------------------------
+
+    def add(self, *faults: ProxyFault) -> None:
+        """Plan ``faults`` after those already pending."""
+        with self._lock:
+            self._pending.extend(_Planned(fault, fault.times) for fault in faults)
+
+    def take(self, method: str, path: str) -> list[ProxyFault]:
+        """The faults (at most one of each kind) for this request, used up from the plan."""
+        taken: list[ProxyFault] = []
+        with self._lock:
+            for planned in self._pending:
+                fault = planned.fault
+                if fault.applies_to(method, path) and all(t.kind is not fault.kind for t in taken):
+                    planned.remaining -= 1
+                    taken.append(fault)
+            self._pending = [planned for planned in self._pending if planned.remaining]
+        return taken
+
+    @property
+    def pending(self) -> list[ProxyFault]:
+        """The faults not yet (fully) used."""
+        with self._lock:
+            return [planned.fault for planned in self._pending]
+
+    @property
+    def requests(self) -> list[ProxiedRequest]:
+        """Every request forwarded so far, oldest first (records of finished exchanges)."""
+        with self._lock:
+            return list(self._requests)
+
+    def blob_gets(self) -> list[ProxiedRequest]:
+        """The blob GETs among :attr:`requests`."""
+        return [r for r in self.requests if r.method == "GET" and _BLOB_RE.match(r.path)]
+
+    def _record(self, record: ProxiedRequest) -> None:
+        with self._lock:
+            self._requests.append(record)
+
+    # -- addresses and lifecycle ------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The listening port; valid once started."""
+        if self._server is None:
+            raise RuntimeError("the proxy is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT``."""
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self) -> Self:
+        """Listen on a free loopback port and serve in a daemon thread."""
+        if self._server is not None:
+            raise RuntimeError("the proxy is already started")
+        server = _ProxyServer((LOOPBACK, 0), _ProxyHandler)
+        server.owner = self
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="fault-proxy")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, abandon responses in flight, close the socket."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class _ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: FaultProxy
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Clients going away mid-answer (or being reset by us) is what the tests provoke.
+        return
+
+
+class _Reset(Exception):
+    """The connection was aborted on purpose: end this handler without another response."""
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    timeout = 30
+
+    @property
+    def owner(self) -> FaultProxy:
+        return cast(_ProxyServer, self.server).owner
+
+    def log_message(self, format: str, *args: object) -> None:
+        return  # tests read FaultProxy.requests
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def _forward(self) -> None:
+        owner = self.owner
+        path = urlsplit(self.path).path
+        record = ProxiedRequest(
+            method=self.command,
+            path=path,
+            range=self.headers.get("Range"),
+            authorization=self.headers.get("Authorization"),
+        )
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        upstream = http.client.HTTPConnection(owner.upstream_host, owner.upstream_port, timeout=30)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            record.status = response.status
+            faults = owner.take(self.command, path) if response.status in (200, 206) else []
+            record.faults = [fault.kind for fault in faults]
+            self._answer(response, faults, record)
+        except _Reset:
+            self.close_connection = True
+        finally:
+            upstream.close()
+            owner._record(record)
+
+    def _answer(
+        self,
+        response: http.client.HTTPResponse,
+        faults: list[ProxyFault],
+        record: ProxiedRequest,
+    ) -> None:
+        kinds = {fault.kind: fault for fault in faults}
+        head = self.command == "HEAD"
+        # Bodies to change, and bodies of unknown length, are read whole (they are small JSON);
+        # blobs stream through.
+        buffered = not head and (
+            FaultKind.TAMPER_MANIFEST in kinds or response.getheader("Content-Length") is None
+        )
+        body = response.read() if buffered else None
+        if body is not None and FaultKind.TAMPER_MANIFEST in kinds:
+            body += b"\n"
+        self.send_response(response.status, response.reason)
+        for name, value in response.getheaders():
+            lowered = name.lower()
+            if lowered in _HOP_BY_HOP or (body is not None and lowered == "content-length"):
+                continue
+            if lowered == "accept-ranges" and FaultKind.STRIP_ACCEPT_RANGES in kinds:
+                continue
+            self.send_header(name, value)
+        if body is not None:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if head:
+            return
+        if body is not None:
+            self.wfile.write(body)
+            record.body_bytes = len(body)
+            return
+        self._copy_body(response, kinds.get(FaultKind.RESET), record)
+
+    def _copy_body(
+        self, response: http.client.HTTPResponse, reset: ProxyFault | None, record: ProxiedRequest
+    ) -> None:
+        limit = reset.after if reset is not None else None
+        while limit is None or record.body_bytes < limit:
+            if self.owner._stopping.is_set():
+                raise _Reset
+            want = _CHUNK if limit is None else min(_CHUNK, limit - record.body_bytes)
+            chunk = response.read(want)
+            if not chunk:
+                break
+            self.wfile.write(chunk)
+            record.body_bytes += len(chunk)
+        if reset is not None:
+            self.wfile.flush()
+            reset_connection(self.connection, pause=reset.pause, stopping=self.owner._stopping)
+            self.rfile.close()
+            raise _Reset
+
+
+def reset_connection(sock: socket.socket, *, pause: float, stopping: threading.Event) -> None:
+    """Abort ``sock`` with a TCP RST once the peer has acknowledged what was sent.
+
+    A RST discards whatever is still in the send queue, so without the wait the client would
+    see the reset after an unpredictable number of bytes. ``pause`` seconds pass (unless
+    ``stopping`` is set) between the acknowledgement and the reset.
+    """
+    deadline = time.monotonic() + _ACK_WAIT
+    while _TIOCOUTQ is not None and time.monotonic() < deadline and not stopping.is_set():
+        raw = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
+        if struct.unpack("i", raw)[0] == 0:
+            break
+        time.sleep(0.002)
+    stopping.wait(pause)
+    # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class FaultProxyFactory(Protocol):
+    """Type of the ``fault_proxy_factory`` fixture."""
+
+    def __call__(self, registry: Registry, *faults: ProxyFault) -> FaultProxy:
+        """Start a proxy in front of ``registry`` (plain HTTP) with ``faults`` planned."""
+        ...

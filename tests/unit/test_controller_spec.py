@@ -1,0 +1,135 @@
+"""Parsing an ImageStream body: target resolution, defaults, and what ends the stream early."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tests.support.streams import SHA384, stream_body
+
+from imagestream.controller.spec import (
+    INVALID_SPEC,
+    TARGET_KIND_UNSUPPORTED,
+    StreamOptions,
+    parse_stream,
+    target_key_of,
+)
+from imagestream.errors import UsageError
+
+
+def test_device_target_resolves_under_the_host_dev_mount() -> None:
+    stream = parse_stream(stream_body())
+    assert stream.target.kind == "device"
+    assert stream.target.host_path == "/dev/disk/by-partlabel/root-b"
+    assert stream.target.agent_path == "/host/dev/disk/by-partlabel/root-b"
+    assert stream.target.host_dir is None
+    assert stream.target_key == ("node-7", "/dev/disk/by-partlabel/root-b")
+
+
+@pytest.mark.parametrize(
+    ("kind", "host_path", "host_dir"),
+    [
+        ("sysext", "/var/lib/extensions/tools.raw", "/var/lib/extensions"),
+        ("confext", "/var/lib/confexts/tools.raw", "/var/lib/confexts"),
+    ],
+)
+def test_extension_targets_are_files_in_the_mounted_extension_dir(
+    kind: str, host_path: str, host_dir: str
+) -> None:
+    stream = parse_stream(stream_body(target={"extension": {"type": kind, "name": "tools"}}))
+    assert stream.target.kind == "extension"
+    assert stream.target.host_path == host_path
+    assert stream.target.host_dir == host_dir
+    assert stream.target.agent_path == "/host" + host_path
+    assert stream.target.agent_dir == "/host" + host_dir
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"abUpdate": {"volumes": ["/dev/disk/by-partlabel/a", "/dev/disk/by-partlabel/b"]}},
+        {"disk": "/dev/disk/by-id/nvme-1"},
+    ],
+)
+def test_target_kinds_the_agent_cannot_write_yet_are_refused(target: dict[str, Any]) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_stream(stream_body(target=target))
+    assert caught.value.reason == TARGET_KIND_UNSUPPORTED
+    assert "not supported" in caught.value.message
+
+
+def test_source_fields_and_defaults() -> None:
+    source = {
+        "url": "oci://registry.example/os/root:1.2",
+        "sha384": SHA384.upper(),
+        "compression": "zstd",
+        "authSecretRef": {"name": "creds"},
+        "caConfigMapRef": {"name": "corp-ca"},
+        "platform": "linux/arm64",
+        "layer": "root.raw.zst",
+    }
+    parsed = parse_stream(stream_body(source=source)).source
+    assert parsed.sha384 == SHA384  # lower-cased: the agent reports lower-case hex
+    assert parsed.compression == "zstd"
+    assert parsed.auth_secret == "creds"
+    assert (parsed.ca_config_map, parsed.ca_key) == ("corp-ca", "ca.crt")
+    assert (parsed.platform, parsed.layer) == ("linux/arm64", "root.raw.zst")
+    bare = parse_stream(stream_body()).source
+    assert (bare.compression, bare.auth_secret, bare.ca_config_map) == ("auto", None, None)
+
+
+def test_knobs_default_as_the_crd_does_and_are_read_when_set() -> None:
+    assert parse_stream(stream_body()).options == StreamOptions(
+        stall_timeout_seconds=30,
+        max_retries=8,
+        active_deadline_seconds=7200,
+        verify_after_write=False,
+        force=False,
+    )
+    knobs: dict[str, Any] = {
+        "stallTimeoutSeconds": 5,
+        "maxRetries": 2,
+        "activeDeadlineSeconds": 600,
+        "verifyAfterWrite": True,
+        "force": True,
+    }
+    assert parse_stream(stream_body(**knobs)).options == StreamOptions(5, 2, 600, True, True)
+
+
+def test_identity_comes_from_metadata() -> None:
+    stream = parse_stream(stream_body(name="n", namespace="ns", uid="u", generation=4))
+    assert (stream.name, stream.namespace, stream.uid, stream.generation) == ("n", "ns", "u", 4)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"nodeName": None},
+        {"nodeName": "Node_7"},
+        {"source": {"url": "ftp://images.example/x", "sha384": SHA384}},
+        {"source": {"url": "https://images.example/x", "sha384": "ab" * 47}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "compression": "xz"}},
+        {"target": {}},
+        {"target": {"device": "/dev/sda", "disk": "/dev/sdb"}},
+        {"target": {"device": "/dev/../etc/shadow"}},
+        {"target": {"device": "/etc/shadow"}},
+        {"target": {"extension": {"type": "sysext", "name": "../../etc/x"}}},
+        {"target": {"extension": {"type": "portable", "name": "tools"}}},
+        {"maxRetries": -1},
+        {"activeDeadlineSeconds": "soon"},
+    ],
+)
+def test_malformed_specs_are_invalid(change: dict[str, Any]) -> None:
+    body = stream_body()
+    body["spec"].update(change)
+    with pytest.raises(UsageError) as caught:
+        parse_stream(body)
+    assert caught.value.reason == INVALID_SPEC
+    assert target_key_of(body) is None
+
+
+def test_missing_spec_is_invalid() -> None:
+    body = stream_body()
+    del body["spec"]
+    with pytest.raises(UsageError, match="spec is missing"):
+        parse_stream(body)
