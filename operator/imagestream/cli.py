@@ -79,7 +79,7 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
     )
     controller.add_argument(
         "--agent-image",
-        default="ghcr.io/imagestream/imagestream-operator:latest",
+        default="imagestream-operator:latest",
         help="container image of the agent Jobs",
     )
     controller.add_argument(
