@@ -8,6 +8,13 @@ device (or, for the ceiling, into /dev/null):
   conv=fsync status=none``
 * ceiling: ``zstd -dc FILE > /dev/null`` (single-threaded decompression of the same file)
 
+With ``--oci`` a real ``docker-registry`` (filesystem storage in the temp dir) holds the same file
+as a one-layer artifact ``bench/os:1``, and two more contenders run in every round:
+
+* ours-oci:   ``imagestream stream oci://127.0.0.1:PORT/bench/os:1 DEV --sha384 HEX ...``
+  (resolves the manifest, then verifies the blob's sha256 digest beside the SHA-384)
+* native-oci: ``curl -s BLOB_URL | tee >(sha384sum >FILE) >(sha256sum >FILE) | zstd -d | dd ...``
+
 They run alternately (the order of ours and native flips every round), each under the same
 conditions: the target is discarded (``blkdiscard``: a sparse backing file again) and, in the
 default ``--cache cold`` mode, the page cache is dropped before every run, so nginx and zstd read
@@ -21,7 +28,8 @@ single process). Nothing here asserts: the bars of the design are printed beside
 
 Run as root::
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--size-gib 1] [--runs 3] [--rss-sizes 1,4]
+    .venv/bin/python benchmarks/bench_pipeline.py [--size-gib 1] [--runs 3] [--rss-sizes 1,4] \\
+        [--oci]
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 # `tests.support` lives in the repository, not in the installed distribution.
@@ -48,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import zstandard
 from tests.support.blockdev import loop_device
 from tests.support.nginx import Nginx
+from tests.support.oci_push import Layer, OciPusher
+from tests.support.registry import Registry
 from tests.support.tools import find_tool
 
 from imagestream.demo.image import SampleImage, write_sample_image
@@ -66,8 +77,11 @@ RSS_FLAT_TOLERANCE_MIB = 4.0
 _LOOP_SLACK = 16 * MIB  # the target is a little larger than the image, like a real partition
 _READ_BACK_CHUNK = 4 * MIB
 _SHA_WAIT_SECONDS = 10.0
-_SHA384_LINE = re.compile(r"^([0-9a-f]{96})\s")
+_DIGEST_LINE = re.compile(r"^([0-9a-f]{64,128})\s")
 _TOOLS = ("nginx", "curl", "zstd", "dd", "bash", "losetup", "blkdiscard", "sha384sum", "tee")
+_OCI_TOOLS = ("docker-registry", "sha256sum")
+OCI_REPOSITORY = "bench/os"
+OCI_TAG = "1"
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -257,6 +271,25 @@ def gib_label(raw_size: int) -> str:
 # -- the benchmark ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where one pair of contenders (ours and native) fetches the image from.
+
+    `suffix` names the pair's runs ("" for nginx: "ours"/"native"; "oci": "ours-oci"/...).
+    With a `blob_digest` (OCI) both contenders also check the registry's sha256 digest: ours
+    verifies it in its pipeline, native adds a `sha256sum` beside its `sha384sum`.
+    """
+
+    suffix: str
+    source: str  # what `imagestream stream` is given: a URL or an oci:// reference
+    blob_url: str  # what curl fetches
+    blob_digest: str | None = None
+
+    def kind(self, contender: str) -> str:
+        """'ours', 'native-oci', ..."""
+        return f"{contender}-{self.suffix}" if self.suffix else contender
+
+
 @dataclass
 class Bench:
     """Shared state: where things are and how runs are prepared."""
@@ -279,12 +312,17 @@ class Bench:
             os.sync()
             warm_file(image.path)
 
-    def ours_argv(self, image: SampleImage, dev: Path) -> list[str]:
+    def http_origin(self, image: SampleImage) -> Origin:
+        """The image's file as nginx serves it."""
+        url = self.server.url_for(image.path.name)
+        return Origin(suffix="", source=url, blob_url=url)
+
+    def ours_argv(self, image: SampleImage, dev: Path, origin: Origin) -> list[str]:
         """The command line of our pipeline."""
         return [
             self.imagestream,
             "stream",
-            self.server.url_for(image.path.name),
+            origin.source,
             str(dev),
             "--sha384",
             image.sha384,
@@ -293,23 +331,27 @@ class Bench:
             *self.ours_extra,
         ]
 
-    def run_ours(self, image: SampleImage, dev: Path) -> Run:
+    def run_ours(self, image: SampleImage, dev: Path, origin: Origin) -> Run:
         """Time our pipeline, then check the target."""
         self.prepare(image, dev)
-        result = measure(self.ours_argv(image, dev), self.log)
+        result = measure(self.ours_argv(image, dev, origin), self.log)
         problems: list[str] = []
         if result.returncode != 0:
             problems.append(f"exit status {result.returncode}")
         problems.extend(self.check_target(image, dev))
-        return Run("ours", result, image.raw_size, tuple(problems))
+        return Run(origin.kind("ours"), result, image.raw_size, tuple(problems))
 
-    def run_native(self, image: SampleImage, dev: Path) -> Run:
-        """Time the native shell pipeline, then check its hash file and the target."""
-        sha_file = self.workdir / "native.sha384"
-        sha_file.unlink(missing_ok=True)
-        url = self.server.url_for(image.path.name)
+    def run_native(self, image: SampleImage, dev: Path, origin: Origin) -> Run:
+        """Time the native shell pipeline, then check its hash files and the target."""
+        expected = {"sha384sum": image.sha384}
+        if origin.blob_digest is not None:
+            expected["sha256sum"] = origin.blob_digest.removeprefix("sha256:")
+        files = {tool: self.workdir / f"native.{tool}" for tool in expected}
+        for path in files.values():
+            path.unlink(missing_ok=True)
+        hashers = " ".join(f">({tool} >{path})" for tool, path in files.items())
         script = (
-            f"curl -s {url} | tee >(sha384sum >{sha_file}) | zstd -d "
+            f"curl -s {origin.blob_url} | tee {hashers} | zstd -d "
             f"| dd of={dev} bs=4M oflag=direct conv=fsync status=none"
         )
         self.prepare(image, dev)
@@ -317,12 +359,13 @@ class Bench:
         problems: list[str] = []
         if result.returncode != 0:
             problems.append(f"exit status {result.returncode}")
-        # The process substitution is not waited for by bash; it ends right after tee's EOF.
-        fetched = self.wait_for_sha_file(sha_file)
-        if fetched != image.sha384:
-            problems.append(f"sha384sum of the fetched bytes is {fetched or 'missing'}")
+        for tool, path in files.items():
+            # The process substitution is not waited for by bash; it ends right after tee's EOF.
+            fetched = self.wait_for_digest_file(path)
+            if fetched != expected[tool]:
+                problems.append(f"{tool} of the fetched bytes is {fetched or 'missing'}")
         problems.extend(self.check_target(image, dev))
-        return Run("native", result, image.raw_size, tuple(problems))
+        return Run(origin.kind("native"), result, image.raw_size, tuple(problems))
 
     def run_ceiling(self, image: SampleImage) -> Run:
         """Time single-threaded decompression of the file into /dev/null."""
@@ -333,12 +376,12 @@ class Bench:
         return Run("ceiling", result, image.raw_size, tuple(problems))
 
     @staticmethod
-    def wait_for_sha_file(path: Path) -> str | None:
-        """The digest sha384sum wrote, waiting a little for it to finish."""
+    def wait_for_digest_file(path: Path) -> str | None:
+        """The digest sha384sum (or sha256sum) wrote, waiting a little for it to finish."""
         deadline = time.monotonic() + _SHA_WAIT_SECONDS
         while True:
             try:
-                match = _SHA384_LINE.match(path.read_text(encoding="ascii"))
+                match = _DIGEST_LINE.match(path.read_text(encoding="ascii"))
             except FileNotFoundError:
                 match = None
             if match:
@@ -361,17 +404,34 @@ def describe_run(run: Run) -> str:
     """One line per run."""
     m = run.measurement
     line = (
-        f"  {run.kind:<8} {m.seconds:7.2f} s  {run.mb_per_s:7.1f} MB/s  cpu {m.cpu_seconds:5.2f} s"
+        f"  {run.kind:<10} {m.seconds:7.2f} s  {run.mb_per_s:7.1f} MB/s  cpu {m.cpu_seconds:5.2f} s"
     )
-    if run.kind == "ours":
+    if run.kind.startswith("ours"):
         line += f"  peak RSS {m.maxrss_mib:6.1f} MiB"
-    elif run.kind == "native":
+    elif run.kind.startswith("native"):
         line += f"  peak RSS {m.maxrss_mib:6.1f} MiB (largest process)"
     if run.kind != "ceiling":
         line += "  target ok" if run.ok else ""
     if not run.ok:
         line += "  BROKEN: " + "; ".join(run.problems)
     return line
+
+
+def push_to_registry(stack: ExitStack, workdir: Path, image: SampleImage) -> Origin:
+    """Start a real docker-registry and push the image as a one-layer artifact (as oras does).
+
+    The registry stores blobs as plain files under the work directory, so dropping the page
+    cache makes it read the blob from disk like nginx does.
+    """
+    registry = stack.enter_context(Registry(workdir / "registry"))
+    pushed = OciPusher(registry).push_artifact(OCI_REPOSITORY, OCI_TAG, [Layer(image.path)])
+    digest = pushed.layers[image.path.name].digest
+    return Origin(
+        suffix="oci",
+        source=registry.reference(OCI_REPOSITORY, tag=OCI_TAG),
+        blob_url=f"{registry.base_url}/v2/{OCI_REPOSITORY}/blobs/{digest}",
+        blob_digest=digest,
+    )
 
 
 def make_image(docroot: Path, raw_size: int, seed: int) -> SampleImage:
@@ -392,6 +452,12 @@ def make_image(docroot: Path, raw_size: int, seed: int) -> SampleImage:
 def verdict(ok: bool) -> str:
     """'meets' or 'BELOW BAR'."""
     return "meets" if ok else "BELOW BAR"
+
+
+def speedup(runs: dict[str, list[Run]], kind: str, over: str) -> float | None:
+    """Throughput of `kind` relative to `over`: median time of `over` / median time of `kind`."""
+    mine, theirs = median_of(runs[kind]), median_of(runs[over])
+    return theirs / mine if mine and theirs else None
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -448,6 +514,10 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
     print("native    curl -s URL | tee >(sha384sum >FILE) | zstd -d | dd of=DEV bs=4M ", end="")
     print("oflag=direct conv=fsync status=none")
     print("ceiling   zstd -dc FILE > /dev/null")
+    if args.oci:
+        print(f"ours-oci  {imagestream} stream oci://REGISTRY/{OCI_REPOSITORY}:{OCI_TAG} DEV ...")
+        print("native-oci curl -s BLOB_URL | tee >(sha384sum >FILE) >(sha256sum >FILE) ", end="")
+        print("| zstd -d | dd ...")
     floor = measure(["true"], log).maxrss_mib
     print(f"rss floor {floor:.1f} MiB (ru_maxrss of `true` through the launcher)")
     print(flush=True)
@@ -465,37 +535,45 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
         log=log,
     )
 
-    runs: dict[str, list[Run]] = {"ours": [], "native": [], "ceiling": []}
+    origins = [bench.http_origin(image)]
+    if args.oci:
+        start = time.perf_counter()
+        origins.append(push_to_registry(stack, workdir, image))
+        print(f"registry  {origins[-1].source} (pushed in {time.perf_counter() - start:.1f} s)")
+        print(f"          blob {origins[-1].blob_url}")
+    kinds = [origin.kind(c) for origin in origins for c in ("ours", "native")] + ["ceiling"]
+    runs: dict[str, list[Run]] = {kind: [] for kind in kinds}
     with loop_device(raw_size + _LOOP_SLACK, workdir) as dev:
         print(f"target    {dev} ({(raw_size + _LOOP_SLACK) / MIB:.0f} MiB)", flush=True)
         for round_no in range(args.runs):
             print(
                 f"\nround {round_no + 1}/{args.runs}  (load average {load_average()})", flush=True
             )
-            order = ("ours", "native") if round_no % 2 == 0 else ("native", "ours")
-            for kind in (*order, "ceiling"):
-                if kind == "ours":
-                    run = bench.run_ours(image, dev)
-                elif kind == "native":
-                    run = bench.run_native(image, dev)
-                else:
-                    run = bench.run_ceiling(image)
-                runs[kind].append(run)
+            order = (bench.run_ours, bench.run_native)
+            if round_no % 2:
+                order = order[::-1]
+            timed = [
+                partial(contender, image, dev, origin) for origin in origins for contender in order
+            ]
+            for timed_run in (*timed, partial(bench.run_ceiling, image)):
+                run = timed_run()
+                runs[run.kind].append(run)
                 print(describe_run(run), flush=True)
 
     ours_t = median_of(runs["ours"])
     native_t = median_of(runs["native"])
     ceiling_t = median_of(runs["ceiling"])
-    ours_native = native_t / ours_t if ours_t and native_t else None
-    ours_ceiling = ceiling_t / ours_t if ours_t and ceiling_t else None
+    ours_native = speedup(runs, "ours", over="native")
+    ours_ceiling = speedup(runs, "ours", over="ceiling")
+    oci_native = speedup(runs, "ours-oci", over="native-oci") if args.oci else None
     good_ours = [r for r in runs["ours"] if r.ok]
     rss_main = max((r.measurement.maxrss_mib for r in good_ours), default=None)
     broken = sum(not r.ok for kind_runs in runs.values() for r in kind_runs)
 
     print(f"\nmedians over the runs that verified ({gib_label(raw_size)} image):")
-    for kind, label in (("ours", "ours"), ("native", "native"), ("ceiling", "ceiling")):
-        t = median_of(runs[kind])
-        print(f"  {label:<8} {fmt_seconds(t):>9}  {fmt_rate(raw_size, t):>7} MB/s")
+    for kind, kind_runs in runs.items():
+        t = median_of(kind_runs)
+        print(f"  {kind:<10} {fmt_seconds(t):>9}  {fmt_rate(raw_size, t):>7} MB/s")
     print(
         f"  ours/native  throughput ratio (native_time/our_time) {fmt_ratio(ours_native)}"
         f"   bar >= {BAR_OURS_NATIVE}x"
@@ -504,6 +582,15 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
         f"  ours/ceiling throughput ratio (zstd_time/our_time)   {fmt_ratio(ours_ceiling)}"
         f"   bar >= {BAR_OURS_CEILING}x"
     )
+    if args.oci:
+        print(
+            f"  ours-oci/native-oci throughput ratio                 {fmt_ratio(oci_native)}"
+            f"   bar >= {BAR_OURS_NATIVE}x"
+        )
+        print(
+            "  ours-oci/ours (what the registry and sha256 cost)   "
+            f"{fmt_ratio(speedup(runs, 'ours-oci', over='ours'))}"
+        )
     rss_text = "n/a" if rss_main is None else f"{rss_main:.1f} MiB"
     rss_low = min((r.measurement.maxrss_mib for r in good_ours), default=None)
     spread = "" if rss_low is None else f" (runs: {rss_low:.1f}..{rss_main:.1f} MiB)"
@@ -520,7 +607,7 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
         sized = image if size == raw_size else make_image(docroot, size, args.seed)
         try:
             with loop_device(size + _LOOP_SLACK, workdir) as dev:
-                run = bench.run_ours(sized, dev)
+                run = bench.run_ours(sized, dev, bench.http_origin(sized))
         finally:
             if sized is not image:
                 sized.path.unlink(missing_ok=True)
@@ -606,8 +693,22 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
                     "",
                 )
             )
+    if args.oci:
+        print(row.format("ours-oci median", fmt_seconds(median_of(runs["ours-oci"])), "", ""))
+        print(row.format("native-oci median", fmt_seconds(median_of(runs["native-oci"])), "", ""))
+        print(
+            row.format(
+                "ours-oci/native-oci (throughput)",
+                fmt_ratio(oci_native),
+                f">= {BAR_OURS_NATIVE}x",
+                "n/a" if oci_native is None else verdict(oci_native >= BAR_OURS_NATIVE),
+            )
+        )
     print(row.format("broken runs", str(broken), "0", verdict(broken == 0)))
-    print(f"(load average at the end: {load_average()}; cpu counts exclude native's sha384sum)")
+    print(
+        f"(load average at the end: {load_average()}; "
+        "cpu counts exclude native's sha384sum and sha256sum)"
+    )
     code_at_end = code_state()
     if code_at_end != code_at_start:
         print(f"WARNING: the code changed during the run; now {code_at_end}")
@@ -632,6 +733,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="sample image seed (default 0)")
     parser.add_argument(
         "--tmp-dir", default="/var/tmp", help="where the temp dir goes (default /var/tmp)"
+    )
+    parser.add_argument(
+        "--oci",
+        action="store_true",
+        help="also stream the image from a real docker-registry (ours-oci, native-oci)",
     )
     parser.add_argument("--imagestream", help="the imagestream executable (default: the venv's)")
     parser.add_argument(
@@ -661,7 +767,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("this benchmark needs root (loop devices, drop_caches)", file=sys.stderr)
         return 2
-    missing = [tool for tool in _TOOLS if find_tool(tool) is None]
+    tools = _TOOLS + (_OCI_TOOLS if args.oci else ())
+    missing = [tool for tool in tools if find_tool(tool) is None]
     if missing:
         print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2

@@ -33,15 +33,13 @@ from tests.support.cli import (
     run_imagestream,
 )
 from tests.support.nginx import NginxFactory
-from tests.support.targets import read_device, sha384_of
+from tests.support.targets import MIB, PATTERN, fill_pattern, read_device, sha384_of
 from tests.support.tools import require_tool, wait_until
 
 from imagestream.demo.image import SampleImage, iter_raw_data, write_raw_image, write_sample_image
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 
-MiB = 1 << 20
-IMAGE_SIZE = 4 * MiB
-PATTERN = bytes(range(256)) * (MiB // 256)  # neither zeros nor anything the image holds
+IMAGE_SIZE = 4 * MIB
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
@@ -65,18 +63,6 @@ def served_by_nginx(image: Path, name: str, nginx_factory: NginxFactory, tmp_pat
     return nginx_factory(docroot).url_for(name)
 
 
-def fill_pattern(dev: Path, size: int) -> bytes:
-    """Fill the device with PATTERN; return what it now holds."""
-    content = (PATTERN * (size // MiB + 1))[:size]
-    fd = os.open(dev, os.O_WRONLY)
-    try:
-        os.pwrite(fd, content, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return content
-
-
 def assert_never_valid(dev: Path, before: bytes) -> None:
     """After a failure detected while decompressing: untouched, or first MiB zeros.
 
@@ -85,16 +71,16 @@ def assert_never_valid(dev: Path, before: bytes) -> None:
     """
     now = read_device(dev, len(before))
     if now != before:
-        assert now[:MiB] == bytes(MiB), "a partly written device must have its first MiB zeroed"
+        assert now[:MIB] == bytes(MIB), "a partly written device must have its first MiB zeroed"
 
 
 def assert_invalidated(dev: Path, written_from: bytes | None = None) -> None:
     """First MiB zero; optionally the bytes after it equal `written_from` (they were written)."""
-    head = read_device(dev, MiB)
-    assert head == bytes(MiB), "the first MiB must be zeros after a failed stream"
+    head = read_device(dev, MIB)
+    assert head == bytes(MIB), "the first MiB must be zeros after a failed stream"
     if written_from is not None:
-        rest = read_device(dev, len(written_from) - MiB, MiB)
-        assert rest == written_from[MiB:]
+        rest = read_device(dev, len(written_from) - MIB, MIB)
+        assert rest == written_from[MIB:]
 
 
 @pytest.fixture
@@ -105,8 +91,8 @@ def image(tmp_path: Path) -> SampleImage:
 @pytest.fixture
 def dev(loop_device_factory: LoopDeviceFactory) -> Path:
     """An 8 MiB loop device filled with PATTERN."""
-    device = loop_device_factory(8 * MiB)
-    fill_pattern(device, 8 * MiB)
+    device = loop_device_factory(8 * MIB)
+    fill_pattern(device, 8 * MIB)
     return device
 
 
@@ -134,7 +120,7 @@ def test_stream_onto_loop_device(
 
 
 @pytest.mark.parametrize(
-    "size", [1000, 300_001, MiB, MiB + 1, 5 * MiB + 12345], ids=lambda size: f"{size}B"
+    "size", [1000, 300_001, MIB, MIB + 1, 5 * MIB + 12345], ids=lambda size: f"{size}B"
 )
 def test_odd_sizes_onto_loop_device(size: int, dev: Path, tmp_path: Path) -> None:
     # Smaller than the held-back first MiB, exactly it, and tails O_DIRECT cannot write.
@@ -142,7 +128,7 @@ def test_odd_sizes_onto_loop_device(size: int, dev: Path, tmp_path: Path) -> Non
     run = stream(img.path, dev, "--sha384", img.sha384, "--verify-after-write")
     assert run.code == 0, run.stderr
     assert read_device(dev, size) == raw_data(size, seed=size)
-    assert read_device(dev, 4096, size) == (PATTERN * 2)[size % MiB : size % MiB + 4096]
+    assert read_device(dev, 4096, size) == (PATTERN * 2)[size % MIB : size % MIB + 4096]
 
 
 def test_verify_after_write_cli_json(image: SampleImage, dev: Path) -> None:
@@ -207,7 +193,7 @@ def close_leaked_descriptors(dev: Path) -> None:
 def test_run_stream_releases_the_device(
     image: SampleImage, loop_device_factory: LoopDeviceFactory
 ) -> None:
-    dev = loop_device_factory(8 * MiB)
+    dev = loop_device_factory(8 * MIB)
     request = StreamRequest(source=str(image.path), target=dev, sha384=image.sha384)
     try:
         run_stream(request)
@@ -231,7 +217,7 @@ def test_run_stream_releases_the_device(
 def test_mounted_device_is_refused(
     image: SampleImage, loop_device_factory: LoopDeviceFactory, tmp_path: Path
 ) -> None:
-    dev = loop_device_factory(32 * MiB)
+    dev = loop_device_factory(32 * MIB)
     with mounted_ext4(dev, tmp_path / "mnt") as mount_point:
         (mount_point / "marker").write_text("still here")
         os.sync()
@@ -293,7 +279,7 @@ def partitioned_loop_device(size: int, directory: Path) -> Iterator[tuple[Path, 
 
 
 def test_whole_disk_with_a_mounted_partition_is_refused(image: SampleImage, tmp_path: Path) -> None:
-    with partitioned_loop_device(64 * MiB, tmp_path) as (disk, partition):
+    with partitioned_loop_device(64 * MIB, tmp_path) as (disk, partition):
         table_before = read_device(disk, 512)
         with mounted_ext4(partition, tmp_path / "mnt") as mount_point:
             run = stream(image.path, disk, "--sha384", image.sha384)
@@ -314,21 +300,21 @@ def test_too_small_target_is_refused_before_any_write(
     else:
         img = write_sample_image(tmp_path / "image.zst", IMAGE_SIZE)
         extra = []
-    dev = loop_device_factory(2 * MiB)
-    before = fill_pattern(dev, 2 * MiB)
+    dev = loop_device_factory(2 * MIB)
+    before = fill_pattern(dev, 2 * MIB)
 
     run = stream(img.path, dev, "--sha384", img.sha384, *extra)
 
     assert_exited(run, 5, "TargetTooSmall", str(IMAGE_SIZE))
-    assert read_device(dev, 2 * MiB) == before  # not a single byte written
+    assert read_device(dev, 2 * MIB) == before  # not a single byte written
 
 
 def test_image_without_content_size_runs_out_of_space(
     loop_device_factory: LoopDeviceFactory, tmp_path: Path
 ) -> None:
     img = write_sample_image(tmp_path / "image.zst", IMAGE_SIZE, content_size=False)
-    dev = loop_device_factory(2 * MiB)
-    fill_pattern(dev, 2 * MiB)
+    dev = loop_device_factory(2 * MIB)
+    fill_pattern(dev, 2 * MIB)
 
     run = stream(img.path, dev, "--sha384", img.sha384, "--progress", "json")
 
@@ -339,7 +325,7 @@ def test_image_without_content_size_runs_out_of_space(
     assert "full" in final["message"]
     # The writes reached the end of the device (so it really was ENOSPC mid-write) ...
     raw = raw_data(IMAGE_SIZE)
-    assert read_device(dev, MiB, MiB) == raw[MiB : 2 * MiB]
+    assert read_device(dev, MIB, MIB) == raw[MIB : 2 * MIB]
     # ... and the first MiB is zeros: the device does not look like a valid image.
     assert_invalidated(dev)
 
@@ -347,8 +333,8 @@ def test_image_without_content_size_runs_out_of_space(
 def test_locked_device_is_refused(
     image: SampleImage, loop_device_factory: LoopDeviceFactory
 ) -> None:
-    dev = loop_device_factory(8 * MiB)
-    before = fill_pattern(dev, 8 * MiB)
+    dev = loop_device_factory(8 * MIB)
+    before = fill_pattern(dev, 8 * MIB)
     fd = os.open(dev, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -356,7 +342,7 @@ def test_locked_device_is_refused(
     finally:
         os.close(fd)
     assert_exited(run, 5, "TargetBusy", "locked")
-    assert read_device(dev, 8 * MiB) == before
+    assert read_device(dev, 8 * MIB) == before
 
     # Once the lock is gone the same command succeeds (the refusal was the lock, nothing else).
     again = stream(image.path, dev, "--sha384", image.sha384)
@@ -381,20 +367,20 @@ def test_truncated_image_fails_even_with_its_own_hash(
     cut: str, loop_device_factory: LoopDeviceFactory, tmp_path: Path
 ) -> None:
     # 12 MiB: several 4 MiB buffers, so the writer is usually busy when the cut is found.
-    img = write_sample_image(tmp_path / "image.zst", 12 * MiB, seed=4)
+    img = write_sample_image(tmp_path / "image.zst", 12 * MIB, seed=4)
     data = img.path.read_bytes()
     keep = {"half": len(data) // 2, "last-byte": len(data) - 1, "inside-header": 10}[cut]
     truncated = tmp_path / "truncated.zst"
     truncated.write_bytes(data[:keep])
-    dev = loop_device_factory(16 * MiB)
-    before = fill_pattern(dev, 16 * MiB)
+    dev = loop_device_factory(16 * MIB)
+    before = fill_pattern(dev, 16 * MIB)
 
     # The hash of the truncated file matches what is fetched: only the stream can tell.
     run = stream(truncated, dev, "--sha384", sha384_of(truncated))
 
     assert_exited(run, 4, "TruncatedStream")
     if cut == "inside-header":
-        assert read_device(dev, 16 * MiB) == before  # nothing to write: nothing written
+        assert read_device(dev, 16 * MIB) == before  # nothing to write: nothing written
     else:
         assert_never_valid(dev, before)
 
@@ -404,14 +390,14 @@ def test_corrupt_bytes_in_the_middle_fail(
 ) -> None:
     # With a content checksum libzstd catches any corruption, even inside a raw block (without
     # one, flipped bytes in a stored block decode "fine": then only the SHA-384 can tell).
-    raw = raw_data(12 * MiB, seed=5)
+    raw = raw_data(12 * MIB, seed=5)
     data = bytearray(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(raw))
     middle = len(data) * 3 // 4
     data[middle : middle + 16] = bytes(b ^ 0x5A for b in data[middle : middle + 16])
     corrupt = tmp_path / "corrupt.zst"
     corrupt.write_bytes(data)
-    dev = loop_device_factory(16 * MiB)
-    before = fill_pattern(dev, 16 * MiB)
+    dev = loop_device_factory(16 * MIB)
+    before = fill_pattern(dev, 16 * MIB)
 
     run = stream(corrupt, dev, "--sha384", sha384_of(corrupt))
 
@@ -425,7 +411,7 @@ def test_corrupt_bytes_in_the_middle_fail(
 def test_sigterm_stops_the_stream_and_invalidates(
     loop_device_factory: LoopDeviceFactory, nginx_factory: NginxFactory, tmp_path: Path
 ) -> None:
-    size = 16 * MiB
+    size = 16 * MIB
     docroot = tmp_path / "docroot"
     docroot.mkdir()
     img = write_sample_image(docroot / "slow.zst", size, seed=8)
@@ -452,9 +438,9 @@ def test_sigterm_stops_the_stream_and_invalidates(
             if record["event"] != "progress":
                 pytest.fail(f"the stream ended before it could be cancelled: {record}")
             written = record["bytesWritten"]
-            if written >= 4 * MiB:
+            if written >= 4 * MIB:
                 break
-        assert written >= 4 * MiB
+        assert written >= 4 * MIB
         fetched = record["bytesFetched"]
         assert fetched < img.compressed_size  # still in the middle of the transfer
         process.send_signal(signal.SIGTERM)
@@ -469,6 +455,6 @@ def test_sigterm_stops_the_stream_and_invalidates(
     assert final["ok"] is False
     assert final["reason"] == "Cancelled"
     # The first 4 MiB buffer was written (past the first MiB), the first MiB is zeros.
-    assert_invalidated(dev, written_from=raw_data(4 * MiB, seed=8))
+    assert_invalidated(dev, written_from=raw_data(4 * MIB, seed=8))
     # And the end of the device was never reached.
-    assert read_device(dev, MiB, size - MiB) == PATTERN
+    assert read_device(dev, MIB, size - MIB) == PATTERN

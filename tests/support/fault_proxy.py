@@ -12,7 +12,16 @@ each exchange (:class:`ProxiedRequest`). Planned :class:`ProxyFault`\\ s change 
   newline (still valid JSON, same ``Docker-Content-Digest`` header), so its sha256 no longer
   matches the digest the client asked for: a corrupting or lying intermediary;
 * ``strip_accept_ranges`` — blob HEAD and GET answers lose their ``Accept-Ranges`` header, as
-  behind some CDNs (the registry still honours ``Range``).
+  behind some CDNs (the registry still honours ``Range``);
+* ``cut_before_end`` — a blob GET is forwarded chunked (``Transfer-Encoding: chunked`` instead of
+  the registry's ``Content-Length``) with every byte of its body, but the connection is closed
+  before the last chunk that ends the message: a proxy whose own upstream connection broke
+  just after the last byte. The client has the whole blob yet an incomplete response, so it
+  resumes at the blob's size.
+
+An upstream body that ends before its ``Content-Length`` (the registry's 416 does that: it
+announces the blob's size over a 33-byte error text) is passed on as it is, and the connection
+to the client is then closed, as the registry closes its own.
 
 Each fault applies to the next ``times`` matching requests, in plan order. Plain HTTP only: a
 proxy in front of TLS would have to terminate it with its own certificate.
@@ -20,14 +29,10 @@ proxy in front of TLS would have to terminate it with its own certificate.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import http.client
 import re
-import socket
-import struct
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,21 +40,14 @@ from types import TracebackType
 from typing import Protocol, Self, cast
 from urllib.parse import urlsplit
 
+from imagestream.demo.range_server import reset_connection
+
 from .process import LOOPBACK
 from .registry import Registry
-
-try:  # Linux: bytes not yet acknowledged by the peer (see `reset_connection`)
-    import fcntl
-    import termios
-
-    _TIOCOUTQ: int | None = termios.TIOCOUTQ
-except (ImportError, AttributeError):  # pragma: no cover - not Linux
-    _TIOCOUTQ = None
 
 _BLOB_RE = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 _MANIFEST_RE = re.compile(r"^/v2/.+/manifests/[^/]+$")
 _CHUNK = 64 * 1024
-_ACK_WAIT = 5.0
 #: Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
 _HOP_BY_HOP = frozenset(
     {
@@ -72,6 +70,7 @@ class FaultKind(enum.StrEnum):
     RESET = "reset"
     TAMPER_MANIFEST = "tamper_manifest"
     STRIP_ACCEPT_RANGES = "strip_accept_ranges"
+    CUT_BEFORE_END = "cut_before_end"
 
 
 @dataclass(frozen=True)
@@ -98,9 +97,14 @@ class ProxyFault:
         """Drop ``Accept-Ranges`` from blob HEAD/GET answers (by default from all of them)."""
         return cls(FaultKind.STRIP_ACCEPT_RANGES, times=times)
 
+    @classmethod
+    def cut_before_end(cls, *, times: int = 1) -> ProxyFault:
+        """Send the next ``times`` blob GET bodies whole, chunked, but not the final chunk."""
+        return cls(FaultKind.CUT_BEFORE_END, times=times)
+
     def applies_to(self, method: str, path: str) -> bool:
         """Whether this fault is about a request of ``method`` on ``path``."""
-        if self.kind is FaultKind.RESET:
+        if self.kind in (FaultKind.RESET, FaultKind.CUT_BEFORE_END):
             return method == "GET" and _BLOB_RE.match(path) is not None
         if self.kind is FaultKind.TAMPER_MANIFEST:
             return method == "GET" and _MANIFEST_RE.match(path) is not None
@@ -122,6 +126,7 @@ class ProxiedRequest:
     range: str | None
     authorization: str | None  # the client's Authorization header (test credentials only)
     status: int = 0
+    content_length: int | None = None  # as the upstream announced it
     body_bytes: int = 0  # body bytes sent to the client
     faults: list[FaultKind] = field(default_factory=list)
 
@@ -299,24 +304,21 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     ) -> None:
         kinds = {fault.kind: fault for fault in faults}
         head = self.command == "HEAD"
+        announced = response.getheader("Content-Length")
+        record.content_length = int(announced) if announced is not None else None
         # Bodies to change, and bodies of unknown length, are read whole (they are small JSON);
         # blobs stream through.
-        buffered = not head and (
-            FaultKind.TAMPER_MANIFEST in kinds or response.getheader("Content-Length") is None
-        )
+        buffered = not head and (FaultKind.TAMPER_MANIFEST in kinds or announced is None)
         body = response.read() if buffered else None
         if body is not None and FaultKind.TAMPER_MANIFEST in kinds:
             body += b"\n"
+        chunked = FaultKind.CUT_BEFORE_END in kinds
         self.send_response(response.status, response.reason)
-        for name, value in response.getheaders():
-            lowered = name.lower()
-            if lowered in _HOP_BY_HOP or (body is not None and lowered == "content-length"):
-                continue
-            if lowered == "accept-ranges" and FaultKind.STRIP_ACCEPT_RANGES in kinds:
-                continue
-            self.send_header(name, value)
+        self._forward_headers(response, kinds, keep_length=body is None and not chunked)
         if body is not None:
             self.send_header("Content-Length", str(len(body)))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         if head:
             return
@@ -324,12 +326,45 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             record.body_bytes = len(body)
             return
-        self._copy_body(response, kinds.get(FaultKind.RESET), record)
+        reset = kinds.get(FaultKind.RESET)
+        self._copy_body(response, record, limit=reset.after if reset else None, chunked=chunked)
+        if reset is not None:
+            self.rfile.close()  # it would keep the descriptor, and the connection, open
+            reset_connection(self.connection, stopping=self.owner._stopping, pause=reset.pause)
+            raise _Reset
+        # A chunked body without its last chunk, or a body shorter than its Content-Length,
+        # leaves the client unable to find where a next response would start.
+        if chunked or (record.content_length or 0) > record.body_bytes:
+            self.close_connection = True
+
+    def _forward_headers(
+        self,
+        response: http.client.HTTPResponse,
+        kinds: dict[FaultKind, ProxyFault],
+        *,
+        keep_length: bool,
+    ) -> None:
+        """Pass the upstream's end-to-end headers on (Content-Length only if ``keep_length``)."""
+        for name, value in response.getheaders():
+            lowered = name.lower()
+            if lowered in _HOP_BY_HOP or (lowered == "content-length" and not keep_length):
+                continue
+            if lowered == "accept-ranges" and FaultKind.STRIP_ACCEPT_RANGES in kinds:
+                continue
+            self.send_header(name, value)
 
     def _copy_body(
-        self, response: http.client.HTTPResponse, reset: ProxyFault | None, record: ProxiedRequest
+        self,
+        response: http.client.HTTPResponse,
+        record: ProxiedRequest,
+        *,
+        limit: int | None,
+        chunked: bool,
     ) -> None:
-        limit = reset.after if reset is not None else None
+        """Pass the upstream body on until it ends or ``limit`` bytes were sent.
+
+        ``chunked`` frames each piece as a chunk; the final, empty chunk is never sent.
+        """
         while limit is None or record.body_bytes < limit:
             if self.owner._stopping.is_set():
                 raise _Reset
@@ -337,33 +372,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             chunk = response.read(want)
             if not chunk:
                 break
-            self.wfile.write(chunk)
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             record.body_bytes += len(chunk)
-        if reset is not None:
-            self.wfile.flush()
-            reset_connection(self.connection, pause=reset.pause, stopping=self.owner._stopping)
-            self.rfile.close()
-            raise _Reset
-
-
-def reset_connection(sock: socket.socket, *, pause: float, stopping: threading.Event) -> None:
-    """Abort ``sock`` with a TCP RST once the peer has acknowledged what was sent.
-
-    A RST discards whatever is still in the send queue, so without the wait the client would
-    see the reset after an unpredictable number of bytes. ``pause`` seconds pass (unless
-    ``stopping`` is set) between the acknowledgement and the reset.
-    """
-    deadline = time.monotonic() + _ACK_WAIT
-    while _TIOCOUTQ is not None and time.monotonic() < deadline and not stopping.is_set():
-        raw = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
-        if struct.unpack("i", raw)[0] == 0:
-            break
-        time.sleep(0.002)
-    stopping.wait(pause)
-    # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 class FaultProxyFactory(Protocol):

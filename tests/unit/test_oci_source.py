@@ -16,13 +16,14 @@ import json
 import re
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 from rich.console import Console
+from tests.support.http_fakes import Body, Unreadable, partial_response, range_start
 
 from imagestream.cli import build_parser, request_from_args
 from imagestream.errors import IntegrityError, SourceError, UsageError
@@ -42,7 +43,6 @@ HOST = "registry.example"
 REALM = "https://auth.example/token"
 REPO = "fleet/os/node"
 DATA = bytes(range(256)) * 1200  # 307200 bytes; every offset distinguishable modulo 256
-_RANGE = re.compile(r"bytes=(\d+)-$")
 
 Handler = Callable[[httpx.Request], httpx.Response | None]
 
@@ -53,28 +53,6 @@ def sha256(data: bytes) -> str:
 
 def sha384(data: bytes) -> str:
     return hashlib.sha384(data).hexdigest()
-
-
-class Body(httpx.SyncByteStream):
-    """A body in 64 KiB pieces that may break off (connection reset) before its end."""
-
-    def __init__(self, data: bytes, cut: int | None = None) -> None:
-        self._data = data
-        self._cut = cut
-
-    def __iter__(self) -> Iterator[bytes]:
-        end = len(self._data) if self._cut is None else self._cut
-        for start in range(0, end, 64 << 10):
-            yield self._data[start : min(end, start + (64 << 10))]
-        if self._cut is not None:
-            raise httpx.ReadError("[Errno 104] Connection reset by peer")
-
-
-class Unreadable(httpx.SyncByteStream):
-    """An error body that must not be read: its Content-Length promises bytes never sent."""
-
-    def __iter__(self) -> Iterator[bytes]:
-        raise AssertionError("the body of this answer must not be read")
 
 
 @dataclass(frozen=True)
@@ -210,16 +188,9 @@ def partial(
     request: httpx.Request, data: bytes, digest: str, cut: int | None = None
 ) -> httpx.Response:
     """A 206 from the asked offset, optionally broken off at absolute byte `cut`."""
-    match = _RANGE.match(request.headers["range"])
-    assert match, request.headers["range"]
-    start = int(match.group(1))
-    headers = {
-        "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
-        "Content-Length": str(len(data) - start),
-        "ETag": f'"{digest}"',
-    }
-    body = Body(data[start:], None if cut is None else cut - start)
-    return httpx.Response(206, headers=headers, stream=body)
+    start = range_start(request)
+    etag = {"ETag": f'"{digest}"'}
+    return partial_response(data, start, etag, cut=None if cut is None else cut - start)
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import email.utils
 import random
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
+from tests.support.http_fakes import Body, partial_response, range_start
 
 from imagestream.errors import SourceError
 from imagestream.pipeline import range_reader
@@ -31,25 +31,9 @@ URL = "https://images.example.com/disk.zst"
 DATA = bytes(range(256)) * 40  # 10240 bytes, every offset distinguishable modulo 256
 ETAG = '"5f1e-2800"'
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
-_RANGE = re.compile(r"bytes=(\d+)-$")
+PIECE = 1000  # bytes a fake body yields at a time
 
 Handler = Callable[[httpx.Request], httpx.Response]
-
-
-class _Body(httpx.SyncByteStream):
-    """A response body that may end in a connection reset after `cut` bytes."""
-
-    def __init__(self, data: bytes, cut: int | None = None, piece: int = 1000) -> None:
-        self._data = data
-        self._cut = cut
-        self._piece = piece
-
-    def __iter__(self) -> Iterator[bytes]:
-        end = len(self._data) if self._cut is None else self._cut
-        for start in range(0, end, self._piece):
-            yield self._data[start : min(end, start + self._piece)]
-        if self._cut is not None:
-            raise httpx.ReadError("[Errno 104] Connection reset by peer")
 
 
 class FakeServer:
@@ -84,20 +68,12 @@ class FakeServer:
     def partial(
         self, request: httpx.Request, cut: int | None = None, start_delta: int = 0
     ) -> httpx.Response:
-        match = _RANGE.match(request.headers["range"])
-        assert match, request.headers["range"]
-        start = int(match.group(1)) + start_delta
-        body = self.data[start:]
-        headers = {
-            **self.validators(),
-            "Content-Range": f"bytes {start}-{len(self.data) - 1}/{len(self.data)}",
-            "Content-Length": str(len(body)),
-        }
-        return httpx.Response(206, headers=headers, stream=_Body(body, cut))
+        start = range_start(request) + start_delta
+        return partial_response(self.data, start, self.validators(), cut=cut, piece=PIECE)
 
     def full(self, request: httpx.Request, cut: int | None = None) -> httpx.Response:
         headers = {**self.validators(), "Content-Length": str(len(self.data))}
-        return httpx.Response(200, headers=headers, stream=_Body(self.data, cut))
+        return httpx.Response(200, headers=headers, stream=Body(self.data, cut, PIECE))
 
     @property
     def ranges(self) -> list[str]:
@@ -354,7 +330,7 @@ def test_content_range_with_an_unknown_total_reads_to_the_end() -> None:
     server = FakeServer()
     server.script = [
         lambda request: httpx.Response(
-            206, headers={"Content-Range": f"BYTES 0-{len(DATA) - 1}/*"}, stream=_Body(DATA)
+            206, headers={"Content-Range": f"BYTES 0-{len(DATA) - 1}/*"}, stream=Body(DATA)
         )
     ]
     reader = reader_for(server)
@@ -367,7 +343,7 @@ def test_content_range_with_an_unknown_total_reads_to_the_end() -> None:
 def test_a_206_without_a_valid_content_range_is_refused(header: str | None) -> None:
     server = FakeServer()
     headers = {} if header is None else {"Content-Range": header}
-    server.script = [lambda request: httpx.Response(206, headers=headers, stream=_Body(DATA))]
+    server.script = [lambda request: httpx.Response(206, headers=headers, stream=Body(DATA))]
 
     with pytest.raises(SourceError, match="Content-Range") as caught:
         read_all(reader_for(server))
@@ -509,7 +485,7 @@ def test_empty_bodies_count_as_attempts_without_progress(sleeps: list[float]) ->
 
     def empty(request: httpx.Request) -> httpx.Response:
         response = server.partial(request)
-        return httpx.Response(206, headers=response.headers, stream=_Body(b""))
+        return httpx.Response(206, headers=response.headers, stream=Body(b""))
 
     server.script = [empty] * 10
 

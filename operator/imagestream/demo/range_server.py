@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import cast
 from urllib.parse import quote, urlsplit
 
-try:  # Linux: bytes not yet acknowledged by the peer (see `_Handler._wait_until_acked`)
+try:  # Linux: bytes not yet acknowledged by the peer (see `reset_connection`)
     import fcntl
     import termios
 
@@ -51,6 +51,7 @@ __all__ = [
     "FaultPlan",
     "RangeServer",
     "RequestRecord",
+    "reset_connection",
 ]
 
 AUTO_ETAG = '"auto"'
@@ -551,7 +552,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_body(record, answer.start, min(limit, answer.length), version)
         self.close_connection = True
         if kind in (FaultKind.RESET, FaultKind.RESET_AT):
-            self._reset_connection()
+            # rfile holds a reference that would keep the descriptor, and the connection, open.
+            self.rfile.close()
+            reset_connection(self.connection, stopping=owner._stopping)
         elif kind is FaultKind.STALL and owner._stopping.wait(fault.seconds):
             raise _StopServing  # stopped mid-stall: the connection is torn down anyway
         # SHORT (and STALL afterwards): the server closes the socket normally, sending FIN.
@@ -629,27 +632,33 @@ class _Handler(BaseHTTPRequestHandler):
                 if sent < size:  # the file shrank under us; nothing more to send
                     raise _StopServing
 
-    def _reset_connection(self) -> None:
-        """Abort the connection with a TCP RST once the peer has the bytes already sent."""
-        self._wait_until_acked()
-        sock = self.connection
-        # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
+
+def reset_connection(sock: socket.socket, *, stopping: threading.Event, pause: float = 0.0) -> None:
+    """Abort ``sock`` with a TCP RST once the peer has acknowledged every byte sent on it.
+
+    A RST discards whatever is still in the send queue, so without the wait the peer would see
+    the reset after an unpredictable number of bytes. The wait is bounded (a few seconds) and
+    ends early when ``stopping`` is set; ``pause`` seconds (cut short by ``stopping`` too) pass
+    between the acknowledgement and the reset. Close any file made with ``sock.makefile()``
+    first: it keeps the descriptor open, and with it the connection.
+    """
+    _wait_until_acked(sock, stopping)
+    stopping.wait(pause)
+    # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        # rfile holds a reference that would keep close() from closing the descriptor.
-        self.rfile.close()
         sock.close()
 
-    def _wait_until_acked(self) -> None:
-        # A RST discards whatever is still in our send queue, so without this the client
-        # would see the reset after an unpredictable number of bytes instead of `after`.
-        if _TIOCOUTQ is None:  # pragma: no cover - not Linux
+
+def _wait_until_acked(sock: socket.socket, stopping: threading.Event) -> None:
+    if _TIOCOUTQ is None:  # pragma: no cover - not Linux
+        return
+    deadline = time.monotonic() + _ACK_WAIT
+    while time.monotonic() < deadline and not stopping.is_set():
+        raw = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
+        if struct.unpack("i", raw)[0] == 0:
             return
-        deadline = time.monotonic() + _ACK_WAIT
-        while time.monotonic() < deadline and not self.owner._stopping.is_set():
-            raw = fcntl.ioctl(self.connection.fileno(), _TIOCOUTQ, b"\0\0\0\0")
-            if struct.unpack("i", raw)[0] == 0:
-                return
-            time.sleep(0.002)
+        time.sleep(0.002)
 
 
 def _chunks(start: int, length: int, chunk_size: int, xor: int) -> Iterator[tuple[int, int]]:

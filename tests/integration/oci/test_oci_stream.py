@@ -12,7 +12,6 @@ for the tests (real registries use their vendor's; the protocol is the same).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,14 @@ from tests.support.oci_push import (
     titled,
 )
 from tests.support.registry import TEST_USER, write_docker_config
-from tests.support.targets import MIB, assert_file_target_invalid, read_device, sha384_of
+from tests.support.targets import (
+    MIB,
+    PATTERN,
+    assert_file_target_invalid,
+    fill_pattern,
+    read_device,
+    sha384_of,
+)
 
 from imagestream.demo.image import SampleImage, write_raw_image, write_sample_image
 
@@ -42,7 +48,6 @@ REPO = "os/root"
 TAG = "v1"
 AMD64 = Platform("linux", "amd64")
 ARM64 = Platform("linux", "arm64", "v8")
-PATTERN = bytes(range(256)) * (MIB // 256)  # neither zeros nor anything an image holds
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -87,6 +92,15 @@ def auth_file(live: LiveRegistry, tmp_path: Path, address: str | None = None) ->
     return write_docker_config(tmp_path / "config.json", address or live.address, user, password)
 
 
+def stream_with_credentials(
+    live: LiveRegistry, target: Path, image: SampleImage, tmp_path: Path
+) -> CliRun:
+    """Stream `live`'s REPO:TAG into `target` with its credentials in an `--auth-file`."""
+    return stream(
+        live.reference(REPO, tag=TAG), target, image, "--auth-file", str(auth_file(live, tmp_path))
+    )
+
+
 def assert_oci_succeeded(
     run: CliRun, target: Path, image: SampleImage, digest: str
 ) -> dict[str, Any]:
@@ -99,12 +113,7 @@ def assert_oci_succeeded(
 def filled_device(loop_device_factory: LoopDeviceFactory, size: int = 8 * MIB) -> Path:
     """A loop device of `size` bytes filled with PATTERN, so "untouched" means something."""
     device = loop_device_factory(size)
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, (PATTERN * (size // MIB + 1))[:size], 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fill_pattern(device, size)
     return device
 
 
@@ -452,13 +461,7 @@ def test_token_auth_with_credentials(
     before = len(server.requests)
     device = filled_device(loop_device_factory)
 
-    run = stream(
-        registry_token.reference(REPO, tag=TAG),
-        device,
-        sample_image,
-        "--auth-file",
-        str(auth_file(registry_token, tmp_path)),
-    )
+    run = stream_with_credentials(registry_token, device, sample_image, tmp_path)
 
     assert_device_succeeded(run, device, sample_image, layer_digest(pushed, sample_image))
     cli_requests = server.requests[before:]
@@ -571,6 +574,34 @@ def test_resets_during_the_blob(
     assert fault_proxy.pending == []
 
 
+def test_cut_after_the_last_byte_ends_at_the_registrys_416(
+    fault_proxy: FaultProxy, registry: LiveRegistry, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    """A response cut after the blob's last byte is resumed at the blob's size, and the
+    registry's 416 there means "done". Stand-in: the fault proxy plays a proxy whose upstream
+    connection broke after the last byte (a real one would break at a random point, rarely
+    exactly there); the 416 is the real registry's own.
+    """
+    # docker-registry 2.8 answers a range at the end with 416 and `Content-Range: bytes */SIZE`,
+    # but with `Content-Length: SIZE` over a 33-byte error text, and then closes: a client that
+    # read that body would fail on the missing bytes and retry until it gives up.
+    pushed = push(registry, sample_image)
+    size = sample_image.compressed_size
+    fault_proxy.add(ProxyFault.cut_before_end())
+    target = file_target(tmp_path)
+
+    run = stream(f"oci://{fault_proxy.address}/{REPO}:{TAG}", target, sample_image)
+
+    result = assert_oci_succeeded(run, target, sample_image, layer_digest(pushed, sample_image))
+    assert result["resumes"] >= 1
+    gets = fault_proxy.blob_gets()
+    assert (gets[0].body_bytes, gets[0].faults) == (size, [FaultKind.CUT_BEFORE_END])
+    assert [(g.range, g.status) for g in gets[1:]] == [(f"bytes={size}-", 416)]
+    # The registry's quirk really was served: a Content-Length its body does not have.
+    assert gets[1].content_length == size
+    assert gets[1].body_bytes < size
+
+
 def test_resume_without_accept_ranges(
     fault_proxy: FaultProxy, registry: LiveRegistry, sample_image: SampleImage, tmp_path: Path
 ) -> None:
@@ -598,13 +629,7 @@ def test_redirect_to_another_host(
     pushed = push(live, sample_image)
     target = file_target(tmp_path)
 
-    run = stream(
-        live.reference(REPO, tag=TAG),
-        target,
-        sample_image,
-        "--auth-file",
-        str(auth_file(live, tmp_path)),
-    )
+    run = stream_with_credentials(live, target, sample_image, tmp_path)
 
     assert_oci_succeeded(run, target, sample_image, layer_digest(pushed, sample_image))
     log = blob_host.access_log(min_entries=1)
