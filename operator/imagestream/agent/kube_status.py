@@ -7,25 +7,20 @@ is the retry, with fresher numbers.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from imagestream.agent.reporter import StatusWriteError
+from imagestream.errors import UsageError
+from imagestream.kube_config import GROUP, PLURAL, VERSION, load_configuration
 
-GROUP = "imagestream.dev"
-VERSION = "v1alpha1"
-PLURAL = "imagestreams"
 #: RFC 7386 JSON merge patch: custom resources take no strategic merge patch.
 MERGE_PATCH = "application/merge-patch+json"
 #: (connect, read) seconds: a hanging API server holds the reporter thread this long at most.
 REQUEST_TIMEOUT = (3.0, 5.0)
-#: The kubelet sets this in every Pod; outside a cluster it is absent.
-_IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
 
 
 class StatusUnavailable(Exception):
@@ -75,23 +70,10 @@ def connect(namespace: str, name: str) -> StatusWriter:
 
     Raises StatusUnavailable when neither is usable.
     """
-    configuration = client.Configuration()
-    in_cluster = bool(os.environ.get(_IN_CLUSTER_ENV))
     try:
-        if in_cluster:
-            config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=configuration
-            )
-        else:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                # Read now, not at import time as the client's default is.
-                config_file=os.environ.get("KUBECONFIG"),
-                client_configuration=configuration,
-                persist_config=False,
-            )
-    except (ConfigException, OSError, ValueError) as exc:
-        where = "in-cluster" if in_cluster else "kubeconfig"
-        raise StatusUnavailable(f"no {where} API configuration: {exc}") from None
+        configuration = load_configuration()
+    except UsageError as exc:
+        raise StatusUnavailable(exc.message) from None
     # No urllib3 retries: each would wait out another timeout while newer numbers pile up.
     configuration.retries = 0
     return StatusWriter(client.ApiClient(configuration), namespace, name)

@@ -40,10 +40,8 @@ from imagestream.controller.decisions import (
 from imagestream.controller.kube import JobConflict, JobRejected, KubeClient
 from imagestream.controller.metrics import Metrics
 from imagestream.controller.spec import target_key_of
+from imagestream.kube_config import GROUP, PLURAL, VERSION
 
-GROUP = "imagestream.dev"
-VERSION = "v1alpha1"
-PLURAL = "imagestreams"
 #: How often an unfinished stream is reconciled: the status lags the agent by about this much.
 RECONCILE_INTERVAL = 1.0
 #: A reconcile that raised (an API error) is tried again after this long.

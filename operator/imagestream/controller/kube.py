@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, cast
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
+from imagestream import kube_config
 from imagestream.controller.builders import LABEL_UID, selector
-from imagestream.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 #: (connect, read) seconds for every request.
 REQUEST_TIMEOUT = (5.0, 30.0)
-#: The kubelet sets this in every Pod; outside a cluster it is absent.
-_IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
 
 
 class JobConflict(Exception):
@@ -37,28 +33,11 @@ class JobRejected(Exception):
 
 
 def load_configuration() -> client.Configuration:
-    """In-cluster config inside a Pod, else `KUBECONFIG` or `~/.kube/config`.
+    """The API configuration (see `imagestream.kube_config`), made the client's default too.
 
-    Raises UsageError when neither is usable. The result also becomes the client's default,
-    which is where kopf's own login (through the same client library) finds it.
+    kopf's own login goes through the same client library and finds it there.
     """
-    configuration = client.Configuration()
-    in_cluster = bool(os.environ.get(_IN_CLUSTER_ENV))
-    try:
-        if in_cluster:
-            config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=configuration
-            )
-        else:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                # Read now, not at import time as the client's default is.
-                config_file=os.environ.get("KUBECONFIG"),
-                client_configuration=configuration,
-                persist_config=False,
-            )
-    except (ConfigException, OSError, ValueError) as exc:
-        where = "in-cluster" if in_cluster else "kubeconfig"
-        raise UsageError(f"no {where} API configuration: {exc}", reason="NoApiConfig") from None
+    configuration = kube_config.load_configuration()
     client.Configuration.set_default(configuration)
     return configuration
 
