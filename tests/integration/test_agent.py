@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-import signal
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
-from tests.support.cli import CliRun, imagestream_command, imagestream_env, run_imagestream
+from tests.support.cli import (
+    CliRun,
+    imagestream_env,
+    imagestream_process,
+    interrupt,
+    run_imagestream,
+)
 from tests.support.fake_status_api import ApiRequest, FakeStatusApi, Mode
 from tests.support.nginx import NginxFactory
 from tests.support.oci_push import Layer, OciPusher
@@ -253,27 +257,14 @@ def test_sigterm_mid_stream_cancels_and_leaves_the_target_invalid(
     instr = instructions(server.url_for("big.zst"), image, dev, tmp_path)
     with FakeStatusApi() as api:
         env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
-        process = subprocess.Popen(
-            imagestream_command("agent"),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with imagestream_process("agent", env=env) as process:
             # The agent's own progress patches say when a buffer past the first MiB is written.
             wait_until(
                 lambda: any(progress_of(r)["bytesWritten"] >= 4 * MIB for r in api.requests),
                 30,
                 what="4 MiB written",
             )
-            process.send_signal(signal.SIGTERM)
-            _, stderr = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            _, stderr = interrupt(process)
 
     assert process.returncode == 130, stderr
     result = AgentResult.from_json(Path(instr.termination_log).read_text())

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,8 +25,8 @@ from tests.support.blockdev import LoopDeviceFactory, mounted_ext4
 from tests.support.blockdev import run as run_command
 from tests.support.cli import (
     assert_exited,
-    imagestream_command,
-    imagestream_env,
+    imagestream_process,
+    interrupt,
     one_line,
     result_record,
     run_imagestream,
@@ -420,17 +419,9 @@ def test_sigterm_stops_the_stream_and_invalidates(
     dev = loop_device_factory(size)
     fill_pattern(dev, size)
 
-    process = subprocess.Popen(
-        imagestream_command(
-            "stream", server.url_for("slow.zst"), dev, "--sha384", img.sha384, "--progress", "json"
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=imagestream_env(),
-    )
-    try:
+    with imagestream_process(
+        "stream", server.url_for("slow.zst"), dev, "--sha384", img.sha384, "--progress", "json"
+    ) as process:
         assert process.stdout is not None
         written = 0
         for line in process.stdout:
@@ -443,12 +434,7 @@ def test_sigterm_stops_the_stream_and_invalidates(
         assert written >= 4 * MIB
         fetched = record["bytesFetched"]
         assert fetched < img.compressed_size  # still in the middle of the transfer
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stdout, stderr = interrupt(process)
 
     assert process.returncode == 130, stderr
     final = result_record(stdout, stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
-from tests.support.cli import CliRun, assert_failed, assert_succeeded, stream_image
+from tests.support.cli import CliRun, assert_failed, assert_succeeded, stream_fast_retries
 from tests.support.targets import MIB, assert_file_target_invalid, sha384_of
 
 from imagestream.demo.image import SampleImage, write_sample_image
@@ -46,17 +46,13 @@ def stream(
     stall_timeout: float = 1.0,
 ) -> CliRun:
     """`imagestream stream` with fast backoff and a short stall timeout."""
-    return stream_image(
+    return stream_fast_retries(
         url,
         target,
         image,
-        "--retry-backoff",
-        "0.05",
-        "--stall-timeout",
-        str(stall_timeout),
-        "--max-retries",
-        str(max_retries),
         *extra,
+        max_retries=max_retries,
+        stall_timeout=stall_timeout,
         timeout=50,
     )
 

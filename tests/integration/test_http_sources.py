@@ -10,11 +10,11 @@ file exists; for a device, the first MiB is zeros.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import socket
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from tests.support.cli import (
     assert_succeeded,
     imagestream_env,
     run_imagestream,
-    stream_image,
+    stream_fast_retries,
 )
 from tests.support.nginx import AccessLogEntry, Nginx, NginxFactory, TLSNginx
 from tests.support.targets import MIB, assert_file_target_invalid, sha384_of, staging_path
@@ -38,26 +38,8 @@ pytestmark = pytest.mark.timeout(60)
 RAW_SIZE = 3 << 20  # 3 MiB raw, ~1.6 MiB compressed: two frames, more than the held-back MiB
 
 
-def stream(
-    source: str,
-    target: Path,
-    image: SampleImage,
-    *extra: str,
-    env: Mapping[str, str] | None = None,
-) -> CliRun:
-    """`imagestream stream SOURCE TARGET` with the image's hash and fast, bounded retries."""
-    return stream_image(
-        source,
-        target,
-        image,
-        "--retry-backoff",
-        "0.05",
-        "--stall-timeout",
-        "2",
-        *extra,
-        env=env,
-        timeout=45,
-    )
+#: `imagestream stream SOURCE TARGET EXTRA...` with the image's hash and fast, bounded retries.
+stream = functools.partial(stream_fast_retries, stall_timeout=2, timeout=45)
 
 
 def settled_access_log(server: Nginx, min_entries: int) -> list[AccessLogEntry]:

@@ -1,19 +1,23 @@
-"""The real ``imagestream`` CLI in a subprocess, as a user runs it, and what it said.
+r"""The real ``imagestream`` CLI in a subprocess, as a user runs it, and what it said.
 
 :func:`run_imagestream` runs it with a clean environment (no proxy or CA variables inherited
 from the developer's shell, a wide console so rich does not wrap messages) and returns a
-:class:`CliRun`. :func:`imagestream_command` and :func:`imagestream_env` are the same command
-line and environment for a test that has to drive the process itself (``Popen``, a launcher).
+:class:`CliRun`. :func:`imagestream_process` starts it for a test that acts while it runs
+(reads its progress, :func:`interrupt`\ s it). :func:`imagestream_command` and
+:func:`imagestream_env` are the same command line and environment for a test that has to
+drive the process some other way (a launcher).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +123,37 @@ def run_imagestream(
     return CliRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
 
+@contextlib.contextmanager
+def imagestream_process(
+    *args: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """Start ``imagestream ARGS...`` with stdout and stderr piped (text), for a test to drive.
+
+    ``env`` as for :func:`run_imagestream`. A process still running when the block ends (the
+    test failed before it finished) is killed, so no CLI outlives its test.
+    """
+    with subprocess.Popen(
+        imagestream_command(*args),
+        env=env if env is not None else imagestream_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def interrupt(process: subprocess.Popen[str], timeout: float = 30) -> tuple[str, str]:
+    """SIGTERM ``process`` (what Kubernetes sends a deleted Pod), wait; its (stdout, stderr)."""
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=timeout)
+
+
 def stream_image(
     source: str,
     target: Path,
@@ -136,6 +171,37 @@ def stream_image(
         image.sha384,
         "--progress",
         "json",
+        *extra,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def stream_fast_retries(
+    source: str,
+    target: Path,
+    image: SampleImage,
+    *extra: str,
+    stall_timeout: float,
+    max_retries: int | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+) -> CliRun:
+    """:func:`stream_image` with a 0.05 s retry backoff and the given stall timeout (and retries).
+
+    A test's faults (a cut, a reset, a refusal) would otherwise cost the default backoff's
+    seconds for every retry; ``max_retries`` None keeps the CLI's default.
+    """
+    retries = () if max_retries is None else ("--max-retries", str(max_retries))
+    return stream_image(
+        source,
+        target,
+        image,
+        "--retry-backoff",
+        "0.05",
+        *retries,
+        "--stall-timeout",
+        str(stall_timeout),
         *extra,
         env=env,
         timeout=timeout,

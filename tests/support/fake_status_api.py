@@ -15,11 +15,13 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from .threaded_server import ThreadedHttpServer
 
 Mode = Literal["ok", "fail", "hang"]
 
@@ -36,7 +38,7 @@ class ApiRequest:
     at: float  # time.monotonic() on arrival
 
 
-class FakeStatusApi:
+class FakeStatusApi(ThreadedHttpServer):
     """Context manager: serve, record, and stop (waking any hanging request)."""
 
     def __init__(self, mode: Mode = "ok") -> None:
@@ -44,18 +46,8 @@ class FakeStatusApi:
         self._requests: list[ApiRequest] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.owner = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        # A short poll: the agent tests stop one of these per test.
+        super().__init__(_Handler, name="fake-status-api", poll_interval=0.05)
 
     @property
     def requests(self) -> list[ApiRequest]:
@@ -76,15 +68,9 @@ class FakeStatusApi:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def __enter__(self) -> FakeStatusApi:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
+    def _before_shutdown(self) -> None:
+        # Release the requests that "hang" mode holds.
         self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
 
     def _record(self, request: ApiRequest) -> None:
         with self._lock:

@@ -35,15 +35,14 @@ import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Protocol, Self, cast
+from http.server import BaseHTTPRequestHandler
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from imagestream.demo.range_server import reset_connection
 
-from .process import LOOPBACK
 from .registry import Registry
+from .threaded_server import OwnedHttpServer, ThreadedHttpServer
 
 _BLOB_RE = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 _MANIFEST_RE = re.compile(r"^/v2/.+/manifests/[^/]+$")
@@ -131,7 +130,7 @@ class ProxiedRequest:
     faults: list[FaultKind] = field(default_factory=list)
 
 
-class FaultProxy:
+class FaultProxy(ThreadedHttpServer):
     """A reverse proxy to ``upstream`` (``http://HOST:PORT``) with a plan of faults.
 
     Use as a context manager; :attr:`address` (``127.0.0.1:PORT``) is what a client uses in
@@ -147,9 +146,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._pending: list[_Planned] = []
         self._requests: list[ProxiedRequest] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        super().__init__(_ProxyHandler, name="fault-proxy", server_class=_ProxyServer)
         self.add(*faults)
 
     # -- plan and records -------------------------------------------------------------------
@@ -191,57 +189,14 @@ class FaultProxy:
         with self._lock:
             self._requests.append(record)
 
-    # -- addresses and lifecycle ------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------------
 
-    @property
-    def port(self) -> int:
-        """The listening port; valid once started."""
-        if self._server is None:
-            raise RuntimeError("the proxy is not started")
-        return int(self._server.server_address[1])
-
-    @property
-    def address(self) -> str:
-        """``127.0.0.1:PORT``."""
-        return f"{LOOPBACK}:{self.port}"
-
-    def start(self) -> Self:
-        """Listen on a free loopback port and serve in a daemon thread."""
-        if self._server is not None:
-            raise RuntimeError("the proxy is already started")
-        server = _ProxyServer((LOOPBACK, 0), _ProxyHandler)
-        server.owner = self
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="fault-proxy")
-        self._thread.daemon = True
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop accepting, abandon responses in flight, close the socket."""
-        server, self._server = self._server, None
-        if server is None:
-            return
+    def _before_shutdown(self) -> None:
+        # Abandon responses in flight: handlers holding a connection before a reset end now.
         self._stopping.set()
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
-class _ProxyServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _ProxyServer(OwnedHttpServer):
     owner: FaultProxy
 
     def handle_error(self, request: object, client_address: object) -> None:

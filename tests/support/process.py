@@ -22,6 +22,32 @@ from .tools import die_with_parent, free_port, require_tool, stop_process
 LOOPBACK = "127.0.0.1"
 
 
+class StartStop:
+    """A server with :meth:`start` and :meth:`stop`, used as a context manager that calls them.
+
+    The base of every test server here, so that ``with X(...) as x:`` means the same for all.
+    """
+
+    def start(self) -> Self:
+        """Start serving; return ``self``."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop serving; a no-op when not started."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 def read_text_or_empty(path: Path) -> str:
     """Return the text of a log the server writes, or "" while it does not exist yet."""
     try:
@@ -30,7 +56,7 @@ def read_text_or_empty(path: Path) -> str:
         return ""
 
 
-class ServerProcess:
+class ServerProcess(StartStop):
     """A server run in the foreground on ``127.0.0.1:<free port>``; use as a context manager.
 
     Subclasses set :attr:`name` (also the executable looked up when no ``binary`` is given) and
@@ -134,14 +160,3 @@ class ServerProcess:
     def is_running(self) -> bool:
         """Return True while the server process is alive."""
         return self._process is not None and self._process.poll() is None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -35,10 +35,9 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, Self, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import trustme
@@ -47,7 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from .process import LOOPBACK
+from .threaded_server import ThreadedHttpServer
 
 #: Seconds of clock skew distribution 2.8 allows past ``exp`` (and before ``nbf``).
 REGISTRY_LEEWAY = 60
@@ -144,7 +143,7 @@ class TokenRequest:
     token: str | None  # the token issued (None when refused)
 
 
-class TokenServer:
+class TokenServer(ThreadedHttpServer):
     """A Docker-Registry-v2 token server on ``127.0.0.1:<free port>``, in a background thread.
 
     ``users`` maps user names to passwords, ``refresh_tokens`` OAuth2 refresh tokens (what a
@@ -175,8 +174,7 @@ class TokenServer:
         self.ttl = ttl
         self._requests: list[TokenRequest] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(_TokenHandler, name="token-server")
 
     @property
     def ttl(self) -> int:
@@ -190,16 +188,9 @@ class TokenServer:
         self._ttl = seconds
 
     @property
-    def port(self) -> int:
-        """The listening port; valid once started."""
-        if self._server is None:
-            raise RuntimeError("the token server is not started")
-        return int(self._server.server_address[1])
-
-    @property
     def realm(self) -> str:
         """``http://127.0.0.1:PORT/token``: the registry's ``auth.token.realm``."""
-        return f"http://{LOOPBACK}:{self.port}/token"
+        return f"{self.url}/token"
 
     @property
     def requests(self) -> list[TokenRequest]:
@@ -269,43 +260,6 @@ class TokenServer:
     def _record(self, request: TokenRequest) -> None:
         with self._lock:
             self._requests.append(request)
-
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Listen on a free loopback port and serve in a daemon thread."""
-        if self._server is not None:
-            raise RuntimeError("the token server is already started")
-        server = ThreadingHTTPServer((LOOPBACK, 0), _TokenHandler, bind_and_activate=True)
-        server.daemon_threads = True
-        cast(Any, server).owner = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="token-server", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _iso(timestamp: float) -> str:

@@ -104,23 +104,20 @@ class FileSource:
         self._file.close()
 
 
-class HttpSource:
-    """An HTTP(S) object read with `HttpRangeReader` over one httpx client."""
+class _RangeReaderSource:
+    """What HTTP objects and OCI blobs share: an `HttpRangeReader` over the source's own client.
 
-    def __init__(self, url: str, options: SourceOptions) -> None:
-        self.name = redact_url(url)
-        self.digest: str | None = None
-        self._client = make_client(options)
-        headers = {}
-        if options.credentials is not None:
-            authorization = options.credentials.authorization_for(httpx.URL(url).netloc.decode())
-            if authorization:
-                headers["Authorization"] = authorization
-        self._reader = HttpRangeReader(url, self._client, options.policy, headers)
+    A subclass sets `name`, `digest`, `_client` and `_reader` in its constructor.
+    """
+
+    name: str
+    digest: str | None
+    _client: httpx.Client
+    _reader: HttpRangeReader
 
     @property
     def total(self) -> int | None:
-        """The object's size, known after the first answer when the server tells it."""
+        """The size: from the blob's descriptor, or from the server's first answer if it tells."""
         return self._reader.total
 
     @property
@@ -129,7 +126,7 @@ class HttpSource:
         return self._reader.resumes
 
     def chunks(self) -> Iterator[bytes]:
-        """Yield the object's bytes."""
+        """Yield the bytes."""
         return self._reader.chunks()
 
     def close(self) -> None:
@@ -137,7 +134,22 @@ class HttpSource:
         self._client.close()
 
 
-class OciSource:
+class HttpSource(_RangeReaderSource):
+    """An HTTP(S) object read with `HttpRangeReader` over one httpx client."""
+
+    def __init__(self, url: str, options: SourceOptions) -> None:
+        self.name = redact_url(url)
+        self.digest = None
+        self._client = make_client(options)
+        headers = {}
+        if options.credentials is not None:
+            authorization = options.credentials.authorization_for(httpx.URL(url).netloc.decode())
+            if authorization:
+                headers["Authorization"] = authorization
+        self._reader = HttpRangeReader(url, self._client, options.policy, headers)
+
+
+class OciSource(_RangeReaderSource):
     """One layer blob of an OCI artifact, resolved from `oci://` and read like an HTTP object.
 
     The manifest is resolved when the source opens, so an unknown tag, a refusal or a missing
@@ -158,7 +170,7 @@ class OciSource:
             )
             registry = Registry(self._client, base, reference, options.policy)
             layer = resolve_layer(registry, wanted, options.layer)
-            self.digest: str | None = layer.digest
+            self.digest = layer.digest
             self._reader = HttpRangeReader(
                 registry.blob_url(layer.digest),
                 self._client,
@@ -169,24 +181,6 @@ class OciSource:
         except BaseException:
             self._client.close()
             raise
-
-    @property
-    def total(self) -> int | None:
-        """The blob's size, from its descriptor."""
-        return self._reader.total
-
-    @property
-    def resumes(self) -> int:
-        """How many times the transfer was resumed."""
-        return self._reader.resumes
-
-    def chunks(self) -> Iterator[bytes]:
-        """Yield the blob's bytes."""
-        return self._reader.chunks()
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._client.close()
 
 
 def open_source(location: str, options: SourceOptions) -> Source:

@@ -11,6 +11,7 @@ for the tests (real registries use their vendor's; the protocol is the same).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
-from tests.support.cli import CliRun, assert_failed, assert_succeeded, stream_image
+from tests.support.cli import CliRun, assert_failed, assert_succeeded, stream_fast_retries
 from tests.support.fault_proxy import FaultKind, FaultProxy, FaultProxyFactory, ProxyFault
 from tests.support.oci_push import (
     RAW_LAYER,
@@ -53,21 +54,8 @@ ARM64 = Platform("linux", "arm64", "v8")
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def stream(source: str, target: Path, image: SampleImage, *extra: str) -> CliRun:
-    """`imagestream stream SOURCE TARGET --sha384 ... --progress json` with fast retries."""
-    return stream_image(
-        source,
-        target,
-        image,
-        "--retry-backoff",
-        "0.05",
-        "--max-retries",
-        "4",
-        "--stall-timeout",
-        "10",
-        *extra,
-        timeout=80,
-    )
+#: `imagestream stream SOURCE TARGET --sha384 ... --progress json EXTRA...` with fast retries.
+stream = functools.partial(stream_fast_retries, max_retries=4, stall_timeout=10, timeout=80)
 
 
 def push(live: LiveRegistry, image: SampleImage, repository: str = REPO) -> PushedArtifact:
