@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,32 @@ def test_broken_api_server_does_not_stop_the_stream(
         # Logged once, not once per tick, and without the token.
         assert run.stderr.count("status progress update failed") == 1, run.stderr
         assert "500" in run.stderr
+
+
+@pytest.mark.parametrize("sigterm", [False, True], ids=["exit", "sigterm"])
+def test_a_hanging_api_after_the_verdict_keeps_the_success(
+    sigterm: bool, image: SampleImage, dev: Path, tmp_path: Path
+) -> None:
+    """The verdict is written while a status patch still hangs: the agent must still exit 0.
+
+    Both used to end as crashes: the interpreter's teardown aborted (SIGABRT) on the reporter
+    thread stuck in its request, and a SIGTERM after the verdict (the ImageStream deleted just
+    as the stream ended) met the default action Python restores at teardown (exit 143).
+    """
+    instr = instructions(str(image.path), image, dev, tmp_path)
+    log = Path(instr.termination_log)
+    with FakeStatusApi("hang") as api:
+        env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
+        with imagestream_process("agent", env=env) as process:
+            wait_until(lambda: log.exists() and log.stat().st_size > 0, 30, what="the verdict")
+            if sigterm:
+                assert process.poll() is None, "expected the agent to wait on its final patch"
+                process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 0, stderr
+    assert AgentResult.from_json(log.read_text()).outcome == "Succeeded"
+    assert sha384_of(dev, image.raw_size) == image.raw_sha384
 
 
 def test_oci_source_with_basic_auth_secret(image: SampleImage, dev: Path, tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from imagestream.agent.contract import AgentInstructions
 from imagestream.agent.kube_status import StatusUnavailable, connect
@@ -54,7 +56,7 @@ def agent_command() -> int:
         run = run_agent(instr, cancel, on_progress)
         # The verdict before the final progress patch, which may wait on a slow API server.
         _conclude(Path(instr.termination_log), run)
-    return run.exit_code
+    _exit_without_teardown(run.exit_code)
 
 
 @contextmanager
@@ -81,6 +83,20 @@ def _conclude(termination_log: Path, run: AgentRun) -> None:
     else:
         log.error("Failed (%s): %s", result.reason, result.message)
     write_termination_log(termination_log, result)
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """Leave now: the verdict is written and the target closed.
+
+    The interpreter's own teardown can't be trusted with what may still be running: a status
+    request hanging in the reporter's thread makes it abort (SIGABRT), and it restores the
+    default SIGTERM action, so a Pod deletion racing the end of the stream kills it with 143.
+    Either would turn a verified stream into a crash in the Pod's status.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _configure_logging() -> None:
