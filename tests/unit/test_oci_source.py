@@ -36,6 +36,7 @@ from imagestream.pipeline.oci import (
     TITLE_ANNOTATION,
 )
 from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_stream
+from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import OciSource, SourceOptions, open_source
 from imagestream.progress_display import report_success
 
@@ -79,6 +80,9 @@ class FakeRegistry:
     token_count: int = 0
     sent: list[Sent] = field(default_factory=list)
     blob_script: list[Handler] = field(default_factory=list)
+    # What a GET of an unknown manifest gets: 404 by the spec, 500 from distribution 2.8 when
+    # the digest is a blob's.
+    unknown_manifest_status: int = 404
 
     # -- content ----------------------------------------------------------------------------
 
@@ -159,12 +163,15 @@ class FakeRegistry:
             return httpx.Response(200, json={"name": repository, "tags": tags})
         if kind == "manifests":
             if (repository, ref) not in self.manifests:
-                return error(404, "MANIFEST_UNKNOWN")
+                status = self.unknown_manifest_status
+                return error(status, "MANIFEST_UNKNOWN" if status == 404 else "UNKNOWN")
             media_type, body = self.manifests[(repository, ref)]
             # A streamed body, as from a socket (`content=` would be pre-read by httpx).
             return httpx.Response(200, headers={"Content-Type": media_type}, stream=Body(body))
         if ref not in self.blobs:
             return error(404, "BLOB_UNKNOWN")
+        if request.method == "HEAD":
+            return httpx.Response(200, headers={"Content-Length": str(len(self.blobs[ref]))})
         if self.redirect_blobs:
             location = f"https://storage.example/data/{ref}?X-Amz-Signature=abc"
             return httpx.Response(307, headers={"Location": location})
@@ -486,6 +493,58 @@ def test_an_unknown_digest(registry: FakeRegistry) -> None:
 
     assert caught.value.reason == "ManifestUnknown"
     assert missing in caught.value.message
+
+
+def manifest_gets(registry: FakeRegistry) -> list[Sent]:
+    return [s for s in registry.sent if "/manifests/" in s.path and s.authorization]
+
+
+def blob_heads(registry: FakeRegistry) -> list[Sent]:
+    return [s for s in blob_requests(registry) if s.method == "HEAD" and s.authorization]
+
+
+@pytest.mark.parametrize("status", [500, 404])
+def test_a_layer_digest_is_not_a_manifest_and_fails_at_once(
+    registry: FakeRegistry, tmp_path: Path, status: int
+) -> None:
+    """A blob's digest given as the reference fails after one manifest GET and one blob HEAD.
+
+    Stand-in: the fake answers 500 as distribution 2.8 does for a blob's digest (the integration
+    test checks the real one), or 404 MANIFEST_UNKNOWN as the spec and newer registries do.
+    """
+    registry.unknown_manifest_status = status
+    layer = registry.add_blob(DATA)
+    registry.add_artifact(layer)
+    digest = str(layer["digest"])
+
+    with pytest.raises(SourceError) as caught:
+        stream(tmp_path, f"oci://{HOST}/{REPO}@{digest}")
+
+    assert caught.value.reason == "NotAManifest"
+    assert caught.value.exit_code == 3
+    assert f"{digest} is the digest of a blob" in caught.value.message
+    assert f"{HOST}/{REPO}" in caught.value.message
+    assert len(manifest_gets(registry)) == 1
+    assert [s.path for s in blob_heads(registry)] == [f"/v2/{REPO}/blobs/{digest}"]
+    assert [s for s in blob_requests(registry) if s.method == "GET"] == []
+    assert not (tmp_path / "disk.img").exists()
+
+
+def test_a_failing_manifest_digest_that_is_no_blob_keeps_its_retries(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    """A digest naming no blob: one look for a blob, then the whole retry budget as before."""
+    registry.unknown_manifest_status = 503
+    registry.add_artifact(registry.add_blob(DATA))
+    missing = sha256(b"nothing")
+    policy = RetryPolicy(max_retries=3)
+
+    with pytest.raises(SourceError) as caught:
+        open_oci(f"oci://{HOST}/{REPO}@{missing}", SourceOptions(policy=policy))
+
+    assert caught.value.reason == "RetriesExhausted"
+    assert len(manifest_gets(registry)) == policy.max_retries + 1
+    assert len(blob_heads(registry)) == 1
 
 
 def test_a_refused_token_names_realm_service_and_scope(registry: FakeRegistry) -> None:

@@ -17,14 +17,19 @@ import re
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 import httpx
 
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError, UsageError
-from imagestream.pipeline.range_reader import HttpRangeReader, Refusal, RetryPolicy
+from imagestream.pipeline.range_reader import (
+    HttpRangeReader,
+    Refusal,
+    RetryableError,
+    RetryPolicy,
+)
 from imagestream.pipeline.registry_auth import preferred_challenge
 
 OCI_SCHEME = "oci://"
@@ -412,14 +417,51 @@ class Registry:
         return f"{self._repository_url}/blobs/{digest}"
 
     def fetch_manifest(self, ref: str, expected: Descriptor | None = None) -> Manifest:
-        """GET a manifest by tag or digest; one reached by digest must hash to that digest."""
+        """GET a manifest by tag or digest; one reached by digest must hash to that digest.
+
+        The reference's own digest may be a blob's, copied from a manifest or `oras push`:
+        distribution 2.8 answers that with HTTP 500, which the retries would only wait out. So
+        it gets one attempt first; if that fails as a blob's digest would, the blob is looked
+        up once, and only a digest that names no blob gets the rest of the retries.
+        """
+        if ref != self.reference.digest:
+            return self._read_manifest(ref, expected, self.policy)
+        retries = self.policy.max_retries
+        try:
+            return self._read_manifest(ref, expected, replace(self.policy, max_retries=0))
+        except SourceError as exc:
+            if _may_name_a_blob(exc):
+                self._refuse_blob_digest(ref, exc)
+            if exc.reason != "RetriesExhausted" or retries == 0:
+                raise
+        # The attempt above counts against the budget.
+        return self._read_manifest(ref, expected, replace(self.policy, max_retries=retries - 1))
+
+    def _refuse_blob_digest(self, digest: str, error: SourceError) -> None:
+        """Fail with `NotAManifest` if `digest` names a blob of this repository."""
+        try:
+            # Without following: a registry that redirects blobs to storage has the blob too.
+            response = self.client.head(self.blob_url(digest), follow_redirects=False)
+        except (httpx.TransportError, RetryableError):
+            return  # no answer about the blob: the manifest's own error stands
+        if response.status_code == 200 or response.is_redirect:
+            repository = f"{self.reference.registry}/{self.reference.repository}"
+            raise SourceError(
+                f"{digest} is the digest of a blob (a layer) in {repository}, not of a manifest: "
+                "reference the manifest digest (`oras push` prints it as 'Digest:') or a tag",
+                reason="NotAManifest",
+            ) from error
+
+    def _read_manifest(
+        self, ref: str, expected: Descriptor | None, policy: RetryPolicy
+    ) -> Manifest:
         url = f"{self._repository_url}/manifests/{ref}"
         what = f"manifest {ref} of {self.reference.registry}/{self.reference.repository}"
         headers = {"Accept": MANIFEST_ACCEPT}
         reader = HttpRangeReader(
             url,
             self.client,
-            self.policy,
+            policy,
             headers,
             size=expected.size if expected else None,
             refusal=self.refusal(what),
@@ -472,6 +514,16 @@ class Registry:
             return registry_error(response, self.reference, what)
 
         return refuse
+
+
+def _may_name_a_blob(error: SourceError) -> bool:
+    """Whether a manifest GET failed as registries answer a blob's digest: 404 or HTTP 5xx.
+
+    Only an answer counts (a RetryableError: 5xx, 408, 429); a network that failed says nothing.
+    """
+    if error.reason == "ManifestUnknown":
+        return True
+    return error.reason == "RetriesExhausted" and isinstance(error.__cause__, RetryableError)
 
 
 def registry_error(response: httpx.Response, reference: Reference, what: str) -> ImageStreamError:

@@ -191,6 +191,34 @@ def test_unknown_references(
     assert_file_target_invalid(target)
 
 
+def test_a_layer_digest_is_refused_at_once(
+    fault_proxy: FaultProxy, registry: LiveRegistry, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    """A blob's digest where a manifest's belongs (as copied from a manifest or `oras push`)
+    fails at once with NotAManifest. The proxy only forwards and counts: the HTTP 500 for the
+    manifest GET is the real registry's own answer (distribution 2.8).
+    """
+    pushed = push(registry, sample_image)
+    digest = layer_digest(pushed, sample_image)
+    target = file_target(tmp_path)
+
+    run = stream(f"oci://{fault_proxy.address}/{REPO}@{digest}", target, sample_image)
+
+    result = assert_failed(run, 3, "NotAManifest", digest, "is the digest of a blob")
+    assert result["reason"] == "NotAManifest"
+    assert "RetriesExhausted" not in run.text
+    repository = f"/v2/{REPO}/"
+    exchanges = [
+        (r.method, r.path, r.status) for r in fault_proxy.requests if r.path.startswith(repository)
+    ]
+    # One manifest GET (the registry's 500), one blob HEAD, no retry and no blob GET.
+    assert exchanges == [
+        ("GET", f"/v2/{REPO}/manifests/{digest}", 500),
+        ("HEAD", f"/v2/{REPO}/blobs/{digest}", 200),
+    ]
+    assert_file_target_invalid(target)
+
+
 # -- indexes and layers -----------------------------------------------------------------------
 
 
