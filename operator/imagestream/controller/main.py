@@ -33,7 +33,7 @@ CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 30.0
 
 
-def operator_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
+def operator_settings() -> kopf.OperatorSettings:
     """kopf's settings for this controller."""
     settings = kopf.OperatorSettings()
     settings.persistence.finalizer = FINALIZER
@@ -101,7 +101,7 @@ def controller_command(args: argparse.Namespace) -> int:
     namespaces = list(args.namespace)
     log.info("watching %s", "all namespaces" if args.all_namespaces else ", ".join(namespaces))
     kopf.run(
-        settings=operator_settings(args),
+        settings=operator_settings(),
         standalone=bool(args.standalone),
         clusterwide=bool(args.all_namespaces),
         namespaces=namespaces,
