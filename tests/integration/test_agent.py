@@ -2,9 +2,9 @@
 
 The agent runs outside any container here, so the host's /proc is `/proc`, the host prefix is
 empty and the target is the real `/dev/loopN`. The Kubernetes API is the recording stand-in of
-`tests.support.fake_status_api` (a real API server would also check the token, RBAC and the
-CRD schema, and merge the patch into a stored object); the kubeconfig pointing at it is a real
-one, read by the real Kubernetes client.
+`tests.support.fake_status_api`, which applies the agent's JSON patches to the one object it
+holds (a real API server would also check the token, RBAC and the CRD schema); the kubeconfig
+pointing at it is a real one, read by the real Kubernetes client.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ pytestmark = pytest.mark.usefixtures("require_root")
 NAMESPACE = "imagestream-system"
 NAME = "node-7-root-b"
 TOKEN = "agent-sa-token-do-not-log"
+UID = "0b6c7d1e-4f0a-4c55-9d7e-2a1f3b4c5d6e"
 STATUS_PATH = f"/apis/imagestream.dev/v1alpha1/namespaces/{NAMESPACE}/imagestreams/{NAME}/status"
 INTERVAL = 0.5
 DEVICE_SIZE = 16 * MIB
@@ -54,7 +55,7 @@ def instructions(source: str, image: SampleImage, dev: Path, tmp_path: Path) -> 
     return AgentInstructions(
         name=NAME,
         namespace=NAMESPACE,
-        uid="0b6c7d1e-4f0a-4c55-9d7e-2a1f3b4c5d6e",
+        uid=UID,
         generation=3,
         source=source,
         sha384=image.sha384,
@@ -94,22 +95,25 @@ def run_agent(
 
 
 def progress_of(request: ApiRequest) -> dict[str, Any]:
-    """The `status.progress` of a patch, after checking the patch holds nothing else."""
+    """The `status.progress` of a patch, after checking it is guarded by our uid and sets
+    nothing else."""
     body = request.body
-    assert isinstance(body, dict)
-    assert list(body) == ["status"], body
-    assert list(body["status"]) == ["progress"], body
-    progress: dict[str, Any] = body["status"]["progress"]
+    assert isinstance(body, list), body
+    test, add = body
+    assert test == {"op": "test", "path": "/metadata/uid", "value": UID}, body
+    assert (add["op"], add["path"]) == ("add", "/status/progress"), body
+    progress: dict[str, Any] = add["value"]
     return progress
 
 
-def assert_only_own_status_merge_patches(api: FakeStatusApi) -> list[dict[str, Any]]:
-    """Every request is a merge PATCH of this ImageStream's status; return the progress bodies."""
+def assert_only_own_guarded_status_patches(api: FakeStatusApi) -> list[dict[str, Any]]:
+    """Every request is a uid-guarded JSON PATCH of this ImageStream's status; return the
+    progress reports."""
     requests = api.requests
     assert requests, "the agent sent no status patch"
     for request in requests:
         assert (request.method, request.path) == ("PATCH", STATUS_PATH)
-        assert request.content_type == "application/merge-patch+json"
+        assert request.content_type == "application/json-patch+json"
         assert request.authorization == f"Bearer {TOKEN}"
     return [progress_of(request) for request in requests]
 
@@ -154,11 +158,11 @@ def test_success_reports_progress_at_most_once_per_interval(
     image: SampleImage, dev: Path, slow_url: str, tmp_path: Path
 ) -> None:
     instr = instructions(slow_url, image, dev, tmp_path)
-    with FakeStatusApi() as api:
+    with FakeStatusApi(uid=UID) as api:
         run, result = run_agent(instr, tmp_path, api)
 
     assert_succeeded(run, result, image, dev)
-    progress = assert_only_own_status_merge_patches(api)
+    progress = assert_only_own_guarded_status_patches(api)
     # At most one patch per interval: n patches sent at least INTERVAL apart span (n-1)
     # intervals; one interval of slack for network jitter on arrival.
     times = [request.at for request in api.requests]
@@ -174,6 +178,43 @@ def test_success_reports_progress_at_most_once_per_interval(
     assert all(UPDATED_AT.fullmatch(p["updatedAt"]) for p in progress)
     fetched = [p["bytesFetched"] for p in progress]
     assert fetched == sorted(fetched)
+
+
+def test_a_re_created_image_stream_gets_no_progress_of_the_old_agent(
+    image: SampleImage, dev: Path, slow_url: str, tmp_path: Path
+) -> None:
+    """The ImageStream is deleted and re-created under its name mid-stream: the agent's next
+    patch is refused (its uid test fails), it stops patching, and the stream still succeeds.
+
+    A real API server holds the whole object and answers the same generic 422; the stand-in
+    holds only uid and status, which is all the agent's patches and its one GET touch."""
+    instr = instructions(slow_url, image, dev, tmp_path)
+    re_created = "7e57a1b2-0000-4c55-9d7e-re-created00"
+    with FakeStatusApi(uid=UID) as api:
+        env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
+        with imagestream_process("agent", env=env) as process:
+            wait_until(lambda: "progress" in api.object["status"], 30, what="a progress patch")
+            api.reset(re_created)
+            _, stderr = process.communicate(timeout=60)
+        methods = [request.method for request in api.requests]
+        final = api.object
+
+    assert process.returncode == 0, stderr
+    result = AgentResult.from_json(Path(instr.termination_log).read_text())
+    assert result.outcome == "Succeeded"
+    assert sha384_of(dev, image.raw_size) == image.raw_sha384
+    assert final == {"metadata": {"uid": re_created}, "status": {}}
+    # One refused patch (whether sent just before or after the re-creation), one GET to tell
+    # why, then no more patches.
+    assert methods.count("GET") == 1, methods
+    assert "PATCH" not in methods[methods.index("GET") :], methods
+    assert (
+        stderr.count(
+            f"ImageStream {NAMESPACE}/{NAME} was re-created (uid differs); no more progress updates"
+        )
+        == 1
+    ), stderr
+    assert "status progress update failed" not in stderr
 
 
 def test_without_api_configuration_the_stream_still_runs(
@@ -193,11 +234,11 @@ def test_broken_api_server_does_not_stop_the_stream(
 ) -> None:
     """500 on every patch, or no answer at all: the stream and its verdict are unaffected."""
     instr = instructions(slow_url, image, dev, tmp_path)
-    with FakeStatusApi(mode) as api:
+    with FakeStatusApi(mode, UID) as api:
         run, result = run_agent(instr, tmp_path, api)
 
     assert_succeeded(run, result, image, dev)
-    assert_only_own_status_merge_patches(api)
+    assert_only_own_guarded_status_patches(api)
     if mode == "fail":
         assert len(api.requests) >= 2, "a failed patch is retried on the next tick"
         # Logged once, not once per tick, and without the token.
@@ -217,7 +258,7 @@ def test_a_hanging_api_after_the_verdict_keeps_the_success(
     """
     instr = instructions(str(image.path), image, dev, tmp_path)
     log = Path(instr.termination_log)
-    with FakeStatusApi("hang") as api:
+    with FakeStatusApi("hang", UID) as api:
         env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
         with imagestream_process("agent", env=env) as process:
             wait_until(lambda: log.exists() and log.stat().st_size > 0, 30, what="the verdict")
@@ -247,13 +288,13 @@ def test_oci_source_with_basic_auth_secret(image: SampleImage, dev: Path, tmp_pa
             auth_dir=str(secret),
             layer=image.path.name,
         )
-        with FakeStatusApi() as api:
+        with FakeStatusApi(uid=UID) as api:
             run, result = run_agent(instr, tmp_path, api)
 
     assert_succeeded(run, result, image, dev)
     assert result.digest == pushed.layers[image.path.name].digest
     assert password not in run.stderr
-    assert_only_own_status_merge_patches(api)
+    assert_only_own_guarded_status_patches(api)
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -264,7 +305,7 @@ def test_hash_mismatch_fails_and_leaves_the_target_invalid(
 ) -> None:
     wrong = hashlib.sha384(b"another image").hexdigest()
     instr = replace(instructions(nginx.url_for("root.img.zst"), image, dev, tmp_path), sha384=wrong)
-    with FakeStatusApi() as api:
+    with FakeStatusApi(uid=UID) as api:
         run, result = run_agent(instr, tmp_path, api)
 
     assert run.code == 4, run.stderr
@@ -282,7 +323,7 @@ def test_sigterm_mid_stream_cancels_and_leaves_the_target_invalid(
     image = write_sample_image(nginx_docroot / "big.zst", DEVICE_SIZE, seed=12)
     server = nginx_factory(nginx_docroot, extra_server_config="limit_rate 1m;")
     instr = instructions(server.url_for("big.zst"), image, dev, tmp_path)
-    with FakeStatusApi() as api:
+    with FakeStatusApi(uid=UID) as api:
         env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
         with imagestream_process("agent", env=env) as process:
             # The agent's own progress patches say when a buffer past the first MiB is written.
@@ -307,7 +348,7 @@ def test_missing_instructions_fail_naming_the_variables(
     image: SampleImage, dev: Path, tmp_path: Path
 ) -> None:
     instr = instructions(str(image.path), image, dev, tmp_path)
-    with FakeStatusApi() as api:
+    with FakeStatusApi(uid=UID) as api:
         env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
         del env[env_name("name")], env[env_name("sha384")]
         run = run_imagestream("agent", env=env, timeout=60)

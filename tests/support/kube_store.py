@@ -358,7 +358,11 @@ def apply_patch(current: JSON, patch: Any, content_type: str) -> JSON:
         try:
             patched = jsonpatch.apply_patch(current, patch)
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-            raise ApiError(422, "Invalid", f"the JSON patch could not be applied: {exc}") from exc
+            # The real server wraps the patch library's error in NewGenericServerResponse(422),
+            # which keeps only a generic message: a failed `test` and a missing path look alike.
+            raise ApiError(
+                422, "Invalid", "the server rejected our request due to an error in our request"
+            ) from exc
     else:
         raise ApiError(
             415,
@@ -566,6 +570,10 @@ class Store:
             )
         with self._lock:
             current = self._current(resource, namespace, name)
+            # A uid in a PUT body is a storage precondition, checked before anything else.
+            wanted_uid = body_meta.get("uid")
+            if wanted_uid and wanted_uid != current["metadata"]["uid"]:
+                raise self._uid_precondition_failed(resource, current, wanted_uid)
             expected = body_meta.get("resourceVersion")
             if not expected and resource.custom and subresource is None:
                 raise self._invalid(
@@ -704,6 +712,7 @@ class Store:
                 "the object has been modified; please apply your changes to the latest version "
                 "and try again",
             )
+        self._check_uid_unchanged(resource, current, body, subresource)
         if subresource == "status":
             updated = copy.deepcopy(current)
             if "status" in body:
@@ -732,6 +741,24 @@ class Store:
         if self._deletion_released(updated["metadata"]):
             return self._remove(resource, key, updated)
         return self._commit(resource, key, "MODIFIED", updated, current)
+
+    def _check_uid_unchanged(
+        self, resource: ResourceType, current: JSON, body: JSON, subresource: str | None
+    ) -> None:
+        """metadata.uid is immutable (422), except where the write keeps only the status.
+
+        The status subresource of a custom resource copies the stored object over the written
+        one before validation (apiextensions ``statusStrategy.PrepareForUpdate``), so a uid
+        there is dropped silently; built-in status strategies keep the metadata and reject it.
+        """
+        uid = (body.get("metadata") or {}).get("uid")
+        if not uid or uid == current["metadata"]["uid"]:
+            return  # an empty uid is filled in from the stored object
+        if subresource == "status" and resource.custom:
+            return
+        raise self._invalid(
+            resource, current["metadata"]["name"], "metadata.uid", f'"{uid}": field is immutable'
+        )
 
     @staticmethod
     def _deletion_released(meta: JSON) -> bool:
@@ -906,6 +933,21 @@ class Store:
             "Conflict",
             f'Operation cannot be fulfilled on {resource.qualified} "{name}": {why}',
             self._details(resource, name),
+        )
+
+    def _uid_precondition_failed(
+        self, resource: ResourceType, current: JSON, wanted_uid: str
+    ) -> ApiError:
+        """The 409 of a failed storage uid precondition, worded as etcd3 storage words it."""
+        meta = current["metadata"]
+        parts = [resource.group, resource.plural] if resource.custom else [resource.plural]
+        key = "/".join(["/registry", *parts, *filter(None, [meta.get("namespace")]), meta["name"]])
+        return self._conflict(
+            resource,
+            meta["name"],
+            f"StorageError: invalid object, Code: 4, Key: {key}, ResourceVersion: 0, "
+            f"AdditionalErrorMsg: Precondition failed: UID in precondition: {wanted_uid}, "
+            f"UID in object meta: {meta['uid']}",
         )
 
     def _invalid(self, resource: ResourceType, name: str, field_path: str, why: str) -> ApiError:

@@ -2,7 +2,7 @@
 
 The reporter is driven with a recording patch function in place of the API; the writer
 (`kube_status`) talks to the recording stand-in of `tests.support.fake_status_api` through the
-real Kubernetes client (a real API server would also authenticate, authorise and merge).
+real Kubernetes client (a real API server would also authenticate, authorise and validate).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import trustme
 from tests.support.fake_status_api import FakeStatusApi
 
 from imagestream.agent import kube_status
-from imagestream.agent.kube_status import StatusUnavailable, connect
+from imagestream.agent.kube_status import StatusUnavailable, connect, guarded_patch
 from imagestream.agent.reporter import (
+    ObjectReplaced,
     ProgressReporter,
     StatusWriteError,
-    progress_patch,
+    progress_report,
     rfc3339,
 )
 from imagestream.pipeline.progress import Progress
@@ -32,6 +33,7 @@ from imagestream.pipeline.progress import Progress
 MIB = 1 << 20
 INTERVAL = 0.1
 NOON = 1795701600.0  # 2026-11-26T14:00:00Z
+UID = "0b6c7d1e-4f0a-4c55-9d7e-2a1f3b4c5d6e"
 
 
 def snapshot(fetched: int, *, total: int | None = 10 * MIB, phase: str = "Running") -> Progress:
@@ -47,7 +49,7 @@ def snapshot(fetched: int, *, total: int | None = 10 * MIB, phase: str = "Runnin
 
 
 class Recorder:
-    """A patch function that records each body with its call time; can fail or block."""
+    """A patch function that records each report with its call time; can fail or block."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[float, dict[str, Any]]] = []
@@ -65,7 +67,7 @@ class Recorder:
 
     @property
     def fetched(self) -> list[int]:
-        return [body["status"]["progress"]["bytesFetched"] for _, body in self.calls]
+        return [report["bytesFetched"] for _, report in self.calls]
 
 
 def feed(reporter: ProgressReporter, count: int, pause: float = 0.0) -> None:
@@ -75,30 +77,32 @@ def feed(reporter: ProgressReporter, count: int, pause: float = 0.0) -> None:
         time.sleep(pause)
 
 
-# -- the patch body ---------------------------------------------------------------------------
+# -- the report and the patch body ------------------------------------------------------------
 
 
-def test_patch_body_holds_only_status_progress() -> None:
-    body = progress_patch(snapshot(5 * MIB), NOON)
-
-    assert body == {
-        "status": {
-            "progress": {
-                "phase": "Running",
-                "bytesFetched": 5 * MIB,
-                "bytesTotal": 10 * MIB,
-                "bytesWritten": 5 * MIB // 2,
-                "bytesPerSecond": 1235,
-                "resumes": 1,
-                "percent": 50,
-                "updatedAt": "2026-11-26T14:00:00Z",
-            }
-        }
+def test_report_holds_the_progress_fields() -> None:
+    assert progress_report(snapshot(5 * MIB), NOON) == {
+        "phase": "Running",
+        "bytesFetched": 5 * MIB,
+        "bytesTotal": 10 * MIB,
+        "bytesWritten": 5 * MIB // 2,
+        "bytesPerSecond": 1235,
+        "resumes": 1,
+        "percent": 50,
+        "updatedAt": "2026-11-26T14:00:00Z",
     }
 
 
+def test_patch_tests_the_uid_before_it_sets_only_status_progress() -> None:
+    report = progress_report(snapshot(MIB), NOON)
+    assert guarded_patch(UID, report) == [
+        {"op": "test", "path": "/metadata/uid", "value": UID},
+        {"op": "add", "path": "/status/progress", "value": report},
+    ]
+
+
 def test_unknown_total_leaves_out_total_and_percent() -> None:
-    progress = progress_patch(snapshot(MIB, total=None), NOON)["status"]["progress"]
+    progress = progress_report(snapshot(MIB, total=None), NOON)
     assert "bytesTotal" not in progress
     assert "percent" not in progress
 
@@ -108,14 +112,13 @@ def test_unknown_total_leaves_out_total_and_percent() -> None:
     [("Running", "Running"), ("Verifying", "Verifying"), ("Succeeded", "Verifying")],
 )
 def test_phase_never_claims_the_verdict(phase: str, shown: str) -> None:
-    body = progress_patch(snapshot(MIB, phase=phase), NOON)
-    assert body["status"]["progress"]["phase"] == shown
+    assert progress_report(snapshot(MIB, phase=phase), NOON)["phase"] == shown
 
 
 def test_percent_is_an_int_within_0_and_100() -> None:
-    almost = progress_patch(snapshot(10 * MIB - 1), NOON)["status"]["progress"]
+    almost = progress_report(snapshot(10 * MIB - 1), NOON)
     assert almost["percent"] == 99
-    beyond = progress_patch(snapshot(11 * MIB), NOON)["status"]["progress"]
+    beyond = progress_report(snapshot(11 * MIB), NOON)
     assert beyond["percent"] == 100
 
 
@@ -136,8 +139,8 @@ def test_at_most_one_patch_per_interval_and_the_last_snapshot_at_the_end() -> No
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert all(gap >= INTERVAL for gap in gaps), gaps
     assert 2 <= len(patch.calls) < 60, "coalesced, yet sent during the stream"
-    sent = patch.calls[-1][1]["status"]["progress"]
-    expected = progress_patch(last, time.time())["status"]["progress"]
+    sent = patch.calls[-1][1]
+    expected = progress_report(last, time.time())
     assert {**sent, "updatedAt": None} == {**expected, "updatedAt": None}
     assert patch.fetched == sorted(set(patch.fetched)), "never an older or repeated snapshot"
 
@@ -218,6 +221,25 @@ def test_a_hanging_patch_never_blocks_the_callback() -> None:
     assert patch.fetched == [MIB, 200 * MIB]
 
 
+def test_a_replaced_object_ends_the_patches_but_not_the_updates(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    patch = Recorder()
+    patch.error = ObjectReplaced("ImageStream ns/name was re-created (uid differs); no more")
+    caplog.set_level(logging.INFO, logger="imagestream.agent.reporter")
+    reporter = ProgressReporter(patch, INTERVAL)
+    reporter.update(snapshot(MIB))
+    assert patch.entered.wait(5)
+    patch.error = None  # even an API that would accept them again gets no more patches
+    feed(reporter, 30, pause=0.01)  # three intervals' worth
+    reporter.close()
+
+    assert patch.fetched == [MIB]
+    assert [r.getMessage() for r in caplog.records] == [
+        "ImageStream ns/name was re-created (uid differs); no more"
+    ]
+
+
 # -- the Kubernetes writer --------------------------------------------------------------------
 
 
@@ -229,11 +251,13 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStatusA
         yield server
 
 
-def test_writer_sends_a_merge_patch_to_the_status_subresource(api: FakeStatusApi) -> None:
-    writer = connect("imagestream-system", "node-7-root-b")
-    body = progress_patch(snapshot(MIB), NOON)
+def test_writer_sends_a_guarded_json_patch_to_the_status_subresource(
+    api: FakeStatusApi,
+) -> None:
+    writer = connect("imagestream-system", "node-7-root-b", api.object["metadata"]["uid"])
+    report = progress_report(snapshot(MIB), NOON)
     try:
-        writer.patch_progress(body)
+        writer.patch_progress(report)
     finally:
         writer.close()
 
@@ -243,16 +267,38 @@ def test_writer_sends_a_merge_patch_to_the_status_subresource(api: FakeStatusApi
         "/apis/imagestream.dev/v1alpha1/namespaces/imagestream-system/imagestreams/"
         "node-7-root-b/status"
     )
-    assert request.content_type == "application/merge-patch+json"
+    assert request.content_type == "application/json-patch+json"
     assert request.authorization == "Bearer tok-123"
-    assert request.body == body
+    assert request.body == guarded_patch(writer.uid, report)
+    assert api.object["status"] == {"progress": report}
+
+
+def test_writer_tells_a_replaced_object_from_other_rejections(api: FakeStatusApi) -> None:
+    """Both rejections are the same generic 422 (as from a real server); a GET of the object
+    tells them apart. A real cluster's controller writes the status before the agent starts, so
+    the status-less object is a stand-in's corner case, not a scenario."""
+    uid = api.object["metadata"]["uid"]
+    writer = connect("ns", "name", uid)
+    try:
+        api.reset(uid, with_status=False)
+        with pytest.raises(StatusWriteError, match="422") as ordinary:
+            writer.patch_progress({"bytesFetched": 1})
+        assert not isinstance(ordinary.value, ObjectReplaced)
+
+        api.reset("uid-of-the-re-created-object")
+        with pytest.raises(ObjectReplaced, match=r"ns/name was re-created \(uid differs\)"):
+            writer.patch_progress({"bytesFetched": 2})
+    finally:
+        writer.close()
+    assert api.object == {"metadata": {"uid": "uid-of-the-re-created-object"}, "status": {}}
+    assert [r.method for r in api.requests] == ["PATCH", "GET", "PATCH", "GET"]
 
 
 def test_writer_turns_an_error_status_into_a_safe_message(api: FakeStatusApi) -> None:
     api.mode = "fail"
-    writer = connect("ns", "name")
+    writer = connect("ns", "name", UID)
     with pytest.raises(StatusWriteError) as raised:
-        writer.patch_progress({"status": {"progress": {}}})
+        writer.patch_progress({})
     writer.close()
     assert "500" in str(raised.value)
     assert "tok-123" not in str(raised.value)
@@ -263,9 +309,9 @@ def test_writer_times_out_on_a_hanging_api(
 ) -> None:
     api.mode = "hang"
     monkeypatch.setattr(kube_status, "REQUEST_TIMEOUT", (1.0, 0.2))
-    writer = connect("ns", "name")
+    writer = connect("ns", "name", UID)
     with pytest.raises(StatusWriteError, match="no answer"):
-        writer.patch_progress({"status": {"progress": {}}})
+        writer.patch_progress({})
     writer.close()
 
 
@@ -273,7 +319,7 @@ def test_no_kubeconfig_is_unavailable(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     with pytest.raises(StatusUnavailable, match="kubeconfig"):
-        connect("ns", "name")
+        connect("ns", "name", UID)
 
 
 def test_in_cluster_config_is_used_in_a_pod(
@@ -290,11 +336,11 @@ def test_in_cluster_config_is_used_in_a_pod(
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))  # must not matter
 
     with pytest.raises(StatusUnavailable, match="in-cluster"):
-        connect("ns", "name")  # no token file yet
+        connect("ns", "name", UID)  # no token file yet
 
     token.write_text("sa-token")
     tls_ca.cert_pem.write_to_path(str(ca))
-    writer = connect("ns", "name")
+    writer = connect("ns", "name", UID)
     configuration = writer._api.api_client.configuration
     writer.close()
     assert configuration.host == "https://10.96.0.1:443"

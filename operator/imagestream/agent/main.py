@@ -63,7 +63,7 @@ def agent_command() -> int:
 def _progress_reporting(instr: AgentInstructions) -> Iterator[ProgressCallback | None]:
     """The reporter's callback while the stream runs, or None without an API configuration."""
     try:
-        writer = connect(instr.namespace, instr.name)
+        writer = connect(instr.namespace, instr.name, instr.uid)
     except StatusUnavailable as exc:
         log.warning("%s; streaming without status progress updates", exc)
         yield None

@@ -3,7 +3,9 @@
 The pipeline calls `ProgressReporter.update` ten times a second from its supervising thread;
 that call only stores the snapshot. A background thread sends the newest one at most once per
 `interval` seconds. A failing or hanging API server costs status freshness, never the stream:
-errors are logged (rate-limited) and the next tick simply tries again.
+errors are logged (rate-limited) and the next tick simply tries again. Only `ObjectReplaced`
+(the ImageStream was deleted and re-created: it is not ours anymore) ends the sending for good;
+the stream goes on, and its verdict reaches the controller through the termination message.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from imagestream.progress_display import progress_fields
 
 log = logging.getLogger(__name__)
 
-#: Sends one status patch body; raises on failure.
+#: Sends one `status.progress` report (see `progress_report`); raises on failure.
 PatchFunction = Callable[[dict[str, Any]], None]
 
 #: How often a persisting failure is logged again after the first time.
@@ -36,8 +38,12 @@ class StatusWriteError(Exception):
     """A status patch failed; the message is safe to log (no credentials, no secret URLs)."""
 
 
-def progress_patch(progress: Progress, at: float) -> dict[str, Any]:
-    """The merge-patch body for one snapshot taken at wall-clock time `at` (epoch seconds)."""
+class ObjectReplaced(StatusWriteError):
+    """The ImageStream under our name has another uid: further patches would be rejected too."""
+
+
+def progress_report(progress: Progress, at: float) -> dict[str, Any]:
+    """The `status.progress` object for one snapshot taken at wall-clock time `at` (epoch s)."""
     fields = {key: value for key, value in progress_fields(progress).items() if value is not None}
     if fields["phase"] not in _SHOWN_PHASES:
         fields["phase"] = "Verifying"
@@ -45,7 +51,7 @@ def progress_patch(progress: Progress, at: float) -> dict[str, Any]:
     if fraction is not None:
         fields["percent"] = min(100, max(0, int(fraction * 100)))
     fields["updatedAt"] = rfc3339(at)
-    return {"status": {"progress": fields}}
+    return fields
 
 
 def rfc3339(epoch: float) -> str:
@@ -79,6 +85,8 @@ class ProgressReporter:
         self._closing = threading.Event()
         self._failures = 0
         self._last_error_log = float("-inf")
+        # Set once, by the sending thread only, when the object turned out to be replaced.
+        self._replaced = False
         self._thread = threading.Thread(target=self._run, name="imagestream-status", daemon=True)
         self._thread.start()
 
@@ -121,7 +129,10 @@ class ProgressReporter:
             if pause > 0:
                 time.sleep(pause)
             latest = self._latest
-            if latest is not None and latest is not self._sent:
+            if self._replaced:
+                # Snapshots still arrive (update() stays as cheap as ever) but go nowhere.
+                self._sent = latest
+            elif latest is not None and latest is not self._sent:
                 self._send(latest)
                 next_allowed = time.monotonic() + self._interval
             if self._closing.is_set() and self._latest is self._sent:
@@ -132,7 +143,10 @@ class ProgressReporter:
         # and retrying a stale one would only delay that.
         self._sent = latest
         try:
-            self._patch(progress_patch(*latest))
+            self._patch(progress_report(*latest))
+        except ObjectReplaced as exc:
+            self._replaced = True
+            log.warning("%s", exc)
         except Exception as exc:  # never into the pipeline: the stream matters more
             self._failed(exc)
         else:

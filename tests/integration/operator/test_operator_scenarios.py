@@ -258,8 +258,9 @@ class Stand:
     def agent_status_patches(self, name: str) -> list[Json]:
         """The progress the agents PATCHed into `name`'s status (kopf's own patches left out)."""
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}/{name}/status"
+        # The agent's patches are JSON patches: a uid test, then the add of status.progress.
         return [
-            request.body["status"]["progress"]
+            request.body[-1]["value"]
             for request in self.api.requests
             if request.method == "PATCH"
             and request.path == path

@@ -235,6 +235,75 @@ def test_status_subresource_generation_and_conflicts(
         assert garbage.status_code == 400
 
 
+def test_uid_guards_of_writes_to_a_re_created_object(
+    kube_api: KubeApi, operator_namespace: str
+) -> None:
+    """A write meant for a deleted object must not land on its namesake: a uid in a PUT is a
+    storage precondition (409), a changed uid in a patch is invalid (422), but the status
+    subresource of a custom resource keeps only ``.status`` and drops the uid silently — there
+    only a JSON patch ``test`` of ``/metadata/uid`` guards (422, with the real server's generic
+    message). The real server's 409 names its etcd key, which depends on its storage prefix."""
+    kube_api.put("apiextensions.k8s.io", "customresourcedefinitions", WIDGET_CRD)
+    url = WIDGETS.format(ns=operator_namespace)
+    with http(kube_api) as client:
+        old = client.post(url, json=widget("w1", operator_namespace)).json()
+        assert client.delete(f"{url}/w1").status_code == 200
+        new = client.post(url, json=widget("w1", operator_namespace)).json()
+        stale_uid, uid = old["metadata"]["uid"], new["metadata"]["uid"]
+        assert stale_uid != uid
+
+        stale_put = {**new, "metadata": {**new["metadata"], "uid": stale_uid}}
+        precondition = client.put(f"{url}/w1/status", json=stale_put)
+        assert precondition.status_code == 409
+        failure = precondition.json()
+        assert failure["reason"] == "Conflict"
+        assert failure["details"] == {"name": "w1", "group": GROUP, "kind": PLURAL}
+        assert failure["message"] == (
+            f'Operation cannot be fulfilled on {PLURAL}.{GROUP} "w1": StorageError: invalid '
+            f"object, Code: 4, Key: /registry/{GROUP}/{PLURAL}/{operator_namespace}/w1, "
+            f"ResourceVersion: 0, AdditionalErrorMsg: Precondition failed: UID in precondition: "
+            f"{stale_uid}, UID in object meta: {uid}"
+        )
+
+        immutable = client.patch(
+            f"{url}/w1",
+            json={"metadata": {"uid": stale_uid, "labels": {"a": "b"}}},
+            headers=MERGE,
+        )
+        assert (immutable.status_code, immutable.json()["reason"]) == (422, "Invalid")
+        assert immutable.json()["details"]["causes"][0]["field"] == "metadata.uid"
+        assert "field is immutable" in immutable.json()["message"]
+
+        dropped = client.patch(
+            f"{url}/w1/status",
+            json={"metadata": {"uid": stale_uid}, "status": {"phase": "Stale"}},
+            headers=MERGE,
+        )
+        assert dropped.status_code == 200
+        assert dropped.json()["metadata"]["uid"] == uid
+        assert dropped.json()["status"] == {"phase": "Stale"}
+
+        def guarded(with_uid: str, phase: str) -> httpx.Response:
+            ops = [
+                {"op": "test", "path": "/metadata/uid", "value": with_uid},
+                {"op": "add", "path": "/status/phase", "value": phase},
+            ]
+            return client.patch(
+                f"{url}/w1/status",
+                content=json.dumps(ops),
+                headers={"Content-Type": "application/json-patch+json"},
+            )
+
+        refused = guarded(stale_uid, "Guarded")
+        assert refused.status_code == 422
+        assert refused.json()["reason"] == "Invalid"
+        assert refused.json()["message"] == (
+            "the server rejected our request due to an error in our request"
+        )
+        assert client.get(f"{url}/w1").json()["status"] == {"phase": "Stale"}
+        assert guarded(uid, "Guarded").json()["status"] == {"phase": "Guarded"}
+
+
 def test_finalizers_hold_deletion_until_removed(kube_api: KubeApi, operator_namespace: str) -> None:
     """DELETE of an object with finalizers only sets deletionTimestamp; removing the last
     finalizer deletes it, and a watch sees MODIFIED then DELETED."""
