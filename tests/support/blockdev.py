@@ -114,12 +114,6 @@ def _wait_detached(dev: Path, backing: Path, *, report: bool, timeout: float = 1
             raise
 
 
-def is_mountpoint(path: Path) -> bool:
-    """Return True if ``path`` is a mount point in this process's mount namespace."""
-    target = os.path.realpath(path)
-    return target in mount_points()
-
-
 def mount_points() -> list[str]:
     """Return all mount points listed in /proc/self/mountinfo (octal escapes decoded)."""
     points: list[str] = []

@@ -463,11 +463,6 @@ class KubeApi:
         finally:
             self.set_down(False)
 
-    @property
-    def is_down(self) -> bool:
-        """Whether :meth:`set_down` made the API unreachable."""
-        return self._down
-
     # -- test hooks ---------------------------------------------------------------------------
 
     @property
@@ -475,11 +470,6 @@ class KubeApi:
         """Every request received so far, oldest first (a copy)."""
         with self._requests_lock:
             return list(self._requests)
-
-    def clear_requests(self) -> None:
-        """Forget the requests recorded so far."""
-        with self._requests_lock:
-            self._requests.clear()
 
     def resource(self, group: str, plural: str) -> ResourceType:
         """The served resource ``plural`` of ``group`` (``""`` for core)."""
