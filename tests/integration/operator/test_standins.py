@@ -517,7 +517,16 @@ def test_deleting_a_running_job_terminates_its_process(
     apply(kubectl, tmp_path, job("runs", operator_namespace, script))
     run = kubelet.wait_for_pod("runs")
     wait_until(lambda: "started" in run.log_text(), 10, what="the script to start")
-    pod = kube_api.get("", "pods", operator_namespace, run.pod_name)
+    # The process runs before its Pod reports it, as with a real kubelet's status sync.
+    pod = kube_api.wait_for(
+        "",
+        "pods",
+        operator_namespace,
+        run.pod_name,
+        lambda obj: obj is not None and "status" in obj,
+        what="the Pod's status",
+    )
+    assert pod is not None
     assert pod["status"]["phase"] == "Running"
 
     kubectl("delete", "job", "runs", "--wait=false")
