@@ -39,11 +39,13 @@ def agent_command() -> int:
     _configure_logging()
     # Before anything slow: a SIGTERM during start-up must also end in a clean stop.
     cancel = cancel_on_signals()
+    # From the environment, not the instructions: the verdict of unusable ones goes there too.
+    verdict_path = termination_log_path(os.environ)
     try:
         instr = AgentInstructions.from_env(os.environ)
     except UsageError as exc:
         run = instructions_failure(exc, os.environ)
-        _conclude(termination_log_path(os.environ), run)
+        _conclude(verdict_path, run)
         return run.exit_code
     log.info(
         "streaming %s/%s generation %d onto %s",
@@ -55,7 +57,7 @@ def agent_command() -> int:
     with _progress_reporting(instr) as on_progress:
         run = run_agent(instr, cancel, on_progress)
         # The verdict before the final progress patch, which may wait on a slow API server.
-        _conclude(Path(instr.termination_log), run)
+        _conclude(verdict_path, run)
     _exit_without_teardown(run.exit_code)
 
 

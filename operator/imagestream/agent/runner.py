@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 #: `run_stream`'s signature; a parameter so tests can stand in for the pipeline.
 StreamFunction = Callable[[StreamRequest, ProgressCallback | None], StreamResult]
 
-#: Exit code of an error nobody raised on purpose (a bug), as for `ImageStreamError` itself.
-EXIT_AGENT_ERROR = ImageStreamError.exit_code
-
 
 @dataclass(frozen=True)
 class AgentRun:

@@ -33,7 +33,7 @@ from imagestream.controller.builders import (
     conditions,
     job_name,
 )
-from imagestream.controller.spec import StreamSpec, parse_stream
+from imagestream.controller.spec import StreamSpec, generation_of, parse_stream
 from imagestream.errors import UsageError
 
 #: A Job the status says was created but the watch has not shown yet is given this long
@@ -153,6 +153,11 @@ class JobView:
         """The Job controller has decided the Job's outcome."""
         return self.complete or self.failed
 
+    @property
+    def live(self) -> bool:
+        """Neither finished nor being deleted: its agent may yet run."""
+        return not self.finished and not self.deleting
+
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView | None:
         """A Job body as a view; None when it lacks the ImageStream labels."""
@@ -210,6 +215,11 @@ class Observation:
     jobs: tuple[JobView, ...] = ()
     pods: tuple[PodView, ...] = ()
     peers: tuple[Peer, ...] = ()
+
+    @property
+    def stamp(self) -> str:
+        """`now` as status timestamps are written."""
+        return rfc3339(self.now.timestamp())
 
 
 @dataclass(frozen=True)
@@ -275,22 +285,19 @@ class _State:
 def is_finished(body: Mapping[str, Any]) -> bool:
     """The status records an outcome for the current generation: nothing is left to do."""
     status = body.get("status") or {}
-    return status.get("phase") in FINAL_PHASES and status.get("observedGeneration") == _generation(
-        body
-    )
+    generation = generation_of(body)
+    return status.get("phase") in FINAL_PHASES and status.get("observedGeneration") == generation
 
 
 def peer(body: Mapping[str, Any], jobs: Sequence[JobView], pods: Sequence[PodView]) -> Peer:
     """Another stream (its body, Jobs and Pods) as the TargetBusy check sees it."""
     metadata = body.get("metadata") or {}
-    holds = any(not job.finished and not job.deleting for job in jobs) or any(
-        not pod.finished for pod in pods
-    )
+    holds = any(job.live for job in jobs) or any(not pod.finished for pod in pods)
     return Peer(
         namespace=str(metadata.get("namespace", "")),
         name=str(metadata.get("name", "")),
         uid=str(metadata.get("uid", "")),
-        created=str(metadata.get("creationTimestamp") or ""),
+        created=_created(body),
         active=not is_finished(body),
         holds_target=holds,
     )
@@ -322,11 +329,9 @@ def job_rejected(observation: Observation, message: str) -> Decision:
 
 def _cancel_superseded(observation: Observation) -> list[Action]:
     """Delete Jobs and Pods of older generations that may still be running."""
-    generation = _generation(observation.body)
+    generation = generation_of(observation.body)
     live = {
-        job.generation
-        for job in observation.jobs
-        if job.generation != generation and not job.finished and not job.deleting
+        job.generation for job in observation.jobs if job.generation != generation and job.live
     } | {
         pod.generation
         for pod in observation.pods
@@ -351,8 +356,7 @@ def _cancel_superseded(observation: Observation) -> list[Action]:
 def _current_job(observation: Observation, stream: StreamSpec) -> JobView | None:
     expected = job_name(stream.name, stream.uid, stream.generation)
     current = [job for job in observation.jobs if job.generation == stream.generation]
-    current.sort(key=lambda job: job.name != expected)
-    return current[0] if current else None
+    return min(current, key=lambda job: job.name != expected, default=None)
 
 
 def _without_job(observation: Observation, stream: StreamSpec, cancels: list[Action]) -> Decision:
@@ -378,7 +382,7 @@ def _without_job(observation: Observation, stream: StreamSpec, cancels: list[Act
         )
         return _conclude(observation, _State("Pending", TARGET_BUSY, message), cancels)
     job = build_job(stream, observation.settings)
-    fields = {"jobName": expected, "startTime": rfc3339(observation.now.timestamp())}
+    fields = {"jobName": expected, "startTime": observation.stamp}
     message = f"created Job {expected} on node {stream.node_name}"
     state = _State("Pending", JOB_CREATED, message, fields)
     return _conclude(observation, state, [*cancels, CreateJob(job)], clear_progress=True)
@@ -402,7 +406,7 @@ def blocking_peer(stream: StreamSpec, created: str, peers: Sequence[Peer]) -> Pe
 def _with_job(observation: Observation, stream: StreamSpec, job: JobView) -> _State:
     status = observation.body.get("status") or {}
     started = status.get("startTime") if _created_before(status, stream, job.name) else None
-    now = rfc3339(observation.now.timestamp())
+    now = observation.stamp
     fields = {"jobName": job.name, "startTime": started or job.start_time or now}
     pod = _latest_pod(observation.pods, stream.generation)
     if job.complete:
@@ -480,10 +484,9 @@ def _conclude(
     """Turn the wanted state into a diff of `.status`, a transition Event, and an Outcome."""
     body = observation.body
     status = body.get("status") or {}
-    generation = _generation(body)
-    now = rfc3339(observation.now.timestamp())
+    generation = generation_of(body)
     reason = condition_reason(state.reason)
-    wanted = _wanted_status(observation, state, reason, now)
+    wanted = _wanted_status(observation, state, reason, generation)
     patch = {key: value for key, value in wanted.items() if status.get(key) != value}
     new_generation = status.get("observedGeneration") != generation
     if (clear_progress or new_generation) and status.get("progress") is not None:
@@ -500,7 +503,7 @@ def _conclude(
 
 
 def _wanted_status(
-    observation: Observation, state: _State, reason: str, now: str
+    observation: Observation, state: _State, reason: str, generation: int
 ) -> dict[str, Any]:
     body = observation.body
     status = body.get("status") or {}
@@ -518,14 +521,14 @@ def _wanted_status(
         phase=state.phase,
         reason=reason,
         message=state.message,
-        observedGeneration=_generation(body),
+        observedGeneration=generation,
         conditions=conditions(
             state.phase,
             reason,
             state.message,
-            generation=_generation(body),
+            generation=generation,
             previous=status.get("conditions") or [],
-            now=now,
+            now=observation.stamp,
         ),
     )
     return wanted
@@ -542,10 +545,7 @@ def _outcome(state: _State, reason: str, wanted: Mapping[str, Any]) -> Outcome:
 def _previous_still_running(observation: Observation, generation: int) -> bool:
     return any(
         pod.generation != generation and not pod.finished for pod in observation.pods
-    ) or any(
-        job.generation != generation and not job.finished and not job.deleting
-        for job in observation.jobs
-    )
+    ) or any(job.generation != generation and job.live for job in observation.jobs)
 
 
 def _created_before(status: Mapping[str, Any], stream: StreamSpec, name: str) -> bool:
@@ -576,10 +576,6 @@ def _host_target(body: Mapping[str, Any]) -> str | None:
 
 def _matching(pattern: re.Pattern[str], value: str) -> str | None:
     return value if pattern.fullmatch(value) else None
-
-
-def _generation(body: Mapping[str, Any]) -> int:
-    return int((body.get("metadata") or {}).get("generation") or 1)
 
 
 def _created(body: Mapping[str, Any]) -> str:

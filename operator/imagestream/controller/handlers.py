@@ -39,7 +39,7 @@ from imagestream.controller.decisions import (
 )
 from imagestream.controller.kube import JobConflict, JobRejected, KubeClient
 from imagestream.controller.metrics import Metrics
-from imagestream.controller.spec import target_key_of
+from imagestream.controller.spec import generation_of, target_key_of
 from imagestream.kube_config import GROUP, PLURAL, VERSION
 
 #: How often an unfinished stream is reconciled: the status lags the agent by about this much.
@@ -150,6 +150,8 @@ def reconcile(
     agent_pods: kopf.Index[str, PodView] = indexes["agent_pods"]
     streams: kopf.Index[tuple[str, str], dict[str, Any]] = indexes["streams_by_target"]
     runtime = runtime_of(memo)
+    # A timer's body is kopf's live view, updated in place as events arrive: one decision
+    # must see one version of the object.
     snapshot = copy.deepcopy(dict(body))
     uid = str(body.metadata.uid)
     with runtime.lock(uid):
@@ -174,8 +176,7 @@ def reconcile(
         runtime.metrics.record_outcome(outcome)
         if outcome.bytes_written is not None:
             # The agent's exact total: its last progress report may be up to a second old.
-            generation = int(snapshot["metadata"].get("generation") or 1)
-            runtime.metrics.observe_written(uid, generation, outcome.bytes_written)
+            runtime.metrics.observe_written(uid, generation_of(snapshot), outcome.bytes_written)
 
 
 def _peers(
@@ -236,4 +237,4 @@ def observe(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     metrics.observe_stream(uid, status.get("phase"))
     written = (status.get("progress") or {}).get("bytesWritten")
     if isinstance(written, int):
-        metrics.observe_written(uid, int(body.metadata.get("generation") or 1), written)
+        metrics.observe_written(uid, generation_of(body), written)

@@ -112,12 +112,17 @@ def parse_stream(body: Mapping[str, Any]) -> StreamSpec:
         name=_string(metadata, "name", "metadata"),
         namespace=_string(metadata, "namespace", "metadata"),
         uid=_string(metadata, "uid", "metadata"),
-        generation=int(metadata.get("generation") or 1),
+        generation=generation_of(body),
         node_name=node_name,
         source=parse_source(_mapping(spec.get("source"), "spec.source")),
         target=resolve_target(_mapping(spec.get("target"), "spec.target")),
         options=parse_options(spec),
     )
+
+
+def generation_of(body: Mapping[str, Any]) -> int:
+    """`metadata.generation` of a body; 1 where the server has not set it (yet)."""
+    return int((body.get("metadata") or {}).get("generation") or 1)
 
 
 def target_key_of(body: Mapping[str, Any]) -> tuple[str, str] | None:
