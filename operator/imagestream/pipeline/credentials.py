@@ -16,7 +16,7 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -210,12 +210,7 @@ def _login(entry: dict[str, Any], what: str) -> RegistryLogin:
     if text.get("auth") and not login.has_password:
         decoded = _decode_basic(text["auth"], f"{what}: 'auth'")
         # With an identity token, `auth` holds "<token>:" and only the user name matters.
-        login = RegistryLogin(
-            username=decoded.username,
-            password=decoded.password,
-            identity_token=login.identity_token,
-            registry_token=login.registry_token,
-        )
+        login = replace(login, username=decoded.username, password=decoded.password)
     if not (login.has_password or login.identity_token or login.registry_token):
         raise UsageError(
             f"{what} has no credentials (auth, username+password, identitytoken or registrytoken)"

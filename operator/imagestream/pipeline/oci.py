@@ -29,6 +29,7 @@ from imagestream.pipeline.range_reader import (
     Refusal,
     RetryableError,
     RetryPolicy,
+    cause_of,
 )
 from imagestream.pipeline.registry_auth import preferred_challenge
 
@@ -48,11 +49,11 @@ MANIFEST_LIMIT = 4 << 20
 _ERROR_BODY_LIMIT = 64 << 10
 _MAX_INDEX_DEPTH = 4
 _TAGS_SHOWN = 20
-_DIGEST_HEX = {"sha256": 64, "sha512": 128}
+_DIGEST_ALGORITHMS = frozenset({"sha256", "sha512"})
 _DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
 _HOST = re.compile(
     r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-    r"|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?"
+    r"|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?"
 )
 _PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
@@ -116,11 +117,14 @@ def parse_reference(text: str) -> Reference:
     if "@" in registry:
         # Never echoed: the part before "@" is a password.
         raise UsageError("credentials in an oci:// reference are not accepted; use --auth-file")
-    if not _HOST.fullmatch(registry) or not slash:
+    host_port = _HOST.fullmatch(registry)
+    if not host_port or not slash:
         raise UsageError(
             f"invalid OCI reference {text!r}: expected {OCI_SCHEME}HOST[:PORT]/REPOSITORY"
         )
-    _check_port(registry, text)
+    port = host_port.group("port")
+    if port is not None and not 0 < int(port) < 65536:
+        raise UsageError(f"invalid port {port} in {text!r}")
     name, _, digest = path.partition("@")
     repository, _, tag = name.partition(":")
     if not all(_PATH_COMPONENT.fullmatch(part) for part in repository.split("/")):
@@ -140,12 +144,6 @@ def parse_reference(text: str) -> Reference:
         tag=tag or (None if digest else DEFAULT_TAG),
         digest=digest or None,
     )
-
-
-def _check_port(registry: str, text: str) -> None:
-    port = registry.rsplit(":", 1)[1] if re.search(r":\d+$", registry) else None
-    if port is not None and not 0 < int(port) < 65536:
-        raise UsageError(f"invalid port {port} in {text!r}")
 
 
 def is_loopback(host_name: str) -> bool:
@@ -344,7 +342,7 @@ def select_layer(layers: Sequence[Descriptor], title: str | None) -> Descriptor:
 def new_hash(digest: str) -> hashlib._Hash:
     """A hash object for the digest's algorithm (sha256 or sha512)."""
     algorithm = digest.split(":", 1)[0]
-    if algorithm not in _DIGEST_HEX:
+    if algorithm not in _DIGEST_ALGORITHMS:
         raise UsageError(f"unsupported digest algorithm {algorithm!r}")
     return hashlib.new(algorithm)
 
@@ -383,22 +381,13 @@ def registry_scheme(client: httpx.Client, reference: Reference, plain_http: bool
     try:
         client.get(f"https://{reference.registry}/v2/", auth=None).close()
     except httpx.ConnectError as exc:
-        if _speaks_no_tls(exc):
+        # A TLS handshake that failed, unless over the certificate (an SSLError subclass).
+        tls_error = cause_of(exc, ssl.SSLError)
+        if tls_error is not None and not isinstance(tls_error, ssl.SSLCertVerificationError):
             return "http"
     except httpx.TransportError:
         pass  # not a TLS question: the real requests report it
     return "https"
-
-
-def _speaks_no_tls(exc: BaseException) -> bool:
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return False
-        if isinstance(cause, ssl.SSLError):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 class Registry:
@@ -466,22 +455,24 @@ class Registry:
             size=expected.size if expected else None,
             refusal=self.refusal(what),
         )
-        body = bytearray()
+        by_digest = _DIGEST.fullmatch(ref) is not None
+        received = bytearray()
         try:
             for chunk in reader.chunks():
-                body += chunk
-                if len(body) > MANIFEST_LIMIT:
+                received += chunk
+                if len(received) > MANIFEST_LIMIT:
                     raise SourceError(
                         f"{what} is larger than {MANIFEST_LIMIT >> 20} MiB",
                         reason="InvalidManifest",
                     )
         except SourceError as exc:
-            if exc.reason == "ManifestUnknown" and not _DIGEST.fullmatch(ref):
+            if exc.reason == "ManifestUnknown" and not by_digest:
                 raise self._missing_tag(ref, exc) from exc
             raise
-        if _DIGEST.fullmatch(ref):
-            verify_digest(bytes(body), ref, "manifest")
-        return parse_manifest(bytes(body), reader.content_type, what)
+        body = bytes(received)
+        if by_digest:
+            verify_digest(body, ref, "manifest")
+        return parse_manifest(body, reader.content_type, what)
 
     def _missing_tag(self, tag: str, error: SourceError) -> SourceError:
         """Tell an unknown repository from an unknown tag, and name the tags there are.

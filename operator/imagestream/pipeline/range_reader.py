@@ -16,6 +16,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+_E = TypeVar("_E", bound=BaseException)
 
 
 @dataclass(frozen=True)
@@ -339,17 +341,28 @@ def _status_message(name: str, response: httpx.Response) -> str:
     return f"{text}: {hint}" if hint else text
 
 
-def _refuse_untrusted(exc: Exception, name: str) -> None:
-    """A certificate that does not verify will not verify on a retry either: fail at once."""
+def cause_of(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of `kind` in `exc`'s chain: itself, then its causes or contexts.
+
+    httpx wraps the ssl and socket errors that tell what really went wrong.
+    """
     cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            raise SourceError(
-                f"TLS certificate verify failed for {name} ({cause.verify_message}); "
-                "pass the issuing CA with --ca-file",
-                reason="TLSVerificationFailed",
-            ) from exc
+        if isinstance(cause, kind):
+            return cause
         cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _refuse_untrusted(exc: Exception, name: str) -> None:
+    """A certificate that does not verify will not verify on a retry either: fail at once."""
+    untrusted = cause_of(exc, ssl.SSLCertVerificationError)
+    if untrusted is not None:
+        raise SourceError(
+            f"TLS certificate verify failed for {name} ({untrusted.verify_message}); "
+            "pass the issuing CA with --ca-file",
+            reason="TLSVerificationFailed",
+        ) from exc
 
 
 def _describe_transport(exc: httpx.TransportError) -> str:
