@@ -547,6 +547,47 @@ def test_a_failing_manifest_digest_that_is_no_blob_keeps_its_retries(
     assert len(blob_heads(registry)) == 1
 
 
+def test_a_failing_manifest_digest_is_paced_from_its_first_failure(
+    registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blob look does not cost the first retry its wait: Retry-After is honoured after the
+    first 503 as after every other, and every GET counts in the message."""
+    registry.unknown_manifest_status = 503
+    registry.add_artifact(registry.add_blob(DATA))
+    missing = sha256(b"nothing")
+    serve = registry.registry
+
+    def throttled(request: httpx.Request) -> httpx.Response:
+        response = serve(request)
+        if response.status_code == 503:
+            response.headers["Retry-After"] = "7"
+        return response
+
+    registry.registry = throttled  # type: ignore[method-assign]
+    waits: list[tuple[float, int]] = []  # each wait, with how many requests went out before it
+    monkeypatch.setattr(
+        "imagestream.pipeline.range_reader.time.sleep",
+        lambda seconds: waits.append((seconds, len(registry.sent))),
+    )
+    policy = RetryPolicy(max_retries=2)
+
+    with pytest.raises(SourceError) as caught:
+        open_oci(f"oci://{HOST}/{REPO}@{missing}", SourceOptions(policy=policy))
+
+    assert caught.value.reason == "RetriesExhausted"
+    assert "after 3 attempts" in caught.value.message
+    authorized = [(s.method, s.path) for s in registry.sent if s.authorization]
+    assert authorized == [
+        ("GET", f"/v2/{REPO}/manifests/{missing}"),
+        ("HEAD", f"/v2/{REPO}/blobs/{missing}"),
+        ("GET", f"/v2/{REPO}/manifests/{missing}"),
+        ("GET", f"/v2/{REPO}/manifests/{missing}"),
+    ]
+    head_sent = next(i for i, s in enumerate(registry.sent) if s.method == "HEAD") + 1
+    assert [seconds for seconds, _ in waits] == [7.0, 7.0]
+    assert waits[0][1] >= head_sent  # the first wait comes after the blob look
+
+
 def test_a_refused_token_names_realm_service_and_scope(registry: FakeRegistry) -> None:
     registry.add_artifact(registry.add_blob(DATA))
     # The token service issues tokens the registry does not take (no pull right).

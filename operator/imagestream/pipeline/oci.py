@@ -17,7 +17,7 @@ import re
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -25,6 +25,7 @@ import httpx
 
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError, UsageError
 from imagestream.pipeline.range_reader import (
+    BeforeRetry,
     HttpRangeReader,
     Refusal,
     RetryableError,
@@ -409,51 +410,26 @@ class Registry:
         """GET a manifest by tag or digest; one reached by digest must hash to that digest.
 
         The reference's own digest may be a blob's, copied from a manifest or `oras push`:
-        distribution 2.8 answers that with HTTP 500, which the retries would only wait out. So
-        it gets one attempt first; if that fails as a blob's digest would, the blob is looked
-        up once, and only a digest that names no blob gets the rest of the retries.
+        distribution 2.8 answers that with HTTP 500, which the retries would only wait out, and
+        newer registries with 404 MANIFEST_UNKNOWN. So when the first attempt fails either way,
+        the blob is looked up once; a digest that names no blob keeps its error, or the rest of
+        its retries, paced as any other.
         """
-        if ref != self.reference.digest:
-            return self._read_manifest(ref, expected, self.policy)
-        retries = self.policy.max_retries
-        try:
-            return self._read_manifest(ref, expected, replace(self.policy, max_retries=0))
-        except SourceError as exc:
-            if _may_name_a_blob(exc):
-                self._refuse_blob_digest(ref, exc)
-            if exc.reason != "RetriesExhausted" or retries == 0:
-                raise
-        # The attempt above counts against the budget.
-        return self._read_manifest(ref, expected, replace(self.policy, max_retries=retries - 1))
-
-    def _refuse_blob_digest(self, digest: str, error: SourceError) -> None:
-        """Fail with `NotAManifest` if `digest` names a blob of this repository."""
-        try:
-            # Without following: a registry that redirects blobs to storage has the blob too.
-            response = self.client.head(self.blob_url(digest), follow_redirects=False)
-        except (httpx.TransportError, RetryableError):
-            return  # no answer about the blob: the manifest's own error stands
-        if response.status_code == 200 or response.is_redirect:
-            repository = f"{self.reference.registry}/{self.reference.repository}"
-            raise SourceError(
-                f"{digest} is the digest of a blob (a layer) in {repository}, not of a manifest: "
-                "reference the manifest digest (`oras push` prints it as 'Digest:') or a tag",
-                reason="NotAManifest",
-            ) from error
-
-    def _read_manifest(
-        self, ref: str, expected: Descriptor | None, policy: RetryPolicy
-    ) -> Manifest:
         url = f"{self._repository_url}/manifests/{ref}"
         what = f"manifest {ref} of {self.reference.registry}/{self.reference.repository}"
-        headers = {"Accept": MANIFEST_ACCEPT}
+        refusal = self.refusal(what)
+        before_retry = None
+        if ref == self.reference.digest:
+            refusal = self._refusal_of_blob_digest(ref, refusal)
+            before_retry = self._blob_check_on_first_failure(ref)
         reader = HttpRangeReader(
             url,
             self.client,
-            policy,
-            headers,
+            self.policy,
+            {"Accept": MANIFEST_ACCEPT},
             size=expected.size if expected else None,
-            refusal=self.refusal(what),
+            refusal=refusal,
+            before_retry=before_retry,
         )
         by_digest = _DIGEST.fullmatch(ref) is not None
         received = bytearray()
@@ -473,6 +449,48 @@ class Registry:
         if by_digest:
             verify_digest(body, ref, "manifest")
         return parse_manifest(body, reader.content_type, what)
+
+    def _refusal_of_blob_digest(self, digest: str, refusal: Refusal) -> Refusal:
+        """`refusal`, but a MANIFEST_UNKNOWN for `digest` first checks whether it names a blob.
+
+        A 404 is final, so this look happens once.
+        """
+
+        def refuse(response: httpx.Response) -> ImageStreamError:
+            error = refusal(response)
+            if isinstance(error, SourceError) and error.reason == "ManifestUnknown":
+                self._refuse_blob_digest(digest, error)
+            return error
+
+        return refuse
+
+    def _blob_check_on_first_failure(self, digest: str) -> BeforeRetry:
+        """Check once, after the first attempt, whether a failing `digest` names a blob.
+
+        Only an answer counts (a RetryableError: 5xx, 408, 429); a network that failed says
+        nothing about the digest. Later failures are the registry's own trouble.
+        """
+
+        def check(error: Exception, attempt: int) -> None:
+            if attempt == 1 and isinstance(error, RetryableError):
+                self._refuse_blob_digest(digest, error)
+
+        return check
+
+    def _refuse_blob_digest(self, digest: str, error: Exception) -> None:
+        """Fail with `NotAManifest` if `digest` names a blob of this repository."""
+        try:
+            # Without following: a registry that redirects blobs to storage has the blob too.
+            response = self.client.head(self.blob_url(digest), follow_redirects=False)
+        except (httpx.TransportError, RetryableError):
+            return  # no answer about the blob: the manifest's own error stands
+        if response.status_code == 200 or response.is_redirect:
+            repository = f"{self.reference.registry}/{self.reference.repository}"
+            raise SourceError(
+                f"{digest} is the digest of a blob (a layer) in {repository}, not of a manifest: "
+                "reference the manifest digest (`oras push` prints it as 'Digest:') or a tag",
+                reason="NotAManifest",
+            ) from error
 
     def _missing_tag(self, tag: str, error: SourceError) -> SourceError:
         """Tell an unknown repository from an unknown tag, and name the tags there are.
@@ -505,16 +523,6 @@ class Registry:
             return registry_error(response, self.reference, what)
 
         return refuse
-
-
-def _may_name_a_blob(error: SourceError) -> bool:
-    """Whether a manifest GET failed as registries answer a blob's digest: 404 or HTTP 5xx.
-
-    Only an answer counts (a RetryableError: 5xx, 408, 429); a network that failed says nothing.
-    """
-    if error.reason == "ManifestUnknown":
-        return True
-    return error.reason == "RetriesExhausted" and isinstance(error.__cause__, RetryableError)
 
 
 def registry_error(response: httpx.Response, reference: Reference, what: str) -> ImageStreamError:

@@ -99,13 +99,19 @@ class _Validators:
 Refusal = Callable[[httpx.Response], ImageStreamError]
 """Turns a final error answer (not retryable) into the error to raise; may read the body."""
 
+BeforeRetry = Callable[[Exception, int], None]
+"""Sees an attempt that failed retryably and its number (from 1, over the whole read) before
+the reader backs off or gives up; may raise an `ImageStreamError` to stop the read there."""
+
 
 class HttpRangeReader:
     """Reads one URL from the first to the last byte with ranged, resumable GETs.
 
     `size`, when the caller knows it in advance (an OCI descriptor), is held against what the
     server says. `refusal` lets the caller explain a final error answer in its own terms (a
-    registry's error codes); by default the status is reported.
+    registry's error codes); by default the status is reported. `before_retry` lets the caller
+    look into a retryable failure (a registry's 5xx may have a cause no retry will fix) and stop
+    the read, without changing how the reader counts and paces its attempts.
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class HttpRangeReader:
         *,
         size: int | None = None,
         refusal: Refusal | None = None,
+        before_retry: BeforeRetry | None = None,
     ) -> None:
         self.url = url
         self.total: int | None = size
@@ -129,6 +136,7 @@ class HttpRangeReader:
         self._name = redact_url(url)
         self._expected_size = size
         self._refusal = refusal
+        self._before_retry = before_retry
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the object's bytes in order; raises `SourceError` when it cannot go on."""
@@ -154,6 +162,9 @@ class HttpRangeReader:
                     failures = 0
                 failures += 1
                 what = exc.what if isinstance(exc, RetryableError) else _describe_transport(exc)
+                if self._before_retry is not None:
+                    # Before the budget check, so a caller with no retries still gets its look.
+                    self._before_retry(exc, self.resumes + 1)
                 if failures > self._policy.max_retries:
                     raise SourceError(
                         f"giving up on {self._name} after {failures} attempts without progress "
