@@ -8,6 +8,7 @@ from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
 from imagestream.errors import UsageError
+from imagestream.reasons import Reason
 
 GROUP = "imagestream.dev"
 VERSION = "v1alpha1"
@@ -37,5 +38,7 @@ def load_configuration() -> client.Configuration:
             )
     except (ConfigException, OSError, ValueError) as exc:
         where = "in-cluster" if in_cluster else "kubeconfig"
-        raise UsageError(f"no {where} API configuration: {exc}", reason="NoApiConfig") from None
+        raise UsageError(
+            f"no {where} API configuration: {exc}", reason=Reason.NO_API_CONFIG
+        ) from None
     return configuration

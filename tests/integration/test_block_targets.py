@@ -340,7 +340,7 @@ def test_locked_device_is_refused(
         run = stream(image.path, dev, "--sha384", image.sha384)
     finally:
         os.close(fd)
-    assert_exited(run, 5, "TargetBusy", "locked")
+    assert_exited(run, 5, "TargetLocked", "locked")
     assert read_device(dev, 8 * MIB) == before
 
     # Once the lock is gone the same command succeeds (the refusal was the lock, nothing else).

@@ -182,7 +182,7 @@ def test_second_writer_is_refused_and_does_not_disturb_the_first(
         run = stream(image.path, target, "--sha384", image.sha384)
     finally:
         os.close(fd)
-    assert_exited(run, 5, "TargetBusy", "locked")
+    assert_exited(run, 5, "TargetLocked", "locked")
     # Neither truncated nor removed: the first writer's file is as it was.
     assert staging_path(target).read_bytes() == in_progress
     assert not target.exists()

@@ -262,7 +262,7 @@ def test_wrong_password_fails_at_once_with_401(
     run, target = stream_with_auth_file(url, image, tmp_path, f"{USER}:not-the-password")
 
     assert_failed(run, 3, "401")
-    assert run.result()["reason"] == "HTTP401"
+    assert run.result()["reason"] == "HTTPError"
     assert "not-the-password" not in run.stdout + run.stderr
     assert_file_target_invalid(target)
     assert [e.status for e in settled_access_log(auth_nginx, 1)] == [401]
@@ -331,7 +331,7 @@ def test_404_fails_at_once_with_one_request(
     run = stream(nginx.url_for("missing.zst"), target, image)
 
     assert_failed(run, 3, "404", "/missing.zst")
-    assert run.result()["reason"] == "HTTP404"
+    assert run.result()["reason"] == "HTTPError"
     assert_file_target_invalid(target)
     log = settled_access_log(nginx, 1)
     assert [(e.uri, e.status) for e in log] == [("/missing.zst", 404)]

@@ -37,6 +37,7 @@ from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.pipeline import StreamRequest, StreamResult
 from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.safety import HostView
+from imagestream.reasons import Reason
 
 MIB = 1 << 20
 
@@ -252,10 +253,10 @@ def test_file_target_outside_the_allowed_dir_is_refused(image: SampleImage, host
     ("error", "reason", "code"),
     [
         (UsageError("bad URL"), "InvalidRequest", 2),
-        (SourceError("404 from the server", reason="SourceNotFound"), "SourceNotFound", 3),
+        (SourceError("404 from the server", reason=Reason.HTTP_ERROR), "HTTPError", 3),
         (SourceError("retries spent"), "SourceUnavailable", 3),
-        (IntegrityError("truncated", reason="TruncatedStream"), "TruncatedStream", 4),
-        (TargetError("mounted", reason="TargetMounted"), "TargetMounted", 5),
+        (IntegrityError("truncated", reason=Reason.TRUNCATED_STREAM), "TruncatedStream", 4),
+        (TargetError("mounted", reason=Reason.TARGET_MOUNTED), "TargetMounted", 5),
         (Cancelled("the stream was cancelled"), "Cancelled", 130),
     ],
     ids=lambda value: value if isinstance(value, str) else None,

@@ -38,6 +38,7 @@ from imagestream.controller.decisions import (
     PodView,
     decide,
 )
+from imagestream.reasons import Reason
 
 NOW = datetime(2026, 1, 1, 0, 0, 2, tzinfo=UTC)
 CRD = load_crd()
@@ -130,7 +131,7 @@ def test_a_new_stream_creates_its_job_and_says_pending() -> None:
     )
     status = after["status"]
     assert status["phase"] == "Pending"
-    assert status["reason"] == decisions.JOB_CREATED
+    assert status["reason"] == Reason.JOB_CREATED
     assert status["jobName"] == create.name
     assert status["observedGeneration"] == 1
     assert status["target"] == "/dev/disk/by-partlabel/root-b"
@@ -138,7 +139,7 @@ def test_a_new_stream_creates_its_job_and_says_pending() -> None:
     assert condition(after, "Reconciling")["status"] == "True"
     assert condition(after, "Ready")["status"] == "False"
     [event] = of_type(decision, Event)
-    assert (event.type, event.reason) == ("Normal", decisions.JOB_CREATED)
+    assert (event.type, event.reason) == ("Normal", Reason.JOB_CREATED)
 
 
 def test_a_job_not_yet_seen_by_the_watch_is_waited_for_not_recreated() -> None:
@@ -153,7 +154,7 @@ def test_a_job_that_never_shows_up_or_vanished_is_agent_lost_never_recreated() -
     final, decision = settle(after, [], [], now=later)
     assert not of_type(decision, CreateJob)
     assert final["status"]["phase"] == "Failed"
-    assert final["status"]["reason"] == decisions.AGENT_LOST
+    assert final["status"]["reason"] == Reason.AGENT_LOST
 
 
 def test_restart_adopts_the_existing_job_and_never_creates_another() -> None:
@@ -174,9 +175,9 @@ def test_pod_not_yet_running_is_pending_with_the_kubelets_reason() -> None:
     waiting = {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}
     after, decision = settle(body, [job], [pod_body(job, phase="Pending", waiting=waiting)])
     assert after["status"]["phase"] == "Pending"
-    assert after["status"]["reason"] == decisions.AGENT_STARTING
+    assert after["status"]["reason"] == Reason.AGENT_STARTING
     assert "ImagePullBackOff: Back-off pulling image" in after["status"]["message"]
-    assert [event.reason for event in of_type(decision, Event)] == [decisions.AGENT_STARTING]
+    assert [event.reason for event in of_type(decision, Event)] == [Reason.AGENT_STARTING]
 
 
 def test_job_without_pod_is_pending() -> None:
@@ -184,7 +185,7 @@ def test_job_without_pod_is_pending() -> None:
     after, _ = settle(body, [job_body(body)], [])
     assert (after["status"]["phase"], after["status"]["reason"]) == (
         "Pending",
-        decisions.AGENT_STARTING,
+        Reason.AGENT_STARTING,
     )
 
 
@@ -206,7 +207,7 @@ def test_running_then_verifying_follow_the_pod_and_the_agents_progress() -> None
     after, _, _ = running(stream_body())
     assert (after["status"]["phase"], after["status"]["reason"]) == (
         "Running",
-        decisions.STREAMING,
+        Reason.STREAMING,
     )
     start = after["status"]["startTime"]
     after["status"]["progress"] = {"phase": "Verifying", "bytesWritten": 10}
@@ -215,7 +216,7 @@ def test_running_then_verifying_follow_the_pod_and_the_agents_progress() -> None
     assert verifying["status"]["phase"] == "Verifying"
     assert verifying["status"]["startTime"] == start
     assert verifying["status"]["progress"] == {"phase": "Verifying", "bytesWritten": 10}
-    assert [event.reason for event in of_type(decision, Event)] == [decisions.VERIFYING]
+    assert [event.reason for event in of_type(decision, Event)] == [Reason.VERIFYING]
 
 
 # -- outcomes ---------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def test_success_needs_the_job_complete_and_the_matching_hash() -> None:
     state = terminated(0, agent_result(digest="sha256:" + "e" * 64), "Completed")
     after, decision = finish(stream_body(), [job_condition("Complete")], state=state)
     status = after["status"]
-    assert (status["phase"], status["reason"]) == ("Succeeded", decisions.SUCCEEDED)
+    assert (status["phase"], status["reason"]) == ("Succeeded", Reason.SUCCEEDED)
     assert status["sha384"] == SHA384
     assert status["digest"] == "sha256:" + "e" * 64
     assert status["target"] == "/dev/disk/by-partlabel/root-b"
@@ -281,7 +282,7 @@ def test_a_complete_job_without_a_matching_hash_is_never_succeeded(
     after, decision = finish(stream_body(), [job_condition("Complete")], state=state)
     assert (after["status"]["phase"], after["status"]["reason"]) == (
         "Failed",
-        decisions.RESULT_UNVERIFIED,
+        Reason.RESULT_UNVERIFIED,
     )
     assert expected in after["status"]["message"]
     assert condition(after, "Stalled")["status"] == "True"
@@ -292,7 +293,7 @@ def test_a_complete_job_without_a_matching_hash_is_never_succeeded(
 
 def test_a_complete_job_whose_pod_is_gone_is_unverified() -> None:
     after, _ = finish(stream_body(), [job_condition("Complete")], pods=[])
-    assert after["status"]["reason"] == decisions.RESULT_UNVERIFIED
+    assert after["status"]["reason"] == Reason.RESULT_UNVERIFIED
 
 
 def test_the_agents_own_failure_reason_and_message_are_reported() -> None:
@@ -320,13 +321,13 @@ def test_the_agents_own_failure_reason_and_message_are_reported() -> None:
         (
             [job_condition("Failed", "DeadlineExceeded", "Job was active longer")],
             {"state": terminated(130, agent_result(outcome="Failed", reason="Cancelled"))},
-            decisions.DEADLINE_EXCEEDED,
+            Reason.DEADLINE_EXCEEDED,
             "activeDeadlineSeconds (7200 s)",
         ),
         (
             [job_condition("Failed", "BackoffLimitExceeded")],
             {"state": terminated(137, "", "OOMKilled"), "pod_phase": "Failed"},
-            decisions.AGENT_OOM_KILLED,
+            Reason.AGENT_OOM_KILLED,
             "memory limit (exit code 137)",
         ),
         (
@@ -335,19 +336,19 @@ def test_the_agents_own_failure_reason_and_message_are_reported() -> None:
                 "state": terminated(1, "Traceback ...\nKeyError: 'x'", "Error"),
                 "pod_phase": "Failed",
             },
-            decisions.AGENT_CRASHED,
+            Reason.AGENT_CRASHED,
             "exited with code 1: Traceback ...\nKeyError: 'x'",
         ),
         (
             [job_condition("Failed", "BackoffLimitExceeded", "Job has reached the backoff limit")],
             {"pods": []},
-            decisions.AGENT_LOST,
+            Reason.AGENT_LOST,
             "is gone",
         ),
         (
             [job_condition("FailureTarget", "BackoffLimitExceeded")],
             {"pod_phase": "Failed", "pod_reason": "NodeLost"},
-            decisions.AGENT_LOST,
+            Reason.AGENT_LOST,
             "stopped by Kubernetes: NodeLost",
         ),
         (
@@ -364,13 +365,13 @@ def test_the_agents_own_failure_reason_and_message_are_reported() -> None:
                     }
                 ],
             },
-            decisions.AGENT_LOST,
+            Reason.AGENT_LOST,
             "TerminationByKubelet: node shutdown",
         ),
         (
             [job_condition("Failed", "PodFailurePolicy", "odd")],
             {"state": terminated(0, "", "Completed"), "pod_phase": "Failed"},
-            decisions.AGENT_FAILED,
+            Reason.AGENT_FAILED,
             "PodFailurePolicy: odd",
         ),
     ],
@@ -442,11 +443,11 @@ def test_a_spec_change_cancels_the_old_job_then_starts_the_new_one() -> None:
     assert delete == DeleteJob(old_job["metadata"]["name"], 1)
     assert not of_type(decision, CreateJob)
     assert [event.reason for event in of_type(decision, Event)] == [
-        decisions.CANCELLING,
-        decisions.CANCELLING_PREVIOUS,
+        Reason.CANCELLING,
+        Reason.CANCELLING_PREVIOUS,
     ]
     status = waiting["status"]
-    assert (status["phase"], status["reason"]) == ("Pending", decisions.CANCELLING_PREVIOUS)
+    assert (status["phase"], status["reason"]) == ("Pending", Reason.CANCELLING_PREVIOUS)
     assert status["observedGeneration"] == 2
     assert "progress" not in status  # the old generation's numbers are gone
     assert "jobName" not in status
@@ -524,7 +525,7 @@ def test_target_busy_ordering(peers: tuple[Peer, ...], busy: bool) -> None:
     if busy:
         assert (after["status"]["phase"], after["status"]["reason"]) == (
             "Pending",
-            decisions.TARGET_BUSY,
+            Reason.TARGET_BUSY,
         )
         assert not of_type(decision, CreateJob)
         assert peers[0].name in after["status"]["message"]
@@ -545,7 +546,7 @@ def test_two_streams_for_one_target_run_one_after_the_other() -> None:
     first_decision = decide(observe(first, peers=(peer_of(second, []),)))
     second_waits, _ = settle(second, [], [], peers=(peer_of(first, []),))
     assert len(of_type(first_decision, CreateJob)) == 1
-    assert second_waits["status"]["reason"] == decisions.TARGET_BUSY
+    assert second_waits["status"]["reason"] == Reason.TARGET_BUSY
 
     # The first is running: the second keeps waiting (no new status, no action).
     first = applied(first, first_decision)

@@ -8,13 +8,12 @@ import pytest
 from tests.support.streams import SHA384, stream_body
 
 from imagestream.controller.spec import (
-    INVALID_SPEC,
-    TARGET_KIND_UNSUPPORTED,
     StreamOptions,
     parse_stream,
     target_key_of,
 )
 from imagestream.errors import UsageError
+from imagestream.reasons import Reason
 
 
 def test_device_target_resolves_under_the_host_dev_mount() -> None:
@@ -54,7 +53,7 @@ def test_extension_targets_are_files_in_the_mounted_extension_dir(
 def test_target_kinds_the_agent_cannot_write_yet_are_refused(target: dict[str, Any]) -> None:
     with pytest.raises(UsageError) as caught:
         parse_stream(stream_body(target=target))
-    assert caught.value.reason == TARGET_KIND_UNSUPPORTED
+    assert caught.value.reason == Reason.TARGET_KIND_UNSUPPORTED
     assert "not supported" in caught.value.message
 
 
@@ -124,7 +123,7 @@ def test_malformed_specs_are_invalid(change: dict[str, Any]) -> None:
     body["spec"].update(change)
     with pytest.raises(UsageError) as caught:
         parse_stream(body)
-    assert caught.value.reason == INVALID_SPEC
+    assert caught.value.reason == Reason.INVALID_SPEC
     assert target_key_of(body) is None
 
 

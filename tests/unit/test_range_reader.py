@@ -210,7 +210,7 @@ def test_other_client_errors_fail_at_once_with_the_status(code: int, sleeps: lis
         read_all(reader_for(server))
 
     assert f"HTTP {code}" in caught.value.message
-    assert caught.value.reason == f"HTTP{code}"
+    assert caught.value.reason == "HTTPError"
     assert caught.value.exit_code == 3
     assert len(server.requests) == 1
     assert sleeps == []

@@ -29,6 +29,7 @@ from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
+from imagestream.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,12 @@ def run_agent(
         bug = ImageStreamError(
             f"the agent failed unexpectedly ({type(exc).__name__}); see the agent Pod's log"
         )
-        return failed(bug, reason="AgentError")
+        return failed(bug, reason=Reason.AGENT_ERROR)
     if not (result.verified and result.sha384 == instr.sha384.strip().lower()):
         refused = IntegrityError(
             f"the stream ended without a verified SHA-384 match (computed {result.sha384}, "
             f"expected {instr.sha384}); not reporting success",
-            reason="Unverified",
+            reason=Reason.UNVERIFIED,
         )
         return failed(refused)
     return AgentRun(succeeded(instr, result), 0)
@@ -149,7 +150,7 @@ def succeeded(instr: AgentInstructions, result: StreamResult) -> AgentResult:
     checks = "SHA-384 verified" + (", read back" if result.read_back_verified else "")
     return AgentResult(
         outcome="Succeeded",
-        reason="Succeeded",
+        reason=Reason.SUCCEEDED,
         message=f"wrote {target}: {checks}",
         target=target,
         sha384=result.sha384,

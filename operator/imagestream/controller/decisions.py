@@ -35,6 +35,7 @@ from imagestream.controller.builders import (
 )
 from imagestream.controller.spec import StreamSpec, generation_of, parse_stream
 from imagestream.errors import UsageError
+from imagestream.reasons import Reason
 
 #: A Job the status says was created but the watch has not shown yet is given this long
 #: before it counts as lost (the watch lags the create by milliseconds, not seconds).
@@ -42,21 +43,6 @@ JOB_VISIBILITY_GRACE = timedelta(seconds=30)
 #: How much of a crashed agent's log tail (the kubelet's fallback message) goes into status.
 LOG_TAIL_CHARS = 512
 
-TARGET_BUSY = "TargetBusy"
-CANCELLING_PREVIOUS = "CancellingPrevious"
-JOB_CREATED = "JobCreated"
-AGENT_STARTING = "AgentStarting"
-STREAMING = "Streaming"
-VERIFYING = "Verifying"
-SUCCEEDED = "Succeeded"
-RESULT_UNVERIFIED = "ResultUnverified"
-DEADLINE_EXCEEDED = "DeadlineExceeded"
-AGENT_OOM_KILLED = "AgentOOMKilled"
-AGENT_CRASHED = "AgentCrashed"
-AGENT_LOST = "AgentLost"
-AGENT_FAILED = "AgentFailed"
-JOB_REJECTED = "JobRejected"
-CANCELLING = "Cancelling"
 
 #: The status fields the controller owns. `progress` is the agent's and is only ever cleared.
 MANAGED_FIELDS = (
@@ -323,7 +309,7 @@ def decide(observation: Observation) -> Decision:
 
 def job_rejected(observation: Observation, message: str) -> Decision:
     """The API server refused the Job (a 4xx other than a conflict): fail with its reason."""
-    state = _State("Failed", JOB_REJECTED, f"the agent Job was rejected: {message}")
+    state = _State("Failed", Reason.JOB_REJECTED, f"the agent Job was rejected: {message}")
     return _conclude(observation, state, [])
 
 
@@ -349,7 +335,7 @@ def _cancel_superseded(observation: Observation) -> list[Action]:
             message = (
                 f"generation {old} is superseded by generation {generation}: deleting Job {name}"
             )
-            actions.append(Event("Normal", CANCELLING, message))
+            actions.append(Event("Normal", Reason.CANCELLING, message))
     return actions
 
 
@@ -370,21 +356,23 @@ def _without_job(observation: Observation, stream: StreamSpec, cancels: list[Act
             f"Job {expected} disappeared before the agent's outcome was recorded (deleted, "
             "or removed after it finished while the controller was away)"
         )
-        return _conclude(observation, _State("Failed", AGENT_LOST, message), cancels)
+        return _conclude(observation, _State("Failed", Reason.AGENT_LOST, message), cancels)
     if _previous_still_running(observation, stream.generation):
         message = "waiting for the agent of an earlier generation to stop"
-        return _conclude(observation, _State("Pending", CANCELLING_PREVIOUS, message), cancels)
+        return _conclude(
+            observation, _State("Pending", Reason.CANCELLING_PREVIOUS, message), cancels
+        )
     blocker = blocking_peer(stream, _created(observation.body), observation.peers)
     if blocker is not None:
         message = (
             f"{stream.target.host_path} on node {stream.node_name} is being written by "
             f"ImageStream {blocker.namespace}/{blocker.name}; this stream starts when it ends"
         )
-        return _conclude(observation, _State("Pending", TARGET_BUSY, message), cancels)
+        return _conclude(observation, _State("Pending", Reason.TARGET_BUSY, message), cancels)
     job = build_job(stream, observation.settings)
     fields = {"jobName": expected, "startTime": observation.stamp}
     message = f"created Job {expected} on node {stream.node_name}"
-    state = _State("Pending", JOB_CREATED, message, fields)
+    state = _State("Pending", Reason.JOB_CREATED, message, fields)
     return _conclude(observation, state, [*cancels, CreateJob(job)], clear_progress=True)
 
 
@@ -416,16 +404,16 @@ def _with_job(observation: Observation, stream: StreamSpec, job: JobView) -> _St
         return _failed(stream, job, pod, {**fields, "completionTime": now})
     if job.deleting:
         message = f"Job {job.name} was deleted before the agent reported an outcome"
-        return _State("Failed", AGENT_LOST, message, {**fields, "completionTime": now})
+        return _State("Failed", Reason.AGENT_LOST, message, {**fields, "completionTime": now})
     if pod is None or pod.phase == "Pending":
         detail = (pod.unschedulable or pod.waiting) if pod else ""
         message = f"agent of Job {job.name} starting on node {stream.node_name}"
-        return _State("Pending", AGENT_STARTING, _joined(message, detail), fields)
+        return _State("Pending", Reason.AGENT_STARTING, _joined(message, detail), fields)
     progress = status.get("progress") or {}
     if progress.get("phase") == "Verifying":
-        return _State("Verifying", VERIFYING, f"verifying {stream.target.host_path}", fields)
+        return _State("Verifying", Reason.VERIFYING, f"verifying {stream.target.host_path}", fields)
     message = f"streaming to {stream.target.host_path} on node {stream.node_name}"
-    return _State("Running", STREAMING, message, fields)
+    return _State("Running", Reason.STREAMING, message, fields)
 
 
 def _succeeded_or_unverified(
@@ -435,43 +423,43 @@ def _succeeded_or_unverified(
     expected = stream.source.sha384
     if result is None or result.outcome != "Succeeded":
         message = "the agent Job completed without reporting a verified result"
-        return _State("Failed", RESULT_UNVERIFIED, message, fields, result)
+        return _State("Failed", Reason.RESULT_UNVERIFIED, message, fields, result)
     reported = (result.sha384 or "").lower()
     if reported != expected:
         message = f"the agent reported SHA-384 {reported or 'none'}, the spec expects {expected}"
-        return _State("Failed", RESULT_UNVERIFIED, message, fields, result)
+        return _State("Failed", Reason.RESULT_UNVERIFIED, message, fields, result)
     message = result.message or f"wrote and verified {result.target}"
-    return _State("Succeeded", SUCCEEDED, message, fields, result)
+    return _State("Succeeded", Reason.SUCCEEDED, message, fields, result)
 
 
 def _failed(
     stream: StreamSpec, job: JobView, pod: PodView | None, fields: Mapping[str, Any]
 ) -> _State:
     result = _agent_result(pod)
-    if job.failure_reason == DEADLINE_EXCEEDED:
+    if job.failure_reason == Reason.DEADLINE_EXCEEDED:
         limit = stream.options.active_deadline_seconds
         message = f"the stream ran longer than activeDeadlineSeconds ({limit} s)"
-        return _State("Failed", DEADLINE_EXCEEDED, message, fields, result)
+        return _State("Failed", Reason.DEADLINE_EXCEEDED, message, fields, result)
     if result is not None and result.outcome == "Failed":
         return _State("Failed", result.reason, result.message, fields, result)
     if pod is None:
         message = f"the agent Pod of Job {job.name} is gone (node lost, or Pod deleted)"
-        return _State("Failed", AGENT_LOST, _joined(message, job.failure_message), fields)
+        return _State("Failed", Reason.AGENT_LOST, _joined(message, job.failure_message), fields)
     end = pod.terminated
     if end is not None and end.reason == "OOMKilled":
         message = f"the agent was killed for exceeding its memory limit (exit code {end.exit_code})"
-        return _State("Failed", AGENT_OOM_KILLED, message, fields)
+        return _State("Failed", Reason.AGENT_OOM_KILLED, message, fields)
     if pod.disrupted or (pod.reason and end is None):
         message = f"the agent Pod {pod.name} was stopped by Kubernetes"
         detail = pod.disrupted or _joined(pod.reason, pod.message)
-        return _State("Failed", AGENT_LOST, _joined(message, detail), fields)
+        return _State("Failed", Reason.AGENT_LOST, _joined(message, detail), fields)
     if end is not None and end.exit_code != 0:
         message = f"the agent exited with code {end.exit_code}"
         tail = end.message[-LOG_TAIL_CHARS:].strip()
-        return _State("Failed", AGENT_CRASHED, _joined(message, tail), fields)
+        return _State("Failed", Reason.AGENT_CRASHED, _joined(message, tail), fields)
     message = f"Job {job.name} failed"
     detail = _joined(job.failure_reason, job.failure_message)
-    return _State("Failed", AGENT_FAILED, _joined(message, detail), fields)
+    return _State("Failed", Reason.AGENT_FAILED, _joined(message, detail), fields)
 
 
 def _conclude(

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from imagestream.errors import UsageError
+from imagestream.reasons import Reason
 
 #: Where the agent's container sees the host's filesystem (the contract's `host_prefix`).
 HOST_PREFIX = "/host"
 #: Host directories of systemd extension images, by extension type.
 EXTENSION_DIRS = {"sysext": "/var/lib/extensions", "confext": "/var/lib/confexts"}
 
-INVALID_SPEC = "InvalidSpec"
-TARGET_KIND_UNSUPPORTED = "TargetKindUnsupported"
 
 _SHA384 = re.compile(r"[0-9a-fA-F]{96}")
 _EXTENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -171,7 +170,7 @@ def resolve_target(target: Mapping[str, Any]) -> TargetSpec:
     raise UsageError(
         f"spec.target.{kind} is not supported by this version of the agent yet; "
         "use spec.target.device (or extension)",
-        reason=TARGET_KIND_UNSUPPORTED,
+        reason=Reason.TARGET_KIND_UNSUPPORTED,
     )
 
 
@@ -209,7 +208,7 @@ def _extension_target(extension: Mapping[str, Any]) -> TargetSpec:
 
 
 def _invalid(message: str) -> UsageError:
-    return UsageError(message, reason=INVALID_SPEC)
+    return UsageError(message, reason=Reason.INVALID_SPEC)
 
 
 def _mapping(value: object, where: str) -> Mapping[str, Any]:

@@ -16,6 +16,7 @@ from imagestream.errors import IntegrityError
 from imagestream.pipeline.buffers import BufferPool, Filled
 from imagestream.pipeline.channel import Channel
 from imagestream.pipeline.zstd_frames import FrameWalker, is_zstd
+from imagestream.reasons import Reason
 
 DEFAULT_MAX_WINDOW_LOG = 31
 _READ_SIZE = 1 << 20
@@ -102,13 +103,13 @@ def decompress_stage(
         stream = dctx.stream_reader(source, read_size=_READ_SIZE, read_across_frames=True)
         produced = _fill_buffers(stream.readinto, pool, out, max_window_log)
         if reader.read(1):
-            raise IntegrityError("data follows the last zstd frame", reason="CorruptStream")
+            raise IntegrityError("data follows the last zstd frame", reason=Reason.CORRUPT_STREAM)
         walker.finish()
         if walker.content_size is not None and walker.content_size != produced:
             raise IntegrityError(
                 f"the zstd frames declare {walker.content_size} bytes of content but "
                 f"{produced} were decompressed",
-                reason="SizeMismatch",
+                reason=Reason.SIZE_MISMATCH,
             )
         return produced
     return _fill_buffers(_copy_into(reader), pool, out, max_window_log)
@@ -159,8 +160,9 @@ def _zstd_error(exc: zstandard.ZstdError, offset: int, max_window_log: int) -> I
         return IntegrityError(
             f"the zstd frame needs a larger window than the allowed 2^{max_window_log} bytes "
             f"({text}); raise --max-window-log if the image is trusted",
-            reason="WindowTooLarge",
+            reason=Reason.WINDOW_TOO_LARGE,
         )
     return IntegrityError(
-        f"the zstd stream is corrupt near output byte {offset}: {text}", reason="CorruptStream"
+        f"the zstd stream is corrupt near output byte {offset}: {text}",
+        reason=Reason.CORRUPT_STREAM,
     )

@@ -33,6 +33,7 @@ from imagestream.pipeline.range_reader import (
     cause_of,
 )
 from imagestream.pipeline.registry_auth import preferred_challenge
+from imagestream.reasons import Reason
 
 OCI_SCHEME = "oci://"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -237,9 +238,11 @@ def parse_manifest(body: bytes, content_type: str | None, where: str) -> Manifes
     try:
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{where} is not a JSON manifest", reason="InvalidManifest") from exc
+        raise SourceError(
+            f"{where} is not a JSON manifest", reason=Reason.INVALID_MANIFEST
+        ) from exc
     if not isinstance(document, dict):
-        raise SourceError(f"{where} is not a JSON manifest", reason="InvalidManifest")
+        raise SourceError(f"{where} is not a JSON manifest", reason=Reason.INVALID_MANIFEST)
     media_type = _media_type(document, content_type)
     if media_type in INDEX_TYPES:
         key = "manifests"
@@ -249,11 +252,11 @@ def parse_manifest(body: bytes, content_type: str | None, where: str) -> Manifes
         raise SourceError(
             f"{where} has the unsupported media type {media_type!r}; expected an OCI image "
             "manifest or index, or a Docker v2 manifest or manifest list",
-            reason="InvalidManifest",
+            reason=Reason.INVALID_MANIFEST,
         )
     items = document.get(key)
     if not isinstance(items, list):
-        raise SourceError(f"{where} has no {key!r} list", reason="InvalidManifest")
+        raise SourceError(f"{where} has no {key!r} list", reason=Reason.INVALID_MANIFEST)
     return Manifest(media_type, tuple(parse_descriptor(item, where) for item in items))
 
 
@@ -276,12 +279,16 @@ def _media_type(document: dict[str, Any], content_type: str | None) -> str:
 def parse_descriptor(item: object, where: str) -> Descriptor:
     """One descriptor; the digest must be sha256 or sha512 and the size a natural number."""
     if not isinstance(item, dict):
-        raise SourceError(f"{where} holds a descriptor that is not an object", "InvalidManifest")
+        raise SourceError(
+            f"{where} holds a descriptor that is not an object", Reason.INVALID_MANIFEST
+        )
     digest, size = item.get("digest"), item.get("size")
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise SourceError(f"{where} holds an unsupported digest {digest!r}", "InvalidManifest")
+        raise SourceError(
+            f"{where} holds an unsupported digest {digest!r}", Reason.INVALID_MANIFEST
+        )
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise SourceError(f"{where} holds an invalid size for {digest}", "InvalidManifest")
+        raise SourceError(f"{where} holds an invalid size for {digest}", Reason.INVALID_MANIFEST)
     found = item.get("platform")
     platform = None
     if isinstance(found, dict):
@@ -313,7 +320,7 @@ def select_platform(entries: Sequence[Descriptor], wanted: Platform) -> Descript
     raise SourceError(
         f"no manifest for platform {wanted} in the index; available: "
         f"{', '.join(available) or 'none'} (choose one with --platform)",
-        reason="PlatformNotFound",
+        reason=Reason.PLATFORM_NOT_FOUND,
     )
 
 
@@ -325,17 +332,17 @@ def select_layer(layers: Sequence[Descriptor], title: str | None) -> Descriptor:
         if not matches:
             raise UsageError(
                 f"no layer titled {title!r} in the manifest; layers: {candidates}",
-                reason="LayerNotFound",
+                reason=Reason.LAYER_NOT_FOUND,
             )
     else:
         matches = list(layers)
         if not matches:
-            raise UsageError("the manifest has no layers", reason="LayerNotFound")
+            raise UsageError("the manifest has no layers", reason=Reason.LAYER_NOT_FOUND)
     if len(matches) > 1:
         raise UsageError(
             f"the manifest has {len(matches)} layers{'' if title is None else ' titled ' + title}"
             f": {candidates}; choose one with --layer TITLE",
-            reason="AmbiguousLayer",
+            reason=Reason.AMBIGUOUS_LAYER,
         )
     return matches[0]
 
@@ -361,7 +368,7 @@ def verify_digest(data: bytes, digest: str, what: str) -> None:
     if actual != digest:
         raise IntegrityError(
             f"{what} digest mismatch: expected {digest}, the registry served {actual}",
-            reason="DigestMismatch",
+            reason=Reason.DIGEST_MISMATCH,
         )
 
 
@@ -439,7 +446,7 @@ class Registry:
                 if len(received) > MANIFEST_LIMIT:
                     raise SourceError(
                         f"{what} is larger than {MANIFEST_LIMIT >> 20} MiB",
-                        reason="InvalidManifest",
+                        reason=Reason.INVALID_MANIFEST,
                     )
         except SourceError as exc:
             if exc.reason == "ManifestUnknown" and not by_digest:
@@ -489,7 +496,7 @@ class Registry:
             raise SourceError(
                 f"{digest} is the digest of a blob (a layer) in {repository}, not of a manifest: "
                 "reference the manifest digest (`oras push` prints it as 'Digest:') or a tag",
-                reason="NotAManifest",
+                reason=Reason.NOT_A_MANIFEST,
             ) from error
 
     def _missing_tag(self, tag: str, error: SourceError) -> SourceError:
@@ -506,14 +513,14 @@ class Registry:
         except httpx.TransportError:
             return error
         if response.status_code == 404 and "NAME_UNKNOWN" in _error_codes(found)[0]:
-            return SourceError(f"repository {repository} not found", reason="NameUnknown")
+            return SourceError(f"repository {repository} not found", reason=Reason.NAME_UNKNOWN)
         tags = found.get("tags") if isinstance(found, dict) else None
         if response.status_code != 200 or not isinstance(tags, list):
             return error
         shown = ", ".join(str(t) for t in tags[:_TAGS_SHOWN]) or "none"
         return SourceError(
             f"tag {tag!r} not found in {repository}; tags there: {shown}",
-            reason="ManifestUnknown",
+            reason=Reason.MANIFEST_UNKNOWN,
         )
 
     def refusal(self, what: str) -> Refusal:
@@ -536,20 +543,20 @@ def registry_error(response: httpx.Response, reference: Reference, what: str) ->
         return SourceError(
             f"unauthorized: {reference.registry} refused access to {what}{refused}, HTTP {status}"
             f"{detail}; check the credentials (--auth-file or the Secret) and their pull access",
-            reason="Unauthorized",
+            reason=Reason.UNAUTHORIZED,
         )
     if status == 404 and "NAME_UNKNOWN" in codes:
-        return SourceError(f"repository {repository} not found{detail}", reason="NameUnknown")
+        return SourceError(f"repository {repository} not found{detail}", reason=Reason.NAME_UNKNOWN)
     if status == 404 and "BLOB_UNKNOWN" in codes:
-        return SourceError(f"{what} not found in {repository}{detail}", reason="BlobUnknown")
+        return SourceError(f"{what} not found in {repository}{detail}", reason=Reason.BLOB_UNKNOWN)
     if status == 404 and ("MANIFEST_UNKNOWN" in codes or "/manifests/" in response.url.path):
         return SourceError(
             f"{reference.manifest_ref} not found in {repository} (unknown tag or digest){detail}",
-            reason="ManifestUnknown",
+            reason=Reason.MANIFEST_UNKNOWN,
         )
     return SourceError(
         f"{repository} answered HTTP {status} {response.reason_phrase} for {what}{detail}",
-        reason=f"HTTP{status}",
+        reason=Reason.HTTP_ERROR,
     )
 
 
@@ -597,5 +604,5 @@ def resolve_layer(registry: Registry, wanted: Platform, title: str | None) -> De
         manifest = registry.fetch_manifest(entry.digest, expected=entry)
     raise SourceError(
         f"{registry.reference} nests indexes deeper than {_MAX_INDEX_DEPTH}",
-        reason="InvalidManifest",
+        reason=Reason.INVALID_MANIFEST,
     )

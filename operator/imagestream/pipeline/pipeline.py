@@ -32,6 +32,7 @@ from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter,
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sinks import Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
+from imagestream.reasons import Reason
 
 _SHA384 = re.compile(r"[0-9a-f]{96}")
 _REPORT_INTERVAL = 0.1
@@ -242,7 +243,7 @@ class _Stream:
             raise TargetError(
                 f"target {self.request.target} holds {capacity} bytes but the image needs at "
                 f"least {size}",
-                reason="TargetTooSmall",
+                reason=Reason.TARGET_TOO_SMALL,
             )
 
     def _write(self) -> None:
@@ -266,7 +267,7 @@ class _Stream:
             raise IntegrityError(
                 f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}; "
                 "the target was left invalid",
-                reason="HashMismatch",
+                reason=Reason.HASH_MISMATCH,
             )
         self.sink.restore_header()
         read_back = False
@@ -276,7 +277,7 @@ class _Stream:
                 raise IntegrityError(
                     f"read-back of {self.request.target} does not match what was written "
                     "(the device lost or altered data); the target was left invalid",
-                    reason="ReadBackMismatch",
+                    reason=Reason.READ_BACK_MISMATCH,
                 )
             read_back = True
         self.sink.publish()
@@ -304,6 +305,6 @@ class _Stream:
             raise IntegrityError(
                 f"blob digest mismatch: {self.source.name} promised {expected}, the fetched "
                 f"bytes have {actual}; the target was left invalid",
-                reason="DigestMismatch",
+                reason=Reason.DIGEST_MISMATCH,
             )
         return expected

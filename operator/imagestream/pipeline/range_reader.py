@@ -22,6 +22,7 @@ import httpx
 
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError
 from imagestream.pipeline.redact import redact_url
+from imagestream.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class RetryPolicy:
 class SourceChangedError(SourceError):
     """The object behind the URL is not the one the earlier requests read."""
 
-    default_reason = "SourceChanged"
+    default_reason = Reason.SOURCE_CHANGED
 
 
 class RetryableError(Exception):
@@ -150,7 +151,7 @@ class HttpRangeReader:
                     if self.total is not None and offset > self.total:
                         raise SourceError(
                             f"{self._name} sent more than the {self.total} bytes it announced",
-                            reason="BadRangeResponse",
+                            reason=Reason.BAD_RANGE_RESPONSE,
                         )
                     yield chunk
                 if self.total is None or offset >= self.total:
@@ -169,7 +170,7 @@ class HttpRangeReader:
                     raise SourceError(
                         f"giving up on {self._name} after {failures} attempts without progress "
                         f"at byte {offset}: {what}",
-                        reason="RetriesExhausted",
+                        reason=Reason.RETRIES_EXHAUSTED,
                     ) from exc
                 delay = self._delay(failures, exc)
                 log.warning(
@@ -223,13 +224,13 @@ class HttpRangeReader:
                 return None
             raise SourceError(
                 f"{self._name} refused the range from byte {offset} (HTTP 416)",
-                reason="BadRangeResponse",
+                reason=Reason.BAD_RANGE_RESPONSE,
             )
         if status in (408, 429) or status >= 500:
             raise RetryableError.from_response(f"HTTP {status} {response.reason_phrase}", response)
         if self._refusal is not None:
             raise self._refusal(response)
-        raise SourceError(_status_message(self._name, response), reason=f"HTTP{status}")
+        raise SourceError(_status_message(self._name, response), reason=Reason.HTTP_ERROR)
 
     def _past_the_end(self, response: httpx.Response, offset: int) -> bool:
         """Whether a 416 only says that every byte was already received.
@@ -250,7 +251,7 @@ class HttpRangeReader:
         if not match:
             raise SourceError(
                 f"{self._name} answered 206 without a valid Content-Range header",
-                reason="BadRangeResponse",
+                reason=Reason.BAD_RANGE_RESPONSE,
             )
         start = int(match.group(1))
         total = None if match.group(3) == "*" else int(match.group(3))
@@ -258,7 +259,7 @@ class HttpRangeReader:
             raise SourceError(
                 f"{self._name} answered a range starting at byte {start}, but byte {offset} "
                 "was asked for; refusing to splice the wrong bytes into the image",
-                reason="BadRangeResponse",
+                reason=Reason.BAD_RANGE_RESPONSE,
             )
         self._pin(response, total)
 
@@ -278,7 +279,7 @@ class HttpRangeReader:
         if self._expected_size is not None and total is not None and total != self._expected_size:
             raise IntegrityError(
                 f"{self._name} has {total} bytes, but {self._expected_size} were expected",
-                reason="SizeMismatch",
+                reason=Reason.SIZE_MISMATCH,
             )
 
     def _pin(self, response: httpx.Response, total: int | None) -> None:
@@ -372,7 +373,7 @@ def _refuse_untrusted(exc: Exception, name: str) -> None:
         raise SourceError(
             f"TLS certificate verify failed for {name} ({untrusted.verify_message}); "
             "pass the issuing CA with --ca-file",
-            reason="TLSVerificationFailed",
+            reason=Reason.TLS_VERIFICATION_FAILED,
         ) from exc
 
 

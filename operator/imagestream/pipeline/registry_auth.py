@@ -28,6 +28,7 @@ from imagestream.errors import SourceError
 from imagestream.pipeline.credentials import RegistryLogin, basic_header
 from imagestream.pipeline.range_reader import RetryableError
 from imagestream.pipeline.redact import redact_url
+from imagestream.reasons import Reason
 
 # A token without `expires_in` lives 60 s (distribution's token spec); refresh a little early.
 _DEFAULT_TOKEN_LIFETIME = 60.0
@@ -183,7 +184,7 @@ class RegistryAuth(httpx.Auth):
             raise SourceError(
                 f"the registry {self._registry.netloc.decode()} sent a Bearer challenge "
                 f"without a usable realm ({challenge.describe()})",
-                reason="Unauthorized",
+                reason=Reason.UNAUTHORIZED,
             )
         scopes = challenge.scope.split()
         headers = {"User-Agent": f"imagestream/{__version__}", "Accept": "application/json"}
@@ -220,14 +221,14 @@ class RegistryAuth(httpx.Auth):
                 f"unauthorized: the token service refused {self._who()} "
                 f"({challenge.describe()}, HTTP {status}); check the credentials "
                 "(--auth-file or the Secret) and their access to the repository",
-                reason="Unauthorized",
+                reason=Reason.UNAUTHORIZED,
             )
         token, lifetime = _parse_token(body) if status == 200 else (None, 0.0)
         if token is None:
             raise SourceError(
                 f"the token service at {redact_url(challenge.realm)} answered HTTP {status} "
                 "without a token",
-                reason="Unauthorized",
+                reason=Reason.UNAUTHORIZED,
             )
         expires_at = self._clock() + max(0.0, lifetime - _EXPIRY_MARGIN)
         return _Grant(challenge, f"Bearer {token}", expires_at)
@@ -244,7 +245,7 @@ class RegistryAuth(httpx.Auth):
             raise SourceError(
                 f"the token service at {redact_url(challenge.realm)} sent a {declared}-byte "
                 "answer; a token is never that large",
-                reason="Unauthorized",
+                reason=Reason.UNAUTHORIZED,
             )
         return response.read()
 

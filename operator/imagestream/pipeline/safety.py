@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagestream.errors import TargetError
+from imagestream.reasons import Reason
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -53,12 +54,13 @@ def check_block_device(path: Path, host: HostView) -> None:
         if number in names or _same_device(source, devices):
             raise TargetError(
                 f"target {path} is mounted at {mount_point} (as {source}); unmount it first",
-                reason="TargetMounted",
+                reason=Reason.TARGET_MOUNTED,
             )
     for swap in _swaps(host):
         if _same_device(swap, devices):
             raise TargetError(
-                f"target {path} is in use as swap ({swap}); swapoff it first", reason="TargetInUse"
+                f"target {path} is in use as swap ({swap}); swapoff it first",
+                reason=Reason.TARGET_IN_USE,
             )
     for major, minor in devices:
         holders_dir = host.sysfs / f"dev/block/{major}:{minor}/holders"
@@ -67,7 +69,7 @@ def check_block_device(path: Path, host: HostView) -> None:
             raise TargetError(
                 f"target {path} is held by {', '.join(holders)} (device-mapper, md RAID or LVM); "
                 "release it first",
-                reason="TargetInUse",
+                reason=Reason.TARGET_IN_USE,
             )
 
 
@@ -78,13 +80,13 @@ def classify(path: Path) -> str:
     except FileNotFoundError:
         if path.parent.is_dir() and not str(path).startswith("/dev/"):
             return "file"
-        raise TargetError(f"target {path} does not exist", reason="TargetNotFound") from None
+        raise TargetError(f"target {path} does not exist", reason=Reason.TARGET_NOT_FOUND) from None
     if stat.S_ISBLK(mode):
         return "block"
     if stat.S_ISREG(mode):
         return "file"
     kind = "a directory" if stat.S_ISDIR(mode) else "neither a block device nor a regular file"
-    raise TargetError(f"target {path} is {kind}", reason="TargetInvalid")
+    raise TargetError(f"target {path} is {kind}", reason=Reason.TARGET_INVALID)
 
 
 def _partitions(number: tuple[int, int], host: HostView) -> list[tuple[int, int]]:
@@ -107,7 +109,7 @@ def _mounts(host: HostView) -> list[tuple[str, str, str]]:
         raise TargetError(
             f"cannot read the mount table {host.mountinfo}: {exc.strerror}; without it the "
             "target cannot be checked (--force skips this check)",
-            reason="TargetCheckFailed",
+            reason=Reason.TARGET_CHECK_FAILED,
         ) from exc
     entries = []
     for line in table.splitlines():

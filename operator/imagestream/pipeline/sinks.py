@@ -20,6 +20,7 @@ from typing import Protocol
 
 from imagestream.errors import TargetError
 from imagestream.pipeline.safety import HostView, check_block_device, classify
+from imagestream.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,11 @@ class _FdSink:
             return TargetError(
                 f"target {self.path} is full after {self.written} bytes: the image is larger "
                 f"than the target",
-                reason="TargetTooSmall",
+                reason=Reason.TARGET_TOO_SMALL,
             )
         return TargetError(
             f"writing {self.path} failed at byte {self.written}: {exc.strerror}",
-            reason="WriteFailed",
+            reason=Reason.WRITE_FAILED,
         )
 
     def _set_direct(self, on: bool) -> None:
@@ -237,7 +238,7 @@ def _check_allowed(path: Path, allowed_dirs: tuple[Path, ...]) -> None:
         allowed = ", ".join(str(d) for d in allowed_dirs)
         raise TargetError(
             f"file target {path} is outside the allowed directories ({allowed})",
-            reason="TargetNotAllowed",
+            reason=Reason.TARGET_NOT_ALLOWED,
         )
 
 
@@ -252,7 +253,7 @@ def _open_block(path: Path, host: HostView | None, direct: bool) -> BlockDeviceS
         if exc.errno == errno.EBUSY:
             raise TargetError(
                 f"target {path} is in use by the system (mounted or claimed by another device)",
-                reason="TargetInUse",
+                reason=Reason.TARGET_IN_USE,
             ) from exc
         raise TargetError(f"cannot open target {path}: {exc.strerror}") from exc
     try:
@@ -288,7 +289,7 @@ def _target_io(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise TargetError(f"{what} failed: {exc.strerror}", reason="WriteFailed") from exc
+        raise TargetError(f"{what} failed: {exc.strerror}", reason=Reason.WRITE_FAILED) from exc
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -297,7 +298,7 @@ def _lock(fd: int, path: Path) -> None:
     except BlockingIOError as exc:
         raise TargetError(
             f"target {path} is locked by another writer; wait for it to finish",
-            reason="TargetBusy",
+            reason=Reason.TARGET_LOCKED,
         ) from exc
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 
 from imagestream.errors import IntegrityError
+from imagestream.reasons import Reason
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SKIPPABLE_MASK = 0xFFFFFFF0
@@ -74,10 +75,10 @@ class FrameWalker:
             inside = self.frames + 1 if between_frames else self.frames
             raise IntegrityError(
                 f"the zstd stream is truncated: it ends inside frame {inside}",
-                reason="TruncatedStream",
+                reason=Reason.TRUNCATED_STREAM,
             )
         if self.frames == 0:
-            raise IntegrityError("the zstd stream holds no frame", reason="TruncatedStream")
+            raise IntegrityError("the zstd stream holds no frame", reason=Reason.TRUNCATED_STREAM)
 
     def _expect(self, state: _State, need: int, skip: int = 0) -> None:
         self._state = state
@@ -104,7 +105,8 @@ class FrameWalker:
             self._expect(_State.SKIPPABLE_SIZE, 4)
         else:
             raise IntegrityError(
-                f"data after zstd frame {self.frames} is not a zstd frame", reason="CorruptStream"
+                f"data after zstd frame {self.frames} is not a zstd frame",
+                reason=Reason.CORRUPT_STREAM,
             )
 
     def _on_descriptor(self, descriptor: int) -> None:
@@ -141,7 +143,7 @@ class FrameWalker:
         size = word >> 3
         if block_type == 3:
             raise IntegrityError(
-                f"zstd frame {self.frames} has a reserved block type", reason="CorruptStream"
+                f"zstd frame {self.frames} has a reserved block type", reason=Reason.CORRUPT_STREAM
             )
         content = 1 if block_type == 1 else size
         if last:
