@@ -15,10 +15,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
-from imagestream import __version__
+from imagestream import __version__, defaults
 from imagestream.errors import ImageStreamError
 from imagestream.pipeline.credentials import load_auth_file
-from imagestream.pipeline.decompress import DEFAULT_MAX_WINDOW_LOG, Compression
+from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
@@ -130,19 +130,21 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="talk HTTP to the registry (loopback registries without TLS need no flag)",
     )
-    parser.add_argument("--stall-timeout", type=float, default=30.0, metavar="S")
-    parser.add_argument("--max-retries", type=int, default=8, metavar="N")
+    parser.add_argument(
+        "--stall-timeout", type=float, default=float(defaults.STALL_TIMEOUT_SECONDS), metavar="S"
+    )
+    parser.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, metavar="N")
     parser.add_argument(
         "--retry-backoff",
         type=float,
-        default=0.5,
+        default=defaults.RETRY_BACKOFF_SECONDS,
         metavar="S",
-        help="first backoff delay; doubles per failed attempt, with jitter (default 0.5)",
+        help="first backoff delay; doubles per failed attempt, with jitter (default %(default)s)",
     )
     parser.add_argument(
         "--max-window-log",
         type=int,
-        default=DEFAULT_MAX_WINDOW_LOG,
+        default=defaults.CLI_MAX_WINDOW_LOG,
         help="largest zstd window accepted, as a power of two (default 31, as zstd --long=31)",
     )
     parser.add_argument("--verify-after-write", action="store_true", help="read back and compare")

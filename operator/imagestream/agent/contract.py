@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal
 
+from imagestream import defaults
 from imagestream.errors import UsageError
 
 ENV_PREFIX = "IMAGESTREAM_"
@@ -54,8 +55,8 @@ class AgentInstructions:
     host_proc: str = "/host/proc"
     host_prefix: str = "/host"
     termination_log: str = TERMINATION_LOG
-    stall_timeout: float = 30.0
-    max_retries: int = 8
+    stall_timeout: float = float(defaults.STALL_TIMEOUT_SECONDS)
+    max_retries: int = defaults.MAX_RETRIES
     verify_after_write: bool = False
     force: bool = False
     report_interval: float = 1.0

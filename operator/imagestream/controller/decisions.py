@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from imagestream import defaults
 from imagestream.agent.contract import AgentResult
 from imagestream.agent.reporter import rfc3339
 from imagestream.controller.builders import (
@@ -58,9 +59,6 @@ MANAGED_FIELDS = (
     "completionTime",
     "conditions",
 )
-
-_SHA384 = re.compile(r"[0-9a-f]{96}")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -499,8 +497,8 @@ def _wanted_status(
     fields = dict(state.fields)
     if result is not None:
         fields["target"] = result.target or None
-        fields["sha384"] = _matching(_SHA384, (result.sha384 or "").lower())
-        fields["digest"] = _matching(_DIGEST, result.digest or "")
+        fields["sha384"] = _matching(defaults.SHA384, (result.sha384 or "").lower())
+        fields["digest"] = _matching(defaults.DIGEST, result.digest or "")
     if "target" not in fields:
         fields["target"] = _host_target(body)
     wanted: dict[str, Any] = {key: None for key in MANAGED_FIELDS}

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from imagestream import defaults
 from imagestream.errors import UsageError
 from imagestream.reasons import Reason
 
@@ -24,7 +25,6 @@ HOST_PREFIX = "/host"
 EXTENSION_DIRS = {"sysext": "/var/lib/extensions", "confext": "/var/lib/confexts"}
 
 
-_SHA384 = re.compile(r"[0-9a-fA-F]{96}")
 _EXTENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _COMPRESSIONS = ("auto", "zstd", "none")
@@ -74,9 +74,9 @@ class TargetSpec:
 class StreamOptions:
     """The optional knobs of `spec`, with the CRD's defaults."""
 
-    stall_timeout_seconds: int = 30
-    max_retries: int = 8
-    active_deadline_seconds: int = 7200
+    stall_timeout_seconds: int = defaults.STALL_TIMEOUT_SECONDS
+    max_retries: int = defaults.MAX_RETRIES
+    active_deadline_seconds: int = defaults.ACTIVE_DEADLINE_SECONDS
     verify_after_write: bool = False
     force: bool = False
 
@@ -138,7 +138,7 @@ def parse_source(source: Mapping[str, Any]) -> SourceSpec:
     if not url.startswith(_SCHEMES):
         raise _invalid("spec.source.url must start with http://, https:// or oci://")
     sha384 = _string(source, "sha384", "spec.source")
-    if not _SHA384.fullmatch(sha384):
+    if not defaults.SHA384.fullmatch(sha384.lower()):
         raise _invalid("spec.source.sha384 must be 96 hexadecimal digits")
     compression = str(source.get("compression") or "auto")
     if compression not in _COMPRESSIONS:

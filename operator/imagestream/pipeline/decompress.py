@@ -12,13 +12,13 @@ from typing import IO, cast
 
 import zstandard
 
+from imagestream import defaults
 from imagestream.errors import IntegrityError
 from imagestream.pipeline.buffers import BufferPool, Filled
 from imagestream.pipeline.channel import Channel
 from imagestream.pipeline.zstd_frames import FrameWalker, is_zstd
 from imagestream.reasons import Reason
 
-DEFAULT_MAX_WINDOW_LOG = 31
 _READ_SIZE = 1 << 20
 
 
@@ -87,7 +87,7 @@ def decompress_stage(
     compression: Compression,
     pool: BufferPool,
     out: Channel[Filled],
-    max_window_log: int = DEFAULT_MAX_WINDOW_LOG,
+    max_window_log: int = defaults.CLI_MAX_WINDOW_LOG,
 ) -> int:
     """Fill pool buffers with output until the input ends; return the output byte count.
 

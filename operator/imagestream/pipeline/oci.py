@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from imagestream import defaults
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError, UsageError
 from imagestream.pipeline.range_reader import (
     BeforeRetry,
@@ -52,7 +53,6 @@ _ERROR_BODY_LIMIT = 64 << 10
 _MAX_INDEX_DEPTH = 4
 _TAGS_SHOWN = 20
 _DIGEST_ALGORITHMS = frozenset({"sha256", "sha512"})
-_DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
 _HOST = re.compile(
     r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
     r"|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?"
@@ -136,7 +136,7 @@ def parse_reference(text: str) -> Reference:
         )
     if tag and not _TAG.fullmatch(tag):
         raise UsageError(f"invalid tag {tag!r} in {text!r}")
-    if digest and not _DIGEST.fullmatch(digest):
+    if digest and not defaults.DIGEST.fullmatch(digest):
         raise UsageError(
             f"invalid digest {digest!r} in {text!r}: expected sha256:<64 hex> or sha512:<128 hex>"
         )
@@ -283,7 +283,7 @@ def parse_descriptor(item: object, where: str) -> Descriptor:
             f"{where} holds a descriptor that is not an object", Reason.INVALID_MANIFEST
         )
     digest, size = item.get("digest"), item.get("size")
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+    if not isinstance(digest, str) or not defaults.DIGEST.fullmatch(digest):
         raise SourceError(
             f"{where} holds an unsupported digest {digest!r}", Reason.INVALID_MANIFEST
         )
@@ -438,7 +438,7 @@ class Registry:
             refusal=refusal,
             before_retry=before_retry,
         )
-        by_digest = _DIGEST.fullmatch(ref) is not None
+        by_digest = defaults.DIGEST.fullmatch(ref) is not None
         received = bytearray()
         try:
             for chunk in reader.chunks():

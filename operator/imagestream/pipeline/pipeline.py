@@ -8,7 +8,6 @@ memory whatever the image size; one abort event stops every stage when any of th
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -17,11 +16,11 @@ from pathlib import Path
 
 import zstandard
 
+from imagestream import defaults
 from imagestream.errors import Cancelled, IntegrityError, TargetError, UsageError
 from imagestream.pipeline.buffers import WRITE_BUFFER, BufferPool, Filled
 from imagestream.pipeline.channel import Aborted, Channel
 from imagestream.pipeline.decompress import (
-    DEFAULT_MAX_WINDOW_LOG,
     ChannelReader,
     Compression,
     decompress_stage,
@@ -34,7 +33,6 @@ from imagestream.pipeline.sinks import Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
 from imagestream.reasons import Reason
 
-_SHA384 = re.compile(r"[0-9a-f]{96}")
 _REPORT_INTERVAL = 0.1
 _FETCH_QUEUE = 4
 _POOL_BUFFERS = 4
@@ -53,7 +51,7 @@ class StreamRequest:
     host: HostView = field(default_factory=HostView)
     verify_after_write: bool = False
     allow_unverified: bool = False
-    max_window_log: int = DEFAULT_MAX_WINDOW_LOG
+    max_window_log: int = defaults.CLI_MAX_WINDOW_LOG
     direct_io: bool = True
     skip_usage_checks: bool = False
     allowed_file_dirs: tuple[Path, ...] = ()
@@ -86,7 +84,7 @@ def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
             )
         return None
     normalised = value.strip().lower()
-    if not _SHA384.fullmatch(normalised):
+    if not defaults.SHA384.fullmatch(normalised):
         raise UsageError(
             f"--sha384 must be 96 hexadecimal digits, got {len(normalised)} characters"
         )

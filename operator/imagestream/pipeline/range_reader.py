@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import httpx
 
+from imagestream import defaults
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError
 from imagestream.pipeline.redact import redact_url
 from imagestream.reasons import Reason
@@ -36,10 +37,10 @@ _E = TypeVar("_E", bound=BaseException)
 class RetryPolicy:
     """How hard to try. `max_retries` counts consecutive attempts that delivered no byte."""
 
-    max_retries: int = 8
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    stall_timeout: float = 30.0
+    max_retries: int = defaults.MAX_RETRIES
+    backoff_base: float = defaults.RETRY_BACKOFF_SECONDS
+    backoff_max: float = defaults.RETRY_BACKOFF_MAX_SECONDS
+    stall_timeout: float = float(defaults.STALL_TIMEOUT_SECONDS)
     connect_timeout: float = 15.0
     max_retry_after: float = 300.0
 
