@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 
+from imagestream import defaults
 from imagestream.errors import IntegrityError
 from imagestream.reasons import Reason
 
@@ -20,8 +21,6 @@ _SKIPPABLE_MASK = 0xFFFFFFF0
 _SKIPPABLE_MAGIC = 0x184D2A50
 _FCS_SIZES = (0, 2, 4, 8)
 _DICT_ID_SIZES = (0, 1, 2, 4)
-#: The smallest window zstd uses, whatever a header declares.
-_MIN_WINDOW_LOG = 10
 
 
 class _State(enum.Enum):
@@ -49,7 +48,8 @@ class WindowTooLarge(IntegrityError):
     """
 
     def __init__(self, frame: int, window_size: int, allowed_log: int) -> None:
-        self.needed_log = max(_MIN_WINDOW_LOG, (window_size - 1).bit_length())
+        # zstd never uses a window below its minimum, whatever a header declares.
+        self.needed_log = max(defaults.MIN_WINDOW_LOG, (window_size - 1).bit_length())
         self.allowed_log = allowed_log
         self.detail = (
             f"zstd frame {frame} declares a window of {window_size} bytes (needs "
@@ -168,7 +168,7 @@ class FrameWalker:
             window = content_size or 0
         else:
             exponent, mantissa = header[0] >> 3, header[0] & 0x07
-            base = 1 << (_MIN_WINDOW_LOG + exponent)
+            base = 1 << (defaults.MIN_WINDOW_LOG + exponent)
             window = base + (base >> 3) * mantissa
         if window > 1 << self.max_window_log:
             raise WindowTooLarge(self.frames, window, self.max_window_log)
