@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from tests.support.cli import (
     run_imagestream,
 )
 from tests.support.fake_status_api import ApiRequest, FakeStatusApi, Mode
-from tests.support.nginx import NginxFactory
+from tests.support.nginx import Nginx, NginxFactory
 from tests.support.oci_push import Layer, OciPusher
 from tests.support.registry import TEST_USER, HtpasswdAuth, Registry, write_htpasswd
 from tests.support.rss import run_measured
@@ -372,51 +373,73 @@ def test_missing_instructions_fail_naming_the_variables(
 # -- long zstd windows: what the agent accepts, and the memory its Job gets for it -------------
 
 LONG_WINDOW_LOG = 30
-#: Longer than the window, so the decoder fills its whole 1 GiB window buffer.
-LONG_RAW_SIZE = 1280 * MIB
 
 
-@pytest.fixture(scope="module")
-def long_window_image(tmp_path_factory: pytest.TempPathFactory) -> SampleImage:
-    """1.25 GiB raw through `zstd --long=30` from a pipe, as an image build makes it: no
-    content size in the header, so the frame declares the full 2^30 window."""
+def zstd_long(dest: Path, window_log: int) -> SampleImage:
+    """Raw data 256 MiB longer than the window (so the decoder fills its whole window buffer)
+    through `zstd --long=N` from a pipe, as an image build makes it: no content size in the
+    header, so the frame declares the full 2^N window."""
     zstd = require_tool("zstd")
-    dest = tmp_path_factory.mktemp("long-window") / "disk.img.zst"
+    raw_size = (1 << window_log) + 256 * MIB
     raw_hash = hashlib.sha384()
     with dest.open("wb") as out:
-        command = [zstd, "-q", "-T1", f"--long={LONG_WINDOW_LOG}", "-c", "-"]
+        command = [zstd, "-q", "-T1", f"--long={window_log}", "-c", "-"]
         with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out) as process:
             assert process.stdin is not None
-            for chunk in iter_raw_data(LONG_RAW_SIZE, seed=31):
+            for chunk in iter_raw_data(raw_size, seed=31):
                 raw_hash.update(chunk)
                 process.stdin.write(chunk)
             process.stdin.close()
             assert process.wait() == 0
     return SampleImage(
         path=dest,
-        raw_size=LONG_RAW_SIZE,
+        raw_size=raw_size,
         compressed_size=dest.stat().st_size,
         sha384=sha384_of(dest),
         raw_sha384=raw_hash.hexdigest(),
     )
 
 
+@pytest.fixture(scope="module")
+def long_window_images(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[int], SampleImage]:
+    """`images(N)`: the `zstd --long=N` image, made once per module."""
+    made: dict[int, SampleImage] = {}
+    directory = tmp_path_factory.mktemp("long-window")
+
+    def image(window_log: int) -> SampleImage:
+        if window_log not in made:
+            made[window_log] = zstd_long(directory / f"long{window_log}.img.zst", window_log)
+        return made[window_log]
+
+    return image
+
+
+@pytest.fixture
+def long_window_image(long_window_images: Callable[[int], SampleImage]) -> SampleImage:
+    """The `zstd --long=30` image: 1.25 GiB raw, about 0.5 GiB compressed."""
+    return long_window_images(LONG_WINDOW_LOG)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("window_log", [27, LONG_WINDOW_LOG])
 def test_a_long_window_image_streams_within_the_memory_its_job_gets(
-    long_window_image: SampleImage,
+    window_log: int,
+    long_window_images: Callable[[int], SampleImage],
     loop_device_factory: LoopDeviceFactory,
-    nginx: Any,
-    nginx_docroot: Path,
+    nginx: Nginx,
     tmp_path: Path,
 ) -> None:
-    """maxWindowLog 30: the stream succeeds, and the agent's peak RSS (the kernel's count, as
-    in test_memory.py) stays below the memory limit the Job builder gives a 2^30 window."""
-    image = long_window_image
-    os.link(image.path, nginx_docroot / image.path.name)
-    dev = loop_device_factory(LONG_RAW_SIZE)
+    """maxWindowLog N, a `zstd --long=N` image from nginx: the stream succeeds, and the agent's
+    peak RSS (the kernel's count, as in test_memory.py) stays below the memory limit the Job
+    builder gives a 2^N window: the default 27 and a long 30."""
+    image = long_window_images(window_log)
+    os.link(image.path, nginx.docroot / image.path.name)
+    dev = loop_device_factory(image.raw_size)
     instr = replace(
         instructions(nginx.url_for(image.path.name), image, dev, tmp_path),
-        max_window_log=LONG_WINDOW_LOG,
+        max_window_log=window_log,
     )
     with FakeStatusApi(uid=UID) as api:
         env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
@@ -437,14 +460,14 @@ def test_a_long_window_image_streams_within_the_memory_its_job_gets(
     assert result.bytes_written == image.raw_size
     assert sha384_of(dev, image.raw_size) == image.raw_sha384
     assert_only_own_guarded_status_patches(api)
-    memory = agent_memory(LONG_WINDOW_LOG)
+    memory = agent_memory(window_log)
     report = (
-        f"peak RSS {peak.peak_rss_mib:.1f} MiB; Job request {memory.request_mib} Mi, "
-        f"limit {memory.limit_mib} Mi"
+        f"2^{window_log}: peak RSS {peak.peak_rss_mib:.1f} MiB; Job request "
+        f"{memory.request_mib} Mi, limit {memory.limit_mib} Mi"
     )
     print(report)
     # The window really was filled (else the comparison below would prove nothing)...
-    assert peak.peak_rss_mib > (1 << LONG_WINDOW_LOG) / MIB, report
+    assert peak.peak_rss_mib > (1 << window_log) / MIB, report
     # ...and the limit holds it.
     assert peak.peak_rss_mib < memory.limit_mib, report
 

@@ -8,6 +8,7 @@ a real API server would additionally run admission (defaulting, Pod Security, qu
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -150,6 +151,17 @@ def test_the_agent_memory_grows_with_every_window_log() -> None:
     limits = [agent_memory(log).limit_mib for log in range(10, 32)]
     assert limits == sorted(limits)
     assert agent_memory(10).limit_mib >= MEASURED_BESIDE_WINDOW_MIB
+
+
+def test_the_readme_table_is_the_formula() -> None:
+    """The README's memory table is what `agent_memory` computes, row by row."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    row = re.compile(r"^ *\| (\d+)(?: \(default\))? \| [^|]+ \| (\d+)Mi \| (\d+)Mi \|$", re.M)
+    rows = row.findall(readme)
+    assert [int(log) for log, _, _ in rows] == [27, 30, 31]
+    for log, request, limit in rows:
+        memory = agent_memory(int(log))
+        assert (memory.request_mib, memory.limit_mib) == (int(request), int(limit)), log
 
 
 def test_max_window_log_reaches_the_container_and_sizes_it() -> None:

@@ -100,8 +100,8 @@ def agent_memory(max_window_log: int) -> AgentMemory:
     window, against this formula's request / limit: from a file, without status patches,
     window 2^20, 64 MiB image: 80.2 MiB (81.0 with verifyAfterWrite); 2^27, 256 MiB: 208.0
     MiB (216 / 256 Mi); 2^30, 1.25 GiB: 1104.0 MiB (1112 / 1208 Mi). Over HTTP from nginx
-    with status patches, 2^30, 1.25 GiB (tests/integration/test_agent.py, which checks it
-    against the limit): 1111.4 MiB.
+    with status patches (tests/integration/test_agent.py, which checks them against the
+    limits): 2^27, 384 MiB: 215.0 MiB; 2^30, 1.25 GiB: 1111.4 MiB.
     """
     window_mib = (1 << max_window_log) >> 20
     request = window_mib + AGENT_BUFFERS_MIB + AGENT_INTERPRETER_MIB
