@@ -66,6 +66,7 @@ def test_source_fields_and_defaults() -> None:
         "caConfigMapRef": {"name": "corp-ca"},
         "platform": "linux/arm64",
         "layer": "root.raw.zst",
+        "maxWindowLog": 30,
     }
     parsed = parse_stream(stream_body(source=source)).source
     assert parsed.sha384 == SHA384  # lower-cased: the agent reports lower-case hex
@@ -73,8 +74,10 @@ def test_source_fields_and_defaults() -> None:
     assert parsed.auth_secret == "creds"
     assert (parsed.ca_config_map, parsed.ca_key) == ("corp-ca", "ca.crt")
     assert (parsed.platform, parsed.layer) == ("linux/arm64", "root.raw.zst")
+    assert parsed.max_window_log == 30
     bare = parse_stream(stream_body()).source
     assert (bare.compression, bare.auth_secret, bare.ca_config_map) == ("auto", None, None)
+    assert bare.max_window_log == 27  # zstd's own default limit, as the CRD's default
 
 
 def test_knobs_default_as_the_crd_does_and_are_read_when_set() -> None:
@@ -108,6 +111,10 @@ def test_identity_comes_from_metadata() -> None:
         {"source": {"url": "ftp://images.example/x", "sha384": SHA384}},
         {"source": {"url": "https://images.example/x", "sha384": "ab" * 47}},
         {"source": {"url": "https://images.example/x", "sha384": SHA384, "compression": "xz"}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "maxWindowLog": 9}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "maxWindowLog": 32}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "maxWindowLog": "30"}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "maxWindowLog": True}},
         {"target": {}},
         {"target": {"device": "/dev/sda", "disk": "/dev/sdb"}},
         {"target": {"device": "/dev/../etc/shadow"}},

@@ -47,6 +47,8 @@ class AgentInstructions:
     sha384: str
     target: str
     compression: str = "auto"
+    #: The largest zstd window accepted, as a power of two; the Job's memory is sized for it.
+    max_window_log: int = defaults.SPEC_MAX_WINDOW_LOG
     allowed_dir: str | None = None
     platform: str | None = None
     layer: str | None = None

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagestream import defaults
 from imagestream.agent.contract import (
     TERMINATION_LOG,
     AgentInstructions,
@@ -29,6 +30,7 @@ from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
+from imagestream.pipeline.zstd_frames import WindowTooLarge
 from imagestream.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,11 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
         raise UsageError(
             f"{env_name('compression')}={instr.compression!r} is not one of {choices}"
         ) from None
+    if not defaults.MIN_WINDOW_LOG <= instr.max_window_log <= defaults.MAX_WINDOW_LOG:
+        raise UsageError(
+            f"{env_name('max_window_log')}={instr.max_window_log} is outside "
+            f"{defaults.MIN_WINDOW_LOG}..{defaults.MAX_WINDOW_LOG}"
+        )
     host_proc = Path(instr.host_proc)
     return StreamRequest(
         source=instr.source,
@@ -76,6 +83,7 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
             mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
         ),
         verify_after_write=instr.verify_after_write,
+        max_window_log=instr.max_window_log,
         direct_io=True,
         skip_usage_checks=instr.force,
         allowed_file_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),
@@ -124,6 +132,8 @@ def run_agent(
 
     try:
         result = stream(request_from_instructions(instr, cancel), track)
+    except WindowTooLarge as exc:
+        return failed(window_refusal(exc))
     except ImageStreamError as exc:
         return failed(exc)
     except Exception as exc:
@@ -142,6 +152,15 @@ def run_agent(
         )
         return failed(refused)
     return AgentRun(succeeded(instr, result), 0)
+
+
+def window_refusal(exc: WindowTooLarge) -> IntegrityError:
+    """The refusal worded for an ImageStream: its knob, not the CLI's flag."""
+    return IntegrityError(
+        f"{exc.detail}; set spec.source.maxWindowLog: {exc.needed_log} if the image is trusted "
+        "(the agent's memory limit is sized from it)",
+        reason=exc.reason,
+    )
 
 
 def succeeded(instr: AgentInstructions, result: StreamResult) -> AgentResult:
