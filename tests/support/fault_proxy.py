@@ -39,8 +39,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
-from imagestream.demo.range_server import reset_connection
-
+from .range_server import reset_connection
 from .registry import Registry
 from .threaded_server import OwnedHttpServer, ThreadedHttpServer
 

@@ -1,4 +1,4 @@
-"""Tests for the fault-injecting range server (imagestream.demo.range_server)."""
+"""Tests for the fault-injecting range server (tests.support.range_server)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from imagestream.demo.range_server import (
+from tests.support.range_server import (
     Fault,
     FaultKind,
     FaultPlan,
