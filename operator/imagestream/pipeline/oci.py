@@ -37,8 +37,6 @@ from imagestream.pipeline.registry_auth import preferred_challenge
 from imagestream.reasons import Reason
 
 MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
-
-
 # Manifests are small; containerd refuses those over 4 MiB too.
 MANIFEST_LIMIT = 4 << 20
 _ERROR_BODY_LIMIT = 64 << 10
