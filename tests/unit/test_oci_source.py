@@ -28,7 +28,7 @@ from tests.support.http_fakes import Body, Unreadable, partial_response, range_s
 from imagestream.cli import build_parser, request_from_args
 from imagestream.errors import IntegrityError, SourceError, UsageError
 from imagestream.pipeline import sources
-from imagestream.pipeline.oci import (
+from imagestream.pipeline.oci_select import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from imagestream.demo.image import SampleImage, write_sample_image
-from imagestream.demo.range_server import Fault, FaultPlan, RangeServer
+from imagestream.demo.range_server import RangeServer
 from imagestream.errors import ImageStreamError
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
@@ -33,7 +33,7 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
         image = write_sample_image(workdir / "demo.img.zst", args.size_mib << 20, seed=7)
         console.print(f"  {image.compressed_size} bytes compressed, SHA-384 {image.sha384[:16]}...")
         target = args.keep or workdir / "demo-target.img"
-        with RangeServer(image.path, faults=_fault_plan(image, args.faults)) as server:
+        with RangeServer(image.path, _reset_offsets(image, args.faults)) as server:
             if args.faults:
                 console.print(f"The server will reset the connection {_FAULTS} times.")
             console.print(f"Streaming {server.url} -> {target}")
@@ -56,11 +56,11 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
         return 0
 
 
-def _fault_plan(image: SampleImage, enabled: bool) -> FaultPlan | None:
+def _reset_offsets(image: SampleImage, enabled: bool) -> list[int]:
     if not enabled:
-        return None
+        return []
     step = image.compressed_size // (_FAULTS + 1)
-    return FaultPlan(Fault.reset_at(step * k) for k in range(1, _FAULTS + 1))
+    return [step * k for k in range(1, _FAULTS + 1)]
 
 
 def _sha384_of(path: Path) -> str:

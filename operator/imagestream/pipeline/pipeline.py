@@ -26,7 +26,7 @@ from imagestream.pipeline.decompress import (
     decompress_stage,
     resolve_compression,
 )
-from imagestream.pipeline.oci import digest_of, new_hash
+from imagestream.pipeline.oci_select import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sinks import Sink, open_sink

@@ -17,15 +17,8 @@ import httpx
 from imagestream import __version__
 from imagestream.errors import SourceError, UsageError
 from imagestream.pipeline.credentials import Credentials
-from imagestream.pipeline.oci import (
-    OCI_SCHEME,
-    Registry,
-    host_platform,
-    parse_platform,
-    parse_reference,
-    registry_scheme,
-    resolve_layer,
-)
+from imagestream.pipeline.oci import Registry, registry_scheme, resolve_layer
+from imagestream.pipeline.oci_refs import OCI_SCHEME, host_platform, parse_platform, parse_reference
 from imagestream.pipeline.range_reader import HttpRangeReader, RetryPolicy
 from imagestream.pipeline.redact import redact_url
 from imagestream.pipeline.registry_auth import RegistryAuth
@@ -176,7 +169,7 @@ class OciSource(_RangeReaderSource):
                 self._client,
                 options.policy,
                 size=layer.size,
-                refusal=registry.refusal(f"blob {layer.digest}"),
+                hooks=registry.hooks(f"blob {layer.digest}"),
             )
         except BaseException:
             self._client.close()
