@@ -19,6 +19,7 @@ from tests.support.http_fakes import Body, partial_response, range_start
 
 from imagestream.errors import SourceError
 from imagestream.pipeline import range_reader
+from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.range_reader import (
     HttpRangeReader,
     RetryPolicy,
@@ -109,7 +110,11 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Record the reader's backoff sleeps instead of sleeping."""
     recorded: list[float] = []
-    monkeypatch.setattr("imagestream.pipeline.range_reader.time.sleep", recorded.append)
+
+    def record(_interrupt: Interrupt, seconds: float) -> None:
+        recorded.append(seconds)
+
+    monkeypatch.setattr(Interrupt, "sleep", record)
     return recorded
 
 

@@ -25,6 +25,7 @@ import httpx
 
 from imagestream import defaults
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError, UsageError
+from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.range_reader import (
     BeforeRetry,
     HttpRangeReader,
@@ -402,11 +403,17 @@ class Registry:
     """One repository of one registry, reached over an httpx client (auth, proxies, CA)."""
 
     def __init__(
-        self, client: httpx.Client, base_url: str, reference: Reference, policy: RetryPolicy
+        self,
+        client: httpx.Client,
+        base_url: str,
+        reference: Reference,
+        policy: RetryPolicy,
+        interrupt: Interrupt | None = None,
     ) -> None:
         self.client = client
         self.reference = reference
         self.policy = policy
+        self.interrupt = interrupt
         self._repository_url = f"{base_url.rstrip('/')}/v2/{reference.repository}"
 
     def blob_url(self, digest: str) -> str:
@@ -437,6 +444,7 @@ class Registry:
             size=expected.size if expected else None,
             refusal=refusal,
             before_retry=before_retry,
+            interrupt=self.interrupt,
         )
         by_digest = defaults.DIGEST.fullmatch(ref) is not None
         received = bytearray()

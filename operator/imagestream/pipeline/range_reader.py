@@ -22,6 +22,7 @@ import httpx
 
 from imagestream import defaults
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError
+from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.redact import redact_url
 from imagestream.reasons import Reason
 
@@ -113,7 +114,8 @@ class HttpRangeReader:
     server says. `refusal` lets the caller explain a final error answer in its own terms (a
     registry's error codes); by default the status is reported. `before_retry` lets the caller
     look into a retryable failure (a registry's 5xx may have a cause no retry will fix) and stop
-    the read, without changing how the reader counts and paces its attempts.
+    the read, without changing how the reader counts and paces its attempts. `interrupt` ends
+    the read with `Cancelled`, during a request or a backoff (a `Retry-After` of minutes too).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class HttpRangeReader:
         size: int | None = None,
         refusal: Refusal | None = None,
         before_retry: BeforeRetry | None = None,
+        interrupt: Interrupt | None = None,
     ) -> None:
         self.url = url
         self.total: int | None = size
@@ -139,6 +142,7 @@ class HttpRangeReader:
         self._expected_size = size
         self._refusal = refusal
         self._before_retry = before_retry
+        self._interrupt = interrupt or Interrupt()
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the object's bytes in order; raises `SourceError` when it cannot go on."""
@@ -146,6 +150,7 @@ class HttpRangeReader:
         failures = 0
         while True:
             delivered_before = offset
+            self._interrupt.check()
             try:
                 for chunk in self._attempt(offset):
                     offset += len(chunk)
@@ -183,7 +188,7 @@ class HttpRangeReader:
                     failures,
                     self._policy.max_retries,
                 )
-                time.sleep(delay)
+                self._interrupt.sleep(delay)
                 self.resumes += 1
 
     def _delay(self, failures: int, exc: Exception) -> float:
