@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
-from tests.support.cli import imagestream_process, result_record
+from tests.support.cli import imagestream_process
+from tests.support.interrupts import assert_cancelled, interrupted
 from tests.support.targets import (
     MIB,
     assert_file_target_invalid,
@@ -39,8 +40,6 @@ from imagestream.pipeline.sources import SourceOptions
 
 pytestmark = pytest.mark.timeout(90)
 
-#: How soon after the signal the process must have exited (it is ~0.1 s when all is well).
-PROMPT = 2.0
 #: Longer than any test waits: only a cancel can end these waits in time.
 STALL_TIMEOUT = 30.0
 #: Where the stalling server stops sending: past the first output buffer written.
@@ -164,30 +163,6 @@ def progress_records(process: subprocess.Popen[str]) -> Iterator[dict[str, objec
     pytest.fail("the stream ended before it was interrupted")
 
 
-def interrupted(process: subprocess.Popen[str], *, times: int = 1) -> tuple[float, str, str]:
-    """SIGINT `process` (`times` times, 0.5 s apart); (seconds to exit after the last, out, err)."""
-    for n in range(times):
-        if n:
-            time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
-    sent = time.monotonic()
-    stdout, stderr = process.communicate(timeout=30)
-    return time.monotonic() - sent, stdout, stderr
-
-
-def assert_cancelled(
-    process: subprocess.Popen[str], seconds: float, stdout: str, stderr: str, *phrases: str
-) -> None:
-    """Exit 130 within PROMPT seconds, reason Cancelled, no traceback, the message's phrases."""
-    assert process.returncode == 130, stderr
-    assert seconds < PROMPT, f"took {seconds:.1f}s to stop after the signal\n{stderr}"
-    assert "Traceback" not in stderr, stderr
-    final = result_record(stdout, stderr)
-    assert (final["ok"], final["reason"]) == (False, "Cancelled")
-    for phrase in phrases:
-        assert phrase in str(final["message"]), final["message"]
-
-
 def stream_args(source: str, target: Path, image: SampleImage, *extra: str) -> list[str]:
     return [
         "stream",
@@ -220,7 +195,11 @@ def test_ctrl_c_during_a_stalled_read(image: SampleImage, target: Path) -> None:
     assert_file_target_invalid(target)
 
 
-def test_ctrl_c_during_a_retry_after_wait(image: SampleImage, target: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_a_retry_after_wait(
+    image: SampleImage, target: Path, sig: signal.Signals
+) -> None:
+    # SIGTERM: what the kubelet sends a superseded agent, whose grace period is far below 300 s.
     plan = FaultPlan([Fault.status(503, retry_after="300")])
     with (
         RangeServer(image.path, faults=plan) as server,
@@ -231,7 +210,7 @@ def test_ctrl_c_during_a_retry_after_wait(image: SampleImage, target: Path) -> N
             assert time.monotonic() < deadline, "no request reached the server"
             time.sleep(0.02)
         time.sleep(0.5)  # the CLI now waits out the 300 s it was asked to
-        seconds, stdout, stderr = interrupted(process)
+        seconds, stdout, stderr = interrupted(process, sig=sig)
         requests = len(server.requests)
 
     assert_cancelled(process, seconds, stdout, stderr, "nothing was written")
