@@ -120,9 +120,13 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
             finally:
                 source.close()
     except BaseException as exc:
-        sink.invalidate()
-        if isinstance(exc, Cancelled | KeyboardInterrupt):
-            raise _cancelled(exc, stream.counters if stream else None) from exc
+        stopped = exc
+        try:
+            sink.invalidate()
+        except KeyboardInterrupt as again:
+            stopped = again  # Ctrl-C again while invalidating: stop now, as asked
+        if isinstance(stopped, Cancelled | KeyboardInterrupt):
+            raise _cancelled(stopped, stream.counters if stream else None) from exc
         raise
 
 
@@ -175,13 +179,23 @@ class _Stream:
         self.pool = BufferPool(_POOL_BUFFERS, WRITE_BUFFER, self.abort)
 
     def run(self, expected: str | None) -> StreamResult:
-        threads = [
-            self._thread("fetch", self._fetch),
-            self._thread("hash", self._hash),
-            self._thread("decompress", self._decompress),
-            self._thread("write", self._write),
-        ]
-        self._supervise(threads)
+        threads: list[threading.Thread] = []
+        try:
+            for name, body in (
+                ("fetch", self._fetch),
+                ("hash", self._hash),
+                ("decompress", self._decompress),
+                ("write", self._write),
+            ):
+                threads.append(self._thread(name, body))
+            self._supervise(threads)
+        except BaseException:
+            # A failing progress consumer or an interrupt: stop the stages before the caller
+            # closes the source and invalidates the target, so no late write lands after it.
+            self.abort.set()
+            self.interrupt.set()
+            join_all(threads)
+            raise
         if self.errors:
             raise self.errors[0]
         return self._verify_and_commit(expected)
@@ -204,25 +218,17 @@ class _Stream:
         """Report progress until every stage ended; turn a cancel request into an abort.
 
         An abort also sets the interrupt, which cuts the fetch out of a network read or a retry
-        sleep, so that every stage can be joined before the source and the target close.
+        sleep, so that every stage ends and is joined before the source and the target close.
         """
         cancel = self.request.cancel
-        try:
-            while alive := [t for t in threads if t.is_alive()]:
-                alive[-1].join(_REPORT_INTERVAL)
-                if cancel is not None and cancel.is_set() and not self.abort.is_set():
-                    self.errors.append(Cancelled("the stream was cancelled"))
-                    self.abort.set()
-                if self.abort.is_set():
-                    self.interrupt.set()
-                self._report()
-        except BaseException:
-            # A failing progress consumer or an interrupt: stop the stages before the caller
-            # invalidates the target, so no late write lands after the invalidation.
-            self.abort.set()
-            self.interrupt.set()
-            join_all(threads)
-            raise
+        while alive := [t for t in threads if t.is_alive()]:
+            alive[-1].join(_REPORT_INTERVAL)
+            if cancel is not None and cancel.is_set() and not self.abort.is_set():
+                self.errors.append(Cancelled("the stream was cancelled"))
+                self.abort.set()
+            if self.abort.is_set() and not self.interrupt.is_set():
+                self.interrupt.set()
+            self._report()
 
     def _report(self) -> None:
         # The source keeps its own size and resume count; copy them in at report time.
