@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.signals import cancel_on_signals
 
 EXIT_USAGE = 2
 _UNSAFE_FLAG = "--skip-verification-unsafe"
@@ -210,19 +210,6 @@ def stream_command(args: argparse.Namespace, console: Console) -> int:
         return report_failure(exc, args.progress, console)
     report_success(result, args.progress, console)
     return 0
-
-
-def cancel_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT stop the stream cleanly: the target is left invalid, never half-valid."""
-    cancel = threading.Event()
-
-    def handler(signum: int, _frame: object) -> None:
-        logging.getLogger(__name__).warning("signal %d: stopping the stream", signum)
-        cancel.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-    return cancel
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from tests.support.http_fakes import Body, Unreadable, partial_response, range_s
 from imagestream.cli import build_parser, request_from_args
 from imagestream.errors import IntegrityError, SourceError, UsageError
 from imagestream.pipeline import sources
+from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.oci_select import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -203,7 +204,7 @@ def partial(
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Resume at once instead of sleeping through the retry backoff."""
-    monkeypatch.setattr("imagestream.pipeline.range_reader.time.sleep", lambda _seconds: None)
+    monkeypatch.setattr(Interrupt, "sleep", lambda _interrupt, _seconds: None)
 
 
 @pytest.fixture
@@ -566,8 +567,7 @@ def test_a_failing_manifest_digest_is_paced_from_its_first_failure(
     registry.registry = throttled  # type: ignore[method-assign]
     waits: list[tuple[float, int]] = []  # each wait, with how many requests went out before it
     monkeypatch.setattr(
-        "imagestream.pipeline.range_reader.time.sleep",
-        lambda seconds: waits.append((seconds, len(registry.sent))),
+        Interrupt, "sleep", lambda _interrupt, seconds: waits.append((seconds, len(registry.sent)))
     )
     policy = RetryPolicy(max_retries=2)
 

@@ -13,6 +13,7 @@ import httpx
 
 from imagestream import defaults
 from imagestream.errors import ImageStreamError, SourceError
+from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.oci_refs import Platform, Reference, is_loopback
 from imagestream.pipeline.oci_select import (
     DOCKER_LIST,
@@ -71,11 +72,17 @@ class Registry:
     """One repository of one registry, reached over an httpx client (auth, proxies, CA)."""
 
     def __init__(
-        self, client: httpx.Client, base_url: str, reference: Reference, policy: RetryPolicy
+        self,
+        client: httpx.Client,
+        base_url: str,
+        reference: Reference,
+        policy: RetryPolicy,
+        interrupt: Interrupt | None = None,
     ) -> None:
         self.client = client
         self.reference = reference
         self.policy = policy
+        self.interrupt = interrupt
         self._repository_url = f"{base_url.rstrip('/')}/v2/{reference.repository}"
 
     def blob_url(self, digest: str) -> str:
@@ -100,6 +107,7 @@ class Registry:
             {"Accept": MANIFEST_ACCEPT},
             size=expected.size if expected else None,
             hooks=hooks,
+            interrupt=self.interrupt,
         )
         by_digest = defaults.DIGEST.fullmatch(ref) is not None
         received = bytearray()

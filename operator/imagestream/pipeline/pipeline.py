@@ -3,6 +3,11 @@
 hashlib and zstandard release the GIL on large buffers, and writes block in the kernel, so the
 threads overlap the stages on separate cores. Bounded channels and a fixed buffer pool cap the
 memory whatever the image size; one abort event stops every stage when any of them fails.
+
+A cancel (the request's event, set by a signal) is honoured at every step until the commit:
+while the source opens (manifest resolution, token requests), while the stages run (reads,
+stalls, retry sleeps, cut through the run's `Interrupt`) and while the output is verified and
+read back. The stage threads are always joined before the source and the target are closed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from imagestream.pipeline.decompress import (
     decompress_stage,
     resolve_compression,
 )
+from imagestream.pipeline.interrupt import Interrupt, join_all, watching
 from imagestream.pipeline.oci_select import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
 from imagestream.pipeline.safety import HostView
@@ -92,7 +98,11 @@ def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
 
 
 def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = None) -> StreamResult:
-    """Stream the source onto the target; return only once the output verified and is durable."""
+    """Stream the source onto the target; return only once the output verified and is durable.
+
+    A cancel raises `Cancelled`, and so does a KeyboardInterrupt (a second Ctrl-C), whose message
+    says whether the target was left invalid or nothing was written to it.
+    """
     expected = validate_sha384(request.sha384, request.allow_unverified)
     sink = open_sink(
         request.target,
@@ -100,15 +110,42 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
         direct=request.direct_io,
         allowed_dirs=request.allowed_file_dirs,
     )
+    stream: _Stream | None = None
     try:
-        source = open_source(request.source, request.source_options)
+        with watching(request.cancel) as interrupt:
+            source = open_source(request.source, request.source_options, interrupt)
+            try:
+                stream = _Stream(request, source, sink, on_progress, interrupt)
+                return stream.run(expected)
+            finally:
+                source.close()
+    except BaseException as exc:
+        stopped = exc
         try:
-            return _Stream(request, source, sink, on_progress).run(expected)
-        finally:
-            source.close()
-    except BaseException:
-        sink.invalidate()
+            sink.invalidate()
+        except KeyboardInterrupt as again:
+            stopped = again  # Ctrl-C again while invalidating: stop now, as asked
+        if isinstance(stopped, Cancelled | KeyboardInterrupt):
+            raise _cancelled(stopped, stream.counters if stream else None) from exc
         raise
+
+
+def _cancelled(exc: BaseException, counters: Counters | None) -> Cancelled:
+    """The cancel as the user sees it: when it came, and what it left on the target."""
+    how = (
+        "stopped at once (interrupted again)" if isinstance(exc, KeyboardInterrupt) else "cancelled"
+    )
+    if counters is None:
+        when = "while opening the source"
+    elif counters.phase == "Verifying":
+        when = "while verifying"
+    else:
+        when = "while streaming"
+    if counters is None or not counters.bytes_written:
+        return Cancelled(
+            f"the stream was {how} {when}; nothing was written, the target is unchanged"
+        )
+    return Cancelled(f"the stream was {how} {when}; the target was left invalid")
 
 
 class _Stream:
@@ -120,8 +157,10 @@ class _Stream:
         source: Source,
         sink: Sink,
         on_progress: ProgressCallback | None,
+        interrupt: Interrupt,
     ) -> None:
         self.request = request
+        self.interrupt = interrupt
         self.source = source
         self.sink = sink
         self.on_progress = on_progress
@@ -140,13 +179,23 @@ class _Stream:
         self.pool = BufferPool(_POOL_BUFFERS, WRITE_BUFFER, self.abort)
 
     def run(self, expected: str | None) -> StreamResult:
-        threads = [
-            self._thread("fetch", self._fetch),
-            self._thread("hash", self._hash),
-            self._thread("decompress", self._decompress),
-            self._thread("write", self._write),
-        ]
-        self._supervise(threads)
+        threads: list[threading.Thread] = []
+        try:
+            for name, body in (
+                ("fetch", self._fetch),
+                ("hash", self._hash),
+                ("decompress", self._decompress),
+                ("write", self._write),
+            ):
+                threads.append(self._thread(name, body))
+            self._supervise(threads)
+        except BaseException:
+            # A failing progress consumer or an interrupt: stop the stages before the caller
+            # closes the source and invalidates the target, so no late write lands after it.
+            self.abort.set()
+            self.interrupt.set()
+            join_all(threads)
+            raise
         if self.errors:
             raise self.errors[0]
         return self._verify_and_commit(expected)
@@ -166,25 +215,20 @@ class _Stream:
         return thread
 
     def _supervise(self, threads: list[threading.Thread]) -> None:
-        """Report progress until the stages end; turn a cancel request into an abort."""
+        """Report progress until every stage ended; turn a cancel request into an abort.
+
+        An abort also sets the interrupt, which cuts the fetch out of a network read or a retry
+        sleep, so that every stage ends and is joined before the source and the target close.
+        """
         cancel = self.request.cancel
-        fetch, *rest = threads
-        try:
-            while any(t.is_alive() for t in rest):
-                rest[-1].join(_REPORT_INTERVAL)
-                if cancel is not None and cancel.is_set() and not self.abort.is_set():
-                    self.errors.append(Cancelled("the stream was cancelled; the target is invalid"))
-                    self.abort.set()
-                self._report()
-        except BaseException:
-            # A failing progress consumer or an interrupt: stop the stages before the caller
-            # invalidates the target, so no late write lands after the invalidation.
-            self.abort.set()
-            for thread in rest:
-                thread.join()
-            raise
-        # The fetch thread may sit in a network read after an abort; the stall timeout ends it.
-        fetch.join(None if not self.abort.is_set() else 1.0)
+        while alive := [t for t in threads if t.is_alive()]:
+            alive[-1].join(_REPORT_INTERVAL)
+            if cancel is not None and cancel.is_set() and not self.abort.is_set():
+                self.errors.append(Cancelled("the stream was cancelled"))
+                self.abort.set()
+            if self.abort.is_set() and not self.interrupt.is_set():
+                self.interrupt.set()
+            self._report()
 
     def _report(self) -> None:
         # The source keeps its own size and resume count; copy them in at report time.
@@ -267,10 +311,11 @@ class _Stream:
                 "the target was left invalid",
                 reason=Reason.HASH_MISMATCH,
             )
+        self._checkpoint()
         self.sink.restore_header()
         read_back = False
         if self.output_hash is not None:
-            on_disk = self.sink.sha384_on_disk(self.counters.bytes_written)
+            on_disk = self.sink.sha384_on_disk(self.counters.bytes_written, self._checkpoint)
             if on_disk != self.output_hash.hexdigest():
                 raise IntegrityError(
                     f"read-back of {self.request.target} does not match what was written "
@@ -278,6 +323,7 @@ class _Stream:
                     reason=Reason.READ_BACK_MISMATCH,
                 )
             read_back = True
+        self._checkpoint()
         self.sink.publish()
         self.counters.phase = "Succeeded"
         self._report()
@@ -293,6 +339,13 @@ class _Stream:
             read_back_verified=read_back,
             digest=digest,
         )
+
+    def _checkpoint(self) -> None:
+        """Raise `Cancelled` if a cancel came: called between the steps up to the commit."""
+        cancel = self.request.cancel
+        if cancel is not None and cancel.is_set():
+            self.interrupt.set()
+        self.interrupt.check()
 
     def _verify_blob_digest(self) -> str | None:
         expected = self.source.digest

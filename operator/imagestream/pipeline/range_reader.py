@@ -22,6 +22,7 @@ import httpx
 
 from imagestream import defaults
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError
+from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.redact import redact_url
 from imagestream.reasons import Reason
 
@@ -126,6 +127,8 @@ class HttpRangeReader:
 
     `size`, when the caller knows it in advance (an OCI descriptor), is held against what the
     server says. `hooks` let the caller explain and vet failed attempts (see `ReadHooks`).
+    `interrupt` ends the read with `Cancelled`, during a request or a backoff (a `Retry-After`
+    of minutes too).
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class HttpRangeReader:
         *,
         size: int | None = None,
         hooks: ReadHooks | None = None,
+        interrupt: Interrupt | None = None,
     ) -> None:
         self.url = url
         self.total: int | None = size
@@ -149,6 +153,7 @@ class HttpRangeReader:
         self._name = redact_url(url)
         self._expected_size = size
         self._hooks = hooks or ReadHooks()
+        self._interrupt = interrupt or Interrupt()
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the object's bytes in order; raises `SourceError` when it cannot go on."""
@@ -156,6 +161,7 @@ class HttpRangeReader:
         failures = 0
         while True:
             delivered_before = offset
+            self._interrupt.check()
             try:
                 for chunk in self._attempt(offset):
                     offset += len(chunk)
@@ -192,7 +198,7 @@ class HttpRangeReader:
                     failures,
                     self._policy.max_retries,
                 )
-                time.sleep(delay)
+                self._interrupt.sleep(delay)
                 self.resumes += 1
 
     def _delay(self, failures: int, exc: Exception) -> float:

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -47,8 +47,11 @@ class Sink(Protocol):
         """Write the held-back first MiB for real and make it durable."""
         ...
 
-    def sha384_on_disk(self, length: int) -> str:
-        """Read the target back, bypassing the page cache where possible, and hash it."""
+    def sha384_on_disk(self, length: int, checkpoint: Callable[[], None]) -> str:
+        """Read the target back, bypassing the page cache where possible, and hash it.
+
+        `checkpoint` runs before each chunk; it raises to stop the read (a cancel).
+        """
         ...
 
     def publish(self) -> None:
@@ -130,7 +133,7 @@ class _FdSink:
                 done += os.pwrite(self._fd, header[done:], done)
         self.flush()
 
-    def sha384_on_disk(self, length: int) -> str:
+    def sha384_on_disk(self, length: int, checkpoint: Callable[[], None]) -> str:
         """Hash the first `length` bytes as the device returns them, not as the cache holds them."""
         self.flush()
         digest = hashlib.sha384()
@@ -139,7 +142,10 @@ class _FdSink:
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 remaining = length
-                while remaining and (chunk := os.read(fd, min(_READ_BACK, remaining))):
+                while remaining:
+                    checkpoint()
+                    if not (chunk := os.read(fd, min(_READ_BACK, remaining))):
+                        break
                     digest.update(chunk)
                     remaining -= len(chunk)
             finally:
