@@ -32,7 +32,7 @@ from tests.support.cli import (
     run_imagestream,
 )
 from tests.support.nginx import NginxFactory
-from tests.support.targets import MIB, PATTERN, fill_pattern, read_device, sha384_of
+from tests.support.targets import MIB, PATTERN, device_plan, fill_pattern, read_device, sha384_of
 from tests.support.tools import require_tool, wait_until
 
 from imagestream.demo.image import SampleImage, iter_raw_data, write_raw_image, write_sample_image
@@ -48,6 +48,9 @@ pytestmark = pytest.mark.usefixtures("require_root")
 
 #: `imagestream stream ARGS...`.
 stream = functools.partial(run_imagestream, "stream")
+
+#: The backup GPT area of a whole loop disk (512-byte sectors), held back like the first MiB.
+BACKUP_GPT_BYTES = 33 * 512
 
 
 def raw_data(size: int, seed: int = 0) -> bytes:
@@ -161,7 +164,9 @@ def test_verify_after_write_run_stream_over_http(
     url = served_by_nginx(image.path, "root.img.zst", nginx_factory, tmp_path)
 
     result = run_stream(
-        StreamRequest(source=url, target=dev, sha384=image.sha384, verify_after_write=True)
+        StreamRequest(
+            source=url, target=device_plan(dev), sha384=image.sha384, verify_after_write=True
+        )
     )
 
     assert result.read_back_verified
@@ -193,7 +198,7 @@ def test_run_stream_releases_the_device(
     image: SampleImage, loop_device_factory: LoopDeviceFactory
 ) -> None:
     dev = loop_device_factory(8 * MIB)
-    request = StreamRequest(source=str(image.path), target=dev, sha384=image.sha384)
+    request = StreamRequest(source=str(image.path), target=device_plan(dev), sha384=image.sha384)
     try:
         run_stream(request)
         leaked = descriptors_open_on(dev)
@@ -324,7 +329,10 @@ def test_image_without_content_size_runs_out_of_space(
     assert "full" in final["message"]
     # The writes reached the end of the device (so it really was ENOSPC mid-write) ...
     raw = raw_data(IMAGE_SIZE)
-    assert read_device(dev, MIB, MIB) == raw[MIB : 2 * MIB]
+    # (a loop device is a whole disk: its last 33 sectors, the backup GPT area, stay zeros) ...
+    tail = 2 * MIB - BACKUP_GPT_BYTES
+    assert read_device(dev, tail - MIB, MIB) == raw[MIB:tail]
+    assert read_device(dev, BACKUP_GPT_BYTES, tail) == bytes(BACKUP_GPT_BYTES)
     # ... and the first MiB is zeros: the device does not look like a valid image.
     assert_invalidated(dev)
 
@@ -442,5 +450,7 @@ def test_sigterm_stops_the_stream_and_invalidates(
     assert final["reason"] == "Cancelled"
     # The first 4 MiB buffer was written (past the first MiB), the first MiB is zeros.
     assert_invalidated(dev, written_from=raw_data(4 * MIB, seed=8))
-    # And the end of the device was never reached.
-    assert read_device(dev, MIB, size - MIB) == PATTERN
+    # The end of the device was never reached, but its backup GPT area was zeroed up front.
+    end = read_device(dev, MIB, size - MIB)
+    assert end[:-BACKUP_GPT_BYTES] == PATTERN[:-BACKUP_GPT_BYTES]
+    assert end[-BACKUP_GPT_BYTES:] == bytes(BACKUP_GPT_BYTES)

@@ -91,6 +91,7 @@ def agent_instructions(stream: StreamSpec) -> AgentInstructions:
         source=source.url,
         sha384=source.sha384,
         target=stream.target.agent_path,
+        target_kind=stream.target.agent_kind,
         compression=source.compression,
         allowed_dir=stream.target.agent_dir,
         platform=source.platform,

@@ -17,7 +17,7 @@ from pathlib import Path
 import zstandard
 
 from imagestream import defaults
-from imagestream.errors import Cancelled, IntegrityError, TargetError, UsageError
+from imagestream.errors import Cancelled, ImageStreamError, IntegrityError, TargetError, UsageError
 from imagestream.pipeline.buffers import WRITE_BUFFER, BufferPool, Filled
 from imagestream.pipeline.channel import Aborted, Channel
 from imagestream.pipeline.decompress import (
@@ -28,33 +28,35 @@ from imagestream.pipeline.decompress import (
 )
 from imagestream.pipeline.oci import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
-from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sinks import Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
+from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
 
 _REPORT_INTERVAL = 0.1
 _FETCH_QUEUE = 4
 _POOL_BUFFERS = 4
 _ZSTD_HEADER_PEEK = 18
+#: What a failure's message claims about the target once the sink invalidated it.
+LEFT_INVALID = "the target was left invalid"
+_INVALID_CLAIMS = (f"; {LEFT_INVALID}", "; the target is invalid")
 
 
 @dataclass(frozen=True)
 class StreamRequest:
-    """Everything one stream needs; `sha384=None` is only accepted with `allow_unverified`."""
+    """Everything one stream needs; `sha384=None` is only accepted with `allow_unverified`.
+
+    `target` is planned by `imagestream.targets` (device or file, checks, allowed directory).
+    """
 
     source: str
-    target: Path
+    target: TargetPlan
     sha384: str | None
     compression: Compression = Compression.AUTO
     source_options: SourceOptions = field(default_factory=SourceOptions)
-    host: HostView = field(default_factory=HostView)
     verify_after_write: bool = False
     allow_unverified: bool = False
     max_window_log: int = defaults.CLI_MAX_WINDOW_LOG
-    direct_io: bool = True
-    skip_usage_checks: bool = False
-    allowed_file_dirs: tuple[Path, ...] = ()
     cancel: threading.Event | None = None
 
 
@@ -94,21 +96,33 @@ def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
 def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = None) -> StreamResult:
     """Stream the source onto the target; return only once the output verified and is durable."""
     expected = validate_sha384(request.sha384, request.allow_unverified)
-    sink = open_sink(
-        request.target,
-        None if request.skip_usage_checks else request.host,
-        direct=request.direct_io,
-        allowed_dirs=request.allowed_file_dirs,
-    )
+    sink = open_sink(request.target)
     try:
         source = open_source(request.source, request.source_options)
         try:
             return _Stream(request, source, sink, on_progress).run(expected)
         finally:
             source.close()
+    except ImageStreamError as exc:
+        failure = sink.invalidate()
+        if failure is not None:
+            raise _not_invalidated(exc, request.target.name, failure) from exc
+        raise
     except BaseException:
         sink.invalidate()
         raise
+
+
+def _not_invalidated(exc: ImageStreamError, name: str, failure: str) -> ImageStreamError:
+    """`exc` with its message no longer claiming an invalid target: it could not be made so."""
+    message = exc.message
+    for claim in _INVALID_CLAIMS:
+        message = message.removesuffix(claim)
+    return type(exc)(
+        f"{message}; the target {name} could NOT be invalidated ({failure}): it may still "
+        "look valid, do not boot from it",
+        reason=exc.reason,
+    )
 
 
 class _Stream:
@@ -239,7 +253,7 @@ class _Stream:
         capacity = self.sink.capacity
         if size is not None and capacity is not None and size > capacity:
             raise TargetError(
-                f"target {self.request.target} holds {capacity} bytes but the image needs at "
+                f"target {self.request.target.name} holds {capacity} bytes but the image needs at "
                 f"least {size}",
                 reason=Reason.TARGET_TOO_SMALL,
             )
@@ -264,20 +278,22 @@ class _Stream:
         if expected is not None and actual != expected:
             raise IntegrityError(
                 f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}; "
-                "the target was left invalid",
+                f"{LEFT_INVALID}",
                 reason=Reason.HASH_MISMATCH,
             )
-        self.sink.restore_header()
         read_back = False
         if self.output_hash is not None:
+            # Read back while the held bytes are still zeros on the target: a kill during a
+            # long read-back leaves it invalid. The held bytes are hashed from memory.
             on_disk = self.sink.sha384_on_disk(self.counters.bytes_written)
             if on_disk != self.output_hash.hexdigest():
                 raise IntegrityError(
-                    f"read-back of {self.request.target} does not match what was written "
-                    "(the device lost or altered data); the target was left invalid",
+                    f"read-back of {self.request.target.name} does not match what was written "
+                    f"(the device lost or altered data); {LEFT_INVALID}",
                     reason=Reason.READ_BACK_MISMATCH,
                 )
             read_back = True
+        self.sink.restore_header()
         self.sink.publish()
         self.counters.phase = "Succeeded"
         self._report()
@@ -302,7 +318,7 @@ class _Stream:
         if actual != expected:
             raise IntegrityError(
                 f"blob digest mismatch: {self.source.name} promised {expected}, the fetched "
-                f"bytes have {actual}; the target was left invalid",
+                f"bytes have {actual}; {LEFT_INVALID}",
                 reason=Reason.DIGEST_MISMATCH,
             )
         return expected
