@@ -10,8 +10,10 @@ pointing at it is a real one, read by the real Kubernetes client.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import signal
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -365,3 +367,38 @@ def test_missing_instructions_fail_naming_the_variables(
     assert result.target == str(dev)
     assert api.requests == []  # it does not know whose status to patch
     assert read_device(dev, MIB) == PATTERN  # nothing written
+
+
+# -- the target is the one the controller named -----------------------------------------------
+
+
+def test_a_missing_device_fails_target_not_found_and_creates_nothing(
+    image: SampleImage, dev: Path, tmp_path: Path
+) -> None:
+    """In its Pod the agent sees the host's /dev at /host/dev: a typo'd device there is not a
+    new file in the host's devtmpfs, reported Succeeded, but TargetNotFound by the host path.
+
+    Stand-in: `host/dev` is a directory with a real device node of the loop device (as the
+    host's /dev holds them), not a bind mount of the host's /dev.
+    """
+    host = tmp_path / "host"
+    host_dev = host / "dev"
+    host_dev.mkdir(parents=True)
+    os.mknod(host_dev / dev.name, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+    base = replace(instructions(str(image.path), image, dev, tmp_path), host_prefix=str(host))
+
+    typo = replace(base, target=str(host_dev / "loop-typo"))
+    run, result = run_agent(typo, tmp_path, None)
+
+    assert run.code == 5, run.stderr
+    assert (result.outcome, result.reason) == ("Failed", "TargetNotFound")
+    assert "/dev/loop-typo" in result.message
+    assert str(host) not in result.message
+    assert result.target == "/dev/loop-typo"
+    assert sorted(p.name for p in host_dev.iterdir()) == [dev.name]
+
+    # The same instructions naming the node that exists write the device.
+    run, result = run_agent(replace(base, target=str(host_dev / dev.name)), tmp_path, None)
+    assert run.code == 0, run.stderr
+    assert (result.outcome, result.target) == ("Succeeded", f"/dev/{dev.name}")
+    assert sha384_of(dev, image.raw_size) == image.raw_sha384
