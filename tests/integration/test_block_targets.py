@@ -454,3 +454,102 @@ def test_sigterm_stops_the_stream_and_invalidates(
     end = read_device(dev, MIB, size - MIB)
     assert end[:-BACKUP_GPT_BYTES] == PATTERN[:-BACKUP_GPT_BYTES]
     assert end[-BACKUP_GPT_BYTES:] == bytes(BACKUP_GPT_BYTES)
+
+
+# -- whole disks: the backup GPT ---------------------------------------------------------------
+
+GPT_DISK_SIZE = 16 * MIB
+
+
+def gpt_image(path: Path, size: int, label: str) -> Path:
+    """A raw disk image of `size` bytes holding a GPT with one partition named `label`."""
+    with path.open("wb") as file:
+        file.truncate(size)
+    run_command([require_tool("sgdisk"), "-o", "-n", "1:2048:+4M", "-c", f"1:{label}", path])
+    return path
+
+
+def gpt_disk(loop_device_factory: LoopDeviceFactory, tmp_path: Path) -> Path:
+    """A whole loop disk with an old GPT (partition `old-root`) that sfdisk reads."""
+    dev = loop_device_factory(GPT_DISK_SIZE)
+    old = gpt_image(tmp_path / "old.img", GPT_DISK_SIZE, "old-root")
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        os.pwrite(fd, old.read_bytes(), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert partition_names(dev) == ["old-root"]
+    return dev
+
+
+def partition_names(dev: Path) -> list[str] | None:
+    """The partition names sfdisk finds on `dev`; None when it finds no table at all."""
+    sfdisk = require_tool("sfdisk")
+    found = subprocess.run([sfdisk, "--json", dev], capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        assert "does not contain a recognized partition table" in found.stderr, found.stderr
+        return None
+    table = json.loads(found.stdout)["partitiontable"]
+    return [part.get("name", "") for part in table.get("partitions", [])]
+
+
+def sgdisk_verify(dev: Path) -> str:
+    """`sgdisk -v` of `dev`: what a tool (or firmware) would find and restore."""
+    checked = subprocess.run(
+        [require_tool("sgdisk"), "-v", dev], capture_output=True, text=True, check=False
+    )
+    return checked.stdout + checked.stderr
+
+
+def test_a_failed_stream_leaves_no_backup_gpt_to_restore(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    """Zeroing the first MiB alone leaves the old backup GPT at the disk's end, from which
+    sgdisk (and firmware) would restore the old table over the half-written disk."""
+    dev = gpt_disk(loop_device_factory, tmp_path)
+    img = write_sample_image(tmp_path / "image.zst", 4 * MIB, seed=21)
+    wrong = hashlib.sha384(b"another image").hexdigest()
+
+    run = stream(img.path, dev, "--sha384", wrong)
+
+    assert_exited(run, 4, "HashMismatch")
+    assert partition_names(dev) is None
+    report = sgdisk_verify(dev)
+    assert "backup" not in report.lower(), report
+    assert "Creating new GPT entries" in report, report  # sgdisk finds no table at all
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "read-back"])
+def test_an_image_reaching_the_disk_end_gets_its_backup_gpt_after_verifying(
+    verify: bool, loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    dev = gpt_disk(loop_device_factory, tmp_path)
+    img = gpt_image(tmp_path / "new.img", GPT_DISK_SIZE, "new-root")
+    sha384 = hashlib.sha384(img.read_bytes()).hexdigest()
+    extra = ["--verify-after-write"] if verify else []
+
+    run = stream(img, dev, "--sha384", sha384, "--compression", "none", *extra)
+
+    assert run.code == 0, run.stderr
+    assert sha384_of(dev, GPT_DISK_SIZE) == sha384
+    assert partition_names(dev) == ["new-root"]
+    assert "No problems found" in sgdisk_verify(dev)
+
+
+def test_an_image_smaller_than_the_disk_leaves_the_disk_end_zeroed(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    """The image's own backup GPT lies at the image's end, where its primary header points:
+    the disk's end keeps zeros, never the old table."""
+    dev = gpt_disk(loop_device_factory, tmp_path)
+    img = gpt_image(tmp_path / "new.img", GPT_DISK_SIZE // 2, "new-root")
+    sha384 = hashlib.sha384(img.read_bytes()).hexdigest()
+
+    run = stream(img, dev, "--sha384", sha384, "--compression", "none")
+
+    assert run.code == 0, run.stderr
+    assert partition_names(dev) == ["new-root"]
+    assert read_device(dev, BACKUP_GPT_BYTES, GPT_DISK_SIZE - BACKUP_GPT_BYTES) == bytes(
+        BACKUP_GPT_BYTES
+    )
