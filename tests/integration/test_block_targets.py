@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests.support.cli import (
 )
 from tests.support.nginx import NginxFactory
 from tests.support.targets import MIB, PATTERN, device_plan, fill_pattern, read_device, sha384_of
+from tests.support.throttle import read_throttle
 from tests.support.tools import require_tool, wait_until
 
 from imagestream.demo.image import SampleImage, iter_raw_data, write_raw_image, write_sample_image
@@ -553,3 +555,79 @@ def test_an_image_smaller_than_the_disk_leaves_the_disk_end_zeroed(
     assert read_device(dev, BACKUP_GPT_BYTES, GPT_DISK_SIZE - BACKUP_GPT_BYTES) == bytes(
         BACKUP_GPT_BYTES
     )
+
+
+# -- read-back while the target is still invalid -------------------------------------------------
+
+READ_BACK_SIZE = 32 * MIB
+#: 32 MiB read back at 4 MiB/s: a read-back of about 8 s.
+READ_BACK_RATE = 4 * MIB
+
+
+def start_reading_back(process: subprocess.Popen[str]) -> None:
+    """Wait for the JSON progress line of the Verifying phase, then a second into the read-back."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line).get("phase") == "Verifying":
+            break
+    else:
+        pytest.fail(f"the stream ended before verifying: {process.communicate()}")
+    time.sleep(1.0)
+    assert process.poll() is None, "the read-back was not slow: the test proves nothing"
+
+
+def test_a_kill_during_a_long_read_back_leaves_the_target_invalid(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    dev = loop_device_factory(READ_BACK_SIZE)
+    fill_pattern(dev, 2 * MIB)
+    img = write_sample_image(tmp_path / "image.zst", READ_BACK_SIZE, seed=31)
+    args = ("stream", img.path, dev, "--sha384", img.sha384, "--verify-after-write")
+
+    with (
+        read_throttle(dev, READ_BACK_RATE) as admit,
+        imagestream_process(*args, "--progress", "json") as process,
+    ):
+        admit(process.pid)
+        start_reading_back(process)
+        process.kill()
+        process.wait()
+
+    assert read_device(dev, MIB) == bytes(MIB)  # the hash matched, the read-back had not
+    assert read_device(dev, MIB, MIB) == raw_data(2 * MIB, seed=31)[MIB:]
+
+
+def test_a_failed_invalidation_is_not_reported_as_an_invalid_target(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    """The device changes under the read-back (a read-back mismatch), then turns read-only, so
+    zeroing its first MiB fails: the message must say so, not claim an invalid target."""
+    dev = loop_device_factory(READ_BACK_SIZE)
+    img = write_sample_image(tmp_path / "image.zst", READ_BACK_SIZE, seed=32)
+    args = ("stream", img.path, dev, "--sha384", img.sha384, "--verify-after-write")
+    blockdev = require_tool("blockdev")
+
+    with (
+        read_throttle(dev, READ_BACK_RATE) as admit,
+        imagestream_process(*args, "--progress", "json") as process,
+    ):
+        admit(process.pid)
+        start_reading_back(process)
+        # Altered data near the end (not read back yet), then the device refuses writes.
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"altered!" * 512, READ_BACK_SIZE - 2 * MIB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        run_command([blockdev, "--setro", dev])
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            run_command([blockdev, "--setrw", dev])
+
+    assert process.returncode == 4, stderr
+    final = result_record(stdout, stderr)
+    assert final["reason"] == "ReadBackMismatch"
+    assert "could NOT be invalidated" in final["message"]
+    assert "left invalid" not in final["message"]

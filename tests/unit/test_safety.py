@@ -146,6 +146,7 @@ def test_real_mount_is_refused(dev: Path, tmp_path: Path) -> None:
 
 # -- swap -------------------------------------------------------------------------------------
 
+
 def test_swap_device_is_refused(dev: Path, tmp_path: Path) -> None:
     swaps = _SWAPS_HEADER + f"{dev}                               partition\t4092\t\t0\t\t-2\n"
     with pytest.raises(TargetError) as excinfo:
