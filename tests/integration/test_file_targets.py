@@ -489,3 +489,24 @@ def _open_flags(path: Path) -> list[int]:
         flags = next(line for line in info.splitlines() if line.startswith("flags:"))
         found.append(int(flags.split()[1], 8))
     return found
+
+
+def test_a_failed_writer_removes_only_its_own_staging_file(tmp_path: Path) -> None:
+    """The staging file is unlinked while its lock is held, and only if the name still is that
+    file: a writer whose staging file was replaced meanwhile leaves the new one alone."""
+    target = tmp_path / "tools.raw"
+    plan = file_plan(target, direct_io=False)
+    first = open_sink(plan)
+    staging_path(target).unlink()  # removed under the first writer (by hand, or a cleanup)
+    second = open_sink(plan)
+    try:
+        first.invalidate()
+        assert staging_path(target).exists(), "the first writer removed the second's file"
+        data = os.urandom(MiB)
+        second.write(memoryview(data))
+        second.restore_header()
+        second.publish()
+    except BaseException:
+        second.invalidate()
+        raise
+    assert target.read_bytes() == data
