@@ -190,6 +190,7 @@ def test_defaults_keep_the_safety_checks(image: SampleImage, host: Path) -> None
     [
         ("compression", "gzip", "IMAGESTREAM_COMPRESSION"),
         ("sha384", "abc123", "IMAGESTREAM_SHA384"),
+        ("target_kind", "disk", "IMAGESTREAM_TARGET_KIND"),
     ],
 )
 def test_bad_instruction_values_fail_naming_the_variable(
