@@ -181,7 +181,7 @@ class _FdSink:
 
     def restore_header(self) -> None:
         """Write the held bytes where they belong, then fsync."""
-        with _target_io(f"writing the first MiB of {self.plan.name}"):
+        with _target_io(f"writing the held-back bytes (first MiB) of {self.plan.name}"):
             self._set_direct(False)
             for held in self._held:
                 _pwrite_all(self._fd, memoryview(held.data)[: held.filled], held.start)
