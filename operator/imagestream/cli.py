@@ -24,6 +24,7 @@ from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.progress_display import make_display, report_failure, report_success
 from imagestream.signals import cancel_on_signals
+from imagestream.targets import target_from_argument
 
 EXIT_USAGE = 2
 _UNSAFE_FLAG = "--skip-verification-unsafe"
@@ -177,7 +178,13 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
     )
     return StreamRequest(
         source=args.source,
-        target=args.target,
+        target=target_from_argument(
+            args.target,
+            host=host,
+            force=args.force,
+            direct_io=not args.no_direct_io,
+            allowed_dirs=tuple(args.allowed_dir),
+        ),
         sha384=args.sha384,
         compression=Compression(args.compression),
         source_options=SourceOptions(
@@ -188,13 +195,9 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
             layer=args.layer,
             plain_http=args.plain_http,
         ),
-        host=host,
         verify_after_write=args.verify_after_write,
         allow_unverified=args.unverified,
         max_window_log=args.max_window_log,
-        direct_io=not args.no_direct_io,
-        skip_usage_checks=args.force,
-        allowed_file_dirs=tuple(args.allowed_dir),
         cancel=cancel,
     )
 

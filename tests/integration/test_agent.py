@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import signal
+import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import replace
@@ -51,6 +52,8 @@ UID = "0b6c7d1e-4f0a-4c55-9d7e-2a1f3b4c5d6e"
 STATUS_PATH = f"/apis/imagestream.dev/v1alpha1/namespaces/{NAMESPACE}/imagestreams/{NAME}/status"
 INTERVAL = 0.5
 DEVICE_SIZE = 16 * MIB
+#: The backup GPT area of a whole loop disk (512-byte sectors), zeroed with the first write.
+BACKUP_GPT_BYTES = 33 * 512
 UPDATED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 
@@ -347,8 +350,10 @@ def test_sigterm_mid_stream_cancels_and_leaves_the_target_invalid(
     assert result.bytes_written >= 4 * MIB  # the last numbers seen, not zeros
     assert result.bytes_fetched < image.compressed_size
     assert read_device(dev, MIB) == bytes(MIB)
-    # The end of the device was never reached.
-    assert read_device(dev, MIB, DEVICE_SIZE - MIB) == PATTERN
+    # The end of the device was never reached, but its backup GPT area was zeroed up front.
+    end = read_device(dev, MIB, DEVICE_SIZE - MIB)
+    assert end[:-BACKUP_GPT_BYTES] == PATTERN[:-BACKUP_GPT_BYTES]
+    assert end[-BACKUP_GPT_BYTES:] == bytes(BACKUP_GPT_BYTES)
 
 
 def test_missing_instructions_fail_naming_the_variables(
@@ -511,3 +516,38 @@ def test_the_cli_names_its_flag_for_a_long_window_image(
     assert "raise --max-window-log to 30" in message, message
     assert "maxWindowLog" not in message
     assert read_device(dev, DEVICE_SIZE) == PATTERN * (DEVICE_SIZE // MIB)
+
+
+# -- the target is the one the controller named -----------------------------------------------
+
+
+def test_a_missing_device_fails_target_not_found_and_creates_nothing(
+    image: SampleImage, dev: Path, tmp_path: Path
+) -> None:
+    """In its Pod the agent sees the host's /dev at /host/dev: a typo'd device there is not a
+    new file in the host's devtmpfs, reported Succeeded, but TargetNotFound by the host path.
+
+    Stand-in: `host/dev` is a directory with a real device node of the loop device (as the
+    host's /dev holds them), not a bind mount of the host's /dev.
+    """
+    host = tmp_path / "host"
+    host_dev = host / "dev"
+    host_dev.mkdir(parents=True)
+    os.mknod(host_dev / dev.name, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+    base = replace(instructions(str(image.path), image, dev, tmp_path), host_prefix=str(host))
+
+    typo = replace(base, target=str(host_dev / "loop-typo"))
+    run, result = run_agent(typo, tmp_path, None)
+
+    assert run.code == 5, run.stderr
+    assert (result.outcome, result.reason) == ("Failed", "TargetNotFound")
+    assert "/dev/loop-typo" in result.message
+    assert str(host) not in result.message
+    assert result.target == "/dev/loop-typo"
+    assert sorted(p.name for p in host_dev.iterdir()) == [dev.name]
+
+    # The same instructions naming the node that exists write the device.
+    run, result = run_agent(replace(base, target=str(host_dev / dev.name)), tmp_path, None)
+    assert run.code == 0, run.stderr
+    assert (result.outcome, result.target) == ("Succeeded", f"/dev/{dev.name}")
+    assert sha384_of(dev, image.raw_size) == image.raw_sha384

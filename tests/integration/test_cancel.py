@@ -27,6 +27,8 @@ from tests.support.range_server import Fault, FaultPlan, RangeServer
 from tests.support.targets import (
     MIB,
     assert_file_target_invalid,
+    device_plan,
+    file_plan,
     fill_pattern,
     read_device,
 )
@@ -90,7 +92,7 @@ def test_a_cancel_during_a_stalled_read_joins_every_stage(image: SampleImage, ta
 
     with stalling_server(image) as server:
         request = StreamRequest(
-            server.url, target, image.sha384, source_options=slow_policy(), cancel=cancel
+            server.url, file_plan(target), image.sha384, source_options=slow_policy(), cancel=cancel
         )
         with pytest.raises(Cancelled) as caught:
             run_stream(request, cancel_once_stalled)
@@ -107,7 +109,7 @@ def test_a_cancel_during_a_stalled_read_joins_every_stage(image: SampleImage, ta
 def test_no_stage_thread_outlives_a_stream_that_succeeded(image: SampleImage, target: Path) -> None:
     with RangeServer(image.path) as server:
         result = run_stream(
-            StreamRequest(server.url, target, image.sha384, cancel=threading.Event())
+            StreamRequest(server.url, file_plan(target), image.sha384, cancel=threading.Event())
         )
         alive = stage_threads()
 
@@ -118,7 +120,9 @@ def test_no_stage_thread_outlives_a_stream_that_succeeded(image: SampleImage, ta
 def test_no_stage_thread_outlives_a_stream_that_failed(image: SampleImage, target: Path) -> None:
     with RangeServer(image.path, faults=FaultPlan([Fault.status(404)])) as server:
         with pytest.raises(SourceError):
-            run_stream(StreamRequest(server.url, target, image.sha384, cancel=threading.Event()))
+            run_stream(
+                StreamRequest(server.url, file_plan(target), image.sha384, cancel=threading.Event())
+            )
         alive = stage_threads()
 
     assert alive == []
@@ -138,7 +142,7 @@ def test_a_cancel_while_verifying_leaves_the_device_invalid(
             cancel.set()
 
     request = StreamRequest(
-        str(image.path), device, image.sha384, verify_after_write=True, cancel=cancel
+        str(image.path), device_plan(device), image.sha384, verify_after_write=True, cancel=cancel
     )
     with pytest.raises(Cancelled) as caught:
         run_stream(request, cancel_when_verifying)

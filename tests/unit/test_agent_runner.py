@@ -37,6 +37,7 @@ from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.pipeline import StreamRequest, StreamResult
 from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.safety import HostView
+from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
 
 MIB = 1 << 20
@@ -64,6 +65,7 @@ def instructions(image: SampleImage, host: Path, **overrides: object) -> AgentIn
         source=str(image.path),
         sha384=image.sha384,
         target=str(host / "var/lib/extensions/tools.raw"),
+        target_kind="file",
         allowed_dir=str(host / "var/lib/extensions"),
         host_proc="/proc",
         host_prefix=str(host),
@@ -122,17 +124,20 @@ def test_request_from_instructions(image: SampleImage, host: Path) -> None:
     request = request_from_instructions(instr, cancel)
 
     assert request.source == instr.source
-    assert request.target == Path(instr.target)
+    assert request.target == TargetPlan(
+        kind="file",
+        path=Path(instr.target),
+        name="/var/lib/extensions/tools.raw",
+        allowed_dirs=(host / "var/lib/extensions",),
+        direct_io=True,
+        host=HostView(
+            mountinfo=Path("/host/proc/1/mountinfo"),
+            swaps=Path("/host/proc/swaps"),
+            sysfs=Path("/sys"),
+        ),
+    )
     assert request.sha384 == image.sha384
     assert request.compression is Compression.ZSTD
-    assert request.host == HostView(
-        mountinfo=Path("/host/proc/1/mountinfo"),
-        swaps=Path("/host/proc/swaps"),
-        sysfs=Path("/sys"),
-    )
-    assert request.allowed_file_dirs == (host / "var/lib/extensions",)
-    assert request.skip_usage_checks is True
-    assert request.direct_io is True
     assert request.verify_after_write is True
     assert request.allow_unverified is False
     assert request.cancel is cancel
@@ -176,8 +181,8 @@ def test_defaults_keep_the_safety_checks(image: SampleImage, host: Path) -> None
     request = request_from_instructions(
         instructions(image, host, force=False, allowed_dir=None), threading.Event()
     )
-    assert request.skip_usage_checks is False
-    assert request.allowed_file_dirs == ()
+    assert request.target.usage_checks is True
+    assert request.target.allowed_dirs == ()
     assert request.source_options.ca_file is None
     assert request.source_options.credentials is None
 
@@ -189,6 +194,7 @@ def test_defaults_keep_the_safety_checks(image: SampleImage, host: Path) -> None
         ("sha384", "abc123", "IMAGESTREAM_SHA384"),
         ("max_window_log", 9, "IMAGESTREAM_MAX_WINDOW_LOG=9 is outside 10..31"),
         ("max_window_log", 32, "IMAGESTREAM_MAX_WINDOW_LOG=32 is outside 10..31"),
+        ("target_kind", "disk", "IMAGESTREAM_TARGET_KIND"),
     ],
 )
 def test_bad_instruction_values_fail_naming_the_variable(

@@ -184,6 +184,7 @@ def test_the_env_round_trips_to_the_instructions_the_agent_reads() -> None:
     instructions = AgentInstructions.from_env(env)
     assert instructions == agent_instructions(stream)
     assert instructions.target == "/host/dev/disk/by-partlabel/root-b"
+    assert instructions.target_kind == "device"
     assert instructions.sha384 == SHA384
     assert instructions.host_proc == "/host/proc"
     assert instructions.host_prefix == "/host"
@@ -224,6 +225,7 @@ def test_extension_target_mounts_the_host_directory_as_the_allowed_dir() -> None
     env = {item["name"]: item["value"] for item in _container(job)["env"]}
     assert env["IMAGESTREAM_TARGET"] == "/host/var/lib/confexts/motd.raw"
     assert env["IMAGESTREAM_ALLOWED_DIR"] == "/host/var/lib/confexts"
+    assert env["IMAGESTREAM_TARGET_KIND"] == "file"
 
 
 def test_settings_reach_the_job() -> None:

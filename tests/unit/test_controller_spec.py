@@ -22,6 +22,7 @@ def test_device_target_resolves_under_the_host_dev_mount() -> None:
     assert stream.target.host_path == "/dev/disk/by-partlabel/root-b"
     assert stream.target.agent_path == "/host/dev/disk/by-partlabel/root-b"
     assert stream.target.host_dir is None
+    assert stream.target.agent_kind == "device"  # must exist: never created as a file
     assert stream.target_key == ("node-7", "/dev/disk/by-partlabel/root-b")
 
 
@@ -41,6 +42,7 @@ def test_extension_targets_are_files_in_the_mounted_extension_dir(
     assert stream.target.host_dir == host_dir
     assert stream.target.agent_path == "/host" + host_path
     assert stream.target.agent_dir == "/host" + host_dir
+    assert stream.target.agent_kind == "file"
 
 
 @pytest.mark.parametrize(

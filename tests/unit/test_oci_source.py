@@ -40,6 +40,7 @@ from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_strea
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import OciSource, SourceOptions, open_source
 from imagestream.progress_display import report_success
+from imagestream.targets import TargetRequest, plan_target
 
 HOST = "registry.example"
 REALM = "https://auth.example/token"
@@ -227,7 +228,7 @@ def stream(
 ) -> StreamResult:
     request = StreamRequest(
         source=reference,
-        target=tmp_path / "disk.img",
+        target=plan_target(TargetRequest(kind="file", path=tmp_path / "disk.img")),
         sha384=expected_sha384 or sha384(data),
         source_options=options or SourceOptions(),
     )

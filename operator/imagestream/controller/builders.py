@@ -141,6 +141,7 @@ def agent_instructions(stream: StreamSpec) -> AgentInstructions:
         source=source.url,
         sha384=source.sha384,
         target=stream.target.agent_path,
+        target_kind=stream.target.agent_kind,
         compression=source.compression,
         max_window_log=source.max_window_log,
         allowed_dir=stream.target.agent_dir,

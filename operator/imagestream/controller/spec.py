@@ -62,6 +62,11 @@ class TargetSpec:
     host_dir: str | None = None
 
     @property
+    def agent_kind(self) -> str:
+        """What the agent opens: an existing `device`, or a `file` it creates (extensions)."""
+        return "device" if self.kind == "device" else "file"
+
+    @property
     def agent_path(self) -> str:
         """The path as the agent's container sees it."""
         return HOST_PREFIX + self.host_path

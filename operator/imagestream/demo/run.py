@@ -21,6 +21,7 @@ from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.targets import TargetRequest, plan_target
 
 _FAULTS = 3
 
@@ -39,7 +40,7 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
             console.print(f"Streaming {server.url} -> {target}")
             request = StreamRequest(
                 source=server.url,
-                target=target,
+                target=plan_target(TargetRequest(kind="file", path=target)),
                 sha384=image.sha384,
                 source_options=SourceOptions(policy=RetryPolicy(backoff_base=0.2)),
             )

@@ -22,7 +22,7 @@ from pathlib import Path
 import zstandard
 
 from imagestream import defaults
-from imagestream.errors import Cancelled, IntegrityError, TargetError, UsageError
+from imagestream.errors import Cancelled, ImageStreamError, IntegrityError, TargetError, UsageError
 from imagestream.pipeline.buffers import WRITE_BUFFER, BufferPool, Filled
 from imagestream.pipeline.channel import Aborted, Channel
 from imagestream.pipeline.decompress import (
@@ -34,33 +34,35 @@ from imagestream.pipeline.decompress import (
 from imagestream.pipeline.interrupt import Interrupt, join_all, watching
 from imagestream.pipeline.oci_select import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
-from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sinks import Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
+from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
 
 _REPORT_INTERVAL = 0.1
 _FETCH_QUEUE = 4
 _POOL_BUFFERS = 4
 _ZSTD_HEADER_PEEK = 18
+#: What a failure's message claims about the target once the sink invalidated it.
+LEFT_INVALID = "the target was left invalid"
+_INVALID_CLAIMS = (f"; {LEFT_INVALID}", "; the target is invalid")
 
 
 @dataclass(frozen=True)
 class StreamRequest:
-    """Everything one stream needs; `sha384=None` is only accepted with `allow_unverified`."""
+    """Everything one stream needs; `sha384=None` is only accepted with `allow_unverified`.
+
+    `target` is planned by `imagestream.targets` (device or file, checks, allowed directory).
+    """
 
     source: str
-    target: Path
+    target: TargetPlan
     sha384: str | None
     compression: Compression = Compression.AUTO
     source_options: SourceOptions = field(default_factory=SourceOptions)
-    host: HostView = field(default_factory=HostView)
     verify_after_write: bool = False
     allow_unverified: bool = False
     max_window_log: int = defaults.CLI_MAX_WINDOW_LOG
-    direct_io: bool = True
-    skip_usage_checks: bool = False
-    allowed_file_dirs: tuple[Path, ...] = ()
     cancel: threading.Event | None = None
 
 
@@ -104,12 +106,7 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
     says whether the target was left invalid or nothing was written to it.
     """
     expected = validate_sha384(request.sha384, request.allow_unverified)
-    sink = open_sink(
-        request.target,
-        None if request.skip_usage_checks else request.host,
-        direct=request.direct_io,
-        allowed_dirs=request.allowed_file_dirs,
-    )
+    sink = open_sink(request.target)
     stream: _Stream | None = None
     try:
         with watching(request.cancel) as interrupt:
@@ -122,12 +119,21 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
     except BaseException as exc:
         stopped = exc
         try:
-            sink.invalidate()
+            failure = sink.invalidate()
         except KeyboardInterrupt as again:
             stopped = again  # Ctrl-C again while invalidating: stop now, as asked
+            failure = None
         if isinstance(stopped, Cancelled | KeyboardInterrupt):
-            raise _cancelled(stopped, stream.counters if stream else None) from exc
-        raise
+            error: ImageStreamError = _cancelled(stopped, stream.counters if stream else None)
+        elif isinstance(exc, ImageStreamError):
+            error = exc
+        else:
+            raise
+        if failure is not None:
+            raise _not_invalidated(error, request.target.name, failure) from exc
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def _cancelled(exc: BaseException, counters: Counters | None) -> Cancelled:
@@ -145,7 +151,19 @@ def _cancelled(exc: BaseException, counters: Counters | None) -> Cancelled:
         return Cancelled(
             f"the stream was {how} {when}; nothing was written, the target is unchanged"
         )
-    return Cancelled(f"the stream was {how} {when}; the target was left invalid")
+    return Cancelled(f"the stream was {how} {when}; {LEFT_INVALID}")
+
+
+def _not_invalidated(exc: ImageStreamError, name: str, failure: str) -> ImageStreamError:
+    """`exc` with its message no longer claiming an invalid target: it could not be made so."""
+    message = exc.message
+    for claim in _INVALID_CLAIMS:
+        message = message.removesuffix(claim)
+    return type(exc)(
+        f"{message}; the target {name} could NOT be invalidated ({failure}): it may still "
+        "look valid, do not boot from it",
+        reason=exc.reason,
+    )
 
 
 class _Stream:
@@ -283,7 +301,7 @@ class _Stream:
         capacity = self.sink.capacity
         if size is not None and capacity is not None and size > capacity:
             raise TargetError(
-                f"target {self.request.target} holds {capacity} bytes but the image needs at "
+                f"target {self.request.target.name} holds {capacity} bytes but the image needs at "
                 f"least {size}",
                 reason=Reason.TARGET_TOO_SMALL,
             )
@@ -308,22 +326,24 @@ class _Stream:
         if expected is not None and actual != expected:
             raise IntegrityError(
                 f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}; "
-                "the target was left invalid",
+                f"{LEFT_INVALID}",
                 reason=Reason.HASH_MISMATCH,
             )
         self._checkpoint()
-        self.sink.restore_header()
         read_back = False
         if self.output_hash is not None:
+            # Read back while the held bytes are still zeros on the target: a kill during a
+            # long read-back leaves it invalid. The held bytes are hashed from memory.
             on_disk = self.sink.sha384_on_disk(self.counters.bytes_written, self._checkpoint)
             if on_disk != self.output_hash.hexdigest():
                 raise IntegrityError(
-                    f"read-back of {self.request.target} does not match what was written "
-                    "(the device lost or altered data); the target was left invalid",
+                    f"read-back of {self.request.target.name} does not match what was written "
+                    f"(the device lost or altered data); {LEFT_INVALID}",
                     reason=Reason.READ_BACK_MISMATCH,
                 )
             read_back = True
         self._checkpoint()
+        self.sink.restore_header()
         self.sink.publish()
         self.counters.phase = "Succeeded"
         self._report()
@@ -355,7 +375,7 @@ class _Stream:
         if actual != expected:
             raise IntegrityError(
                 f"blob digest mismatch: {self.source.name} promised {expected}, the fetched "
-                f"bytes have {actual}; the target was left invalid",
+                f"bytes have {actual}; {LEFT_INVALID}",
                 reason=Reason.DIGEST_MISMATCH,
             )
         return expected
