@@ -51,7 +51,13 @@ WIDGET_CRD: dict[str, Any] = {
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
-                "schema": {"openAPIV3Schema": {"type": "object"}},
+                # Without preserve-unknown-fields, a server prunes every field a schema lacks.
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
                 "additionalPrinterColumns": [
                     {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName"},
                     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent"},
