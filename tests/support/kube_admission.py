@@ -246,9 +246,9 @@ def pod_security(
     violations = pod_security_violations(spec)
     if not violations:
         return
-    text = f'violates PodSecurity "{level}:latest": ' + ", ".join(violations)
+    text = f'PodSecurity "{level}:latest": ' + ", ".join(violations)
     if key == ("batch", "jobs"):
-        warnings.append(f"would {text}")
+        warnings.append(f"would violate {text}")
         return
     name = obj.get("metadata", {}).get("name", "")
-    raise Rejected(403, "Forbidden", f'pods "{name}" is forbidden: {text}')
+    raise Rejected(403, "Forbidden", f'pods "{name}" is forbidden: violates {text}')

@@ -21,25 +21,34 @@ only its routing DSL and a version-0 API its README says will change. An equival
 these tests on aiohttp (which kopf already depends on) is smaller than that adapter, has one
 place where each rule lives, and can close its listening socket to model an outage.
 
+Strict where a real server is strict (``tests/integration/operator/test_kube_api_transcripts.py``
+replays a real v1.28 server's answers against it): integer query parameters (``timeoutSeconds``,
+``limit``, ``gracePeriodSeconds``: ``60.0`` is 400), ``resourceVersion`` semantics (lists
+``Exact`` at a revision, ``limit``/``continue`` paging, 410 ``Expired`` for a watch older than
+the resource's watch cache), the field labels each resource supports, the CRD's schema and CEL
+rules on every write with its defaults and pruning (:mod:`tests.support.kube_admission`), 415 for
+a strategic-merge patch of a custom resource, ``metadata.generation`` bumped when
+``deletionTimestamp`` is set, Pod Security admission. Unknown query parameters are ignored, as a
+real server ignores them.
+
 Differences from a real API server that tests may depend on (each such test names its own):
 
-- No admission: the CRD's OpenAPI schema and CEL rules are stored but not enforced, nothing is
-  pruned, and defaulting is limited to Jobs (counts, selector, template labels) and containers'
-  termination-message fields. No validation of built-in objects beyond a name; immutable fields
-  (a Job's template) can be changed.
+- Admission is limited to the rules above: built-ins are validated only where this project
+  meets a rule (a Pod's containers, a Job's backoffLimit and immutable template, Events'
+  namespace and eventTime), no ServiceAccount admission (no projected token volume), no quotas.
 - No garbage collector: deleting an owner leaves its dependents (``propagationPolicy`` is
   accepted and ignored). The kubelet stand-in deletes a Job's Pods when the Job goes away,
-  which models the collector for Pods only.
+  which models the collector for Pods only. No Job controller: see the kubelet stand-in.
 - No authentication or authorization: any bearer token is accepted, RBAC is not evaluated.
 - A CRD is established in the same write that stores it (the real server takes a moment).
-- Strategic merge patch is applied as a JSON merge patch (lists are replaced, not merged by
-  key); server-side apply (``application/apply-patch+yaml``) is refused with 415.
+- Strategic merge patch of a built-in is applied as a JSON merge patch (lists are replaced, not
+  merged by key); server-side apply (``application/apply-patch+yaml``) is refused with 415.
 - No aggregated discovery (``apidiscovery.k8s.io/v2``): kubectl falls back to the legacy
   per-group documents. No OpenAPI documents (404): use ``kubectl --validate=false``.
-- Watches never expire by themselves (``410 Gone`` only after :meth:`KubeApi.compact`); no
-  bookmarks except the initial-events-end one; ``limit``/``continue`` paging is ignored (one
-  page holds everything).
-- Any field path works in a field selector (real servers allow a few per resource).
+- Watches expire only by ``timeoutSeconds`` or :meth:`KubeApi.compact`; no bookmarks;
+  ``sendInitialEvents`` is refused (422), as by a 1.28 server without the WatchList gate.
+- ``events.k8s.io/v1`` and core ``v1`` Events are stored apart (one store, converted, on a real
+  server).
 - ``pods/log`` is not served. Protobuf request bodies are refused with 415 (kubectl's typed
   commands such as ``kubectl create secret`` send protobuf; use ``kubectl apply -f``).
 """

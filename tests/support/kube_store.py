@@ -11,19 +11,19 @@ It is thread-safe: the HTTP server runs on its own event loop thread while tests
 seed state from the test thread. Watchers are plain callables (the HTTP layer hands events to
 its event loop with ``call_soon_threadsafe``).
 
-What the real API server does that this store does not (each test relying on one of these says
-so): no admission (no OpenAPI schema, CEL, defaulting or pruning — the CRD schema is stored but
-not enforced; tests of the schema use a real validator elsewhere), no garbage collector (owned
-objects survive their owner; ``propagationPolicy`` is accepted and ignored), no RBAC or
-authentication (any bearer token is accepted), no version conversion (every version of a CRD
-serves the same stored object), strategic merge patch is treated as a JSON merge patch (lists
-are replaced, not merged by key), namespace deletion removes only the namespace (not its
-content), and any field path may be used in a field selector.
+Writes pass :mod:`tests.support.kube_admission` (CRD schemas and CEL rules, defaults and
+pruning, names, a few built-in rules, Pod Security). What the real API server does that this
+store does not (each test relying on one of these says so): no garbage collector (owned objects
+survive their owner; ``propagationPolicy`` is accepted and ignored), no RBAC or authentication
+(any bearer token is accepted), no version conversion (every version of a CRD serves the same
+stored object), strategic merge patch of a built-in is treated as a JSON merge patch (lists are
+replaced, not merged by key), namespace deletion removes only the namespace (not its content).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import datetime
 import json
@@ -784,6 +784,10 @@ class Store:
             key = (resource.key, namespace, name)
             grace = self._graceful_pod_deletion(resource, current, grace_period_seconds)
             if not meta.get("finalizers") and grace is None:
+                if resource.key == ("", "pods"):
+                    # A Pod is deleted gracefully even with grace 0: its last state is marked.
+                    meta.setdefault("deletionTimestamp", now_rfc3339())
+                    meta["deletionGracePeriodSeconds"] = 0
                 return self._remove(resource, key, current), True
             if meta.get("deletionTimestamp"):
                 return current, False  # already being deleted: nothing changes
@@ -1213,8 +1217,33 @@ def _default_pod_spec(spec: JSON) -> None:
     for container in spec.get("containers") or []:
         container.setdefault("terminationMessagePath", "/dev/termination-log")
         container.setdefault("terminationMessagePolicy", "File")
-    spec.setdefault("restartPolicy", "Always")
-    spec.setdefault("terminationGracePeriodSeconds", 30)
+        container.setdefault("imagePullPolicy", "IfNotPresent")
+        container.setdefault("resources", {})
+    for key, value in (
+        ("restartPolicy", "Always"),
+        ("terminationGracePeriodSeconds", 30),
+        ("dnsPolicy", "ClusterFirst"),
+        ("schedulerName", "default-scheduler"),
+        ("securityContext", {}),
+    ):
+        spec.setdefault(key, value)
+
+
+def _normalise_event(obj: JSON) -> None:
+    """A core Event as the server stores it: its reporting fields present, its timestamps in
+    the API's formats (``Time`` to the second, ``MicroTime`` to the microsecond, both in UTC)."""
+    for key, value in (("reportingComponent", ""), ("reportingInstance", ""), ("eventTime", None)):
+        obj.setdefault(key, value)
+    for key, layout in (
+        ("firstTimestamp", "%Y-%m-%dT%H:%M:%SZ"),
+        ("lastTimestamp", "%Y-%m-%dT%H:%M:%SZ"),
+        ("eventTime", "%Y-%m-%dT%H:%M:%S.%fZ"),
+    ):
+        value = obj.get(key)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                obj[key] = parsed.astimezone(datetime.UTC).strftime(layout)
 
 
 def _apply_defaults(resource: ResourceType, obj: JSON) -> None:
@@ -1222,9 +1251,20 @@ def _apply_defaults(resource: ResourceType, obj: JSON) -> None:
     project uses: Job counts and its selector and template labels, container termination
     message defaults. (Only these: other defaulting is not modelled.)"""
     if resource.key == ("", "pods"):
-        _default_pod_spec(obj.setdefault("spec", {}))
+        spec = obj.setdefault("spec", {})
+        _default_pod_spec(spec)
+        for key, value in (
+            ("serviceAccountName", "default"),
+            ("enableServiceLinks", True),
+            ("priority", 0),
+        ):
+            spec.setdefault(key, value)
+        obj.setdefault("status", {"phase": "Pending"})
+    if resource.key == ("", "events"):
+        _normalise_event(obj)
     if resource.key != ("batch", "jobs"):
         return
+    obj.setdefault("status", {})
     spec = obj.setdefault("spec", {})
     for key, value in (
         ("backoffLimit", 6),

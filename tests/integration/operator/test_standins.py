@@ -607,7 +607,7 @@ def test_pods_run_only_on_served_nodes(
         "", "pods", operator_namespace, label_selector="job-name=elsewhere"
     )
     assert pending["spec"]["nodeName"] == "node-9"
-    assert "status" not in pending
+    assert pending["status"] == {"phase": "Pending"}  # as created: no kubelet reported on it
     assert kubelet.runs("elsewhere")[0].popen is None
 
 
