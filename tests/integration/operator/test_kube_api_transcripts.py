@@ -1,6 +1,6 @@
 """The API stand-in answers as a real kube-apiserver did: every request recorded in
-``shared/reference/kube-api/transcripts.json`` (a real v1.28 server's answers to the calls the
-product, kopf and kubectl make) is replayed against the stand-in, in order, and the answers are
+``kube-api-reference/transcripts.json`` (a real v1.28 server's answers to the calls the
+product, kopf and kubectl make, copied from ``shared/reference/kube-api``) is replayed against the stand-in, in order, and the answers are
 compared: the status code, the ``reason``, the fields of a 422's causes (as a set), the fields
 the file kept of an object or a list, the ``Warning`` headers, and for a watch the event types
 and objects, how many came within 3 s and whether the server closed the stream.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import re
 import threading
@@ -35,16 +34,8 @@ from tests.support.kube_api import KubeApi
 
 Json = dict[str, Any]
 
-TRANSCRIPTS = Path(
-    os.environ.get(
-        "KUBE_API_TRANSCRIPTS",
-        Path(__file__).resolve().parents[4]
-        / "shared"
-        / "reference"
-        / "kube-api"
-        / "transcripts.json",
-    )
-)
+#: A copy of ``shared/reference/kube-api`` (its README says how it was recorded and is read).
+TRANSCRIPTS = Path(__file__).with_name("kube-api-reference") / "transcripts.json"
 GROUP, VERSION, PLURAL = "imagestream.dev", "v1alpha1", "imagestreams"
 STREAMS = f"/apis/{GROUP}/{VERSION}/namespaces/ns1/{PLURAL}"
 BASELINE_LABELS = {"pod-security.kubernetes.io/enforce": "baseline"}
