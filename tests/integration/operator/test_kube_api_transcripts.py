@@ -1,7 +1,7 @@
 """The API stand-in answers as a real kube-apiserver did: every request recorded in
 ``kube-api-reference/transcripts.json`` (a real v1.28 server's answers to the calls the
-product, kopf and kubectl make, copied from ``shared/reference/kube-api``) is replayed against the stand-in, in order, and the answers are
-compared: the status code, the ``reason``, the fields of a 422's causes (as a set), the fields
+product, kopf and kubectl make, copied from ``shared/reference/kube-api``) is replayed against
+the stand-in, in order, and the answers are compared: the status code, the ``reason``, the fields of a 422's causes (as a set), the fields
 the file kept of an object or a list, the ``Warning`` headers, and for a watch the event types
 and objects, how many came within 3 s and whether the server closed the stream.
 
