@@ -1,9 +1,10 @@
 """The API stand-in answers as a real kube-apiserver did: every request recorded in
 ``kube-api-reference/transcripts.json`` (a real v1.28 server's answers to the calls the
 product, kopf and kubectl make, copied from ``shared/reference/kube-api``) is replayed against
-the stand-in, in order, and the answers are compared: the status code, the ``reason``, the fields of a 422's causes (as a set), the fields
-the file kept of an object or a list, the ``Warning`` headers, and for a watch the event types
-and objects, how many came within 3 s and whether the server closed the stream.
+the stand-in, in order, and the answers are compared: the status code, the ``reason``, the
+fields of a 422's causes (as a set), the fields the file kept of an object or a list, the
+``Warning`` headers, and for a watch the event types and objects, how many came within 3 s and
+whether the server closed the stream.
 
 Where the recording did something between two requests that the file does not show (seeding
 objects, the status patch that lands during a watch), :data:`SETUP` and :data:`DURING` do it
