@@ -44,7 +44,10 @@ class Progress(TypedDict, total=False):
     bytesFetched: int
     bytesWritten: int
     bytesTotal: int
+    bytesPerSecond: int
     percent: int
+    resumes: int
+    updatedAt: str
 
 
 class StreamStatus(TypedDict, total=False):
