@@ -561,9 +561,11 @@ class Store:
         page of the same snapshot. Without a limit, everything is one page.
         """
         matches = self._matcher(resource, label_selector, field_selector)
-        start = ""
+        after: tuple[str, str] = ("", "")
         if continue_token:
             resource_version, start = _decode_continue(continue_token)
+            namespace_part, _, name_part = start.partition("/")
+            after = (namespace_part, name_part)
             exact = True
         with self._lock:
             revision = self._revision
@@ -580,7 +582,7 @@ class Store:
                 copy.deepcopy(obj)
                 for (obj_namespace, name), obj in sorted(objects.items())
                 if (namespace is None or obj_namespace == namespace)
-                and f"{obj_namespace}/{name}" > start
+                and (obj_namespace, name) > after
                 and matches(obj)
             ]
         if not limit or len(selected) <= limit:
@@ -593,10 +595,7 @@ class Store:
         """The objects of ``resource`` as they were at ``revision`` (replayed from history)."""
         if revision > self._revision:
             raise ApiError(
-                504,
-                "Timeout",
-                f"Too large resource version: {revision}, current: {self._revision}",
-                {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large "}]},
+                504, "Timeout", f"Too large resource version: {revision}, current: {self._revision}"
             )
         if revision < self._compacted:
             raise ApiError(410, "Expired", "The resourceVersion for the provided list is too old.")
