@@ -503,6 +503,19 @@ def test_a_pod_not_created_for_another_reason_is_pending_with_it() -> None:
     assert of_type(decision, DeleteJob) == []
 
 
+def test_a_job_without_a_pod_for_long_says_where_to_look() -> None:
+    """No Event explains the missing Pod (expired, or not visible): past a grace, the message
+    says where the cause is; before it, the stream is simply starting."""
+    body = started(stream_body())
+    job = job_body(body)
+    soon = applied(body, decide(observe(body, [job], [])))["status"]["message"]
+    assert "no Pod" not in soon
+    later = NOW + decisions.POD_CREATION_GRACE
+    status = applied(body, decide(observe(body, [job], [], now=later)))["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", Reason.AGENT_STARTING)
+    assert f"kubectl describe job {job['metadata']['name']}" in status["message"]
+
+
 def test_an_outcome_decided_again_is_announced_once() -> None:
     """Without its outcome, the repeated decision keeps its status patch and other actions."""
     state = terminated(0, agent_result(), "Completed")

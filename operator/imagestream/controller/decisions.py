@@ -55,6 +55,9 @@ from imagestream.reasons import Reason
 #: A Job the status says was created but the watch has not shown yet is given this long
 #: before it counts as lost (the watch lags the create by milliseconds, not seconds).
 JOB_VISIBILITY_GRACE = timedelta(seconds=30)
+#: A Job that has had no Pod for this long gets a hint where its cause is (its Events): the Job
+#: controller creates the Pod within a second unless something refuses it.
+POD_CREATION_GRACE = timedelta(seconds=30)
 #: How much of a crashed agent's log tail (the kubelet's fallback message) goes into status.
 LOG_TAIL_CHARS = 512
 
@@ -472,26 +475,35 @@ def _with_job(observation: Observation, stream: StreamSpec, job: JobView) -> _St
         message = f"Job {job.name} was deleted before the agent reported an outcome"
         return _State("Failed", Reason.AGENT_LOST, message, {**fields, "completionTime": now})
     if pod is None:
-        events = [event for event in observation.job_events if event.job == job.name]
-        refusal = next((event for event in events if event.refused), None)
-        if refusal is not None:
-            message = f"the agent Pod of Job {job.name} was refused: {refusal.message}"
-            return _State(
-                "Failed", Reason.AGENT_POD_REJECTED, message, {**fields, "completionTime": now}
-            )
-        if events:
-            message = f"agent of Job {job.name} starting on node {stream.node_name}"
-            return _State(
-                "Pending", Reason.AGENT_STARTING, _joined(message, events[-1].message), fields
-            )
-    if pod is None or pod.phase == "Pending":
-        detail = (pod.unschedulable or pod.waiting) if pod else ""
+        return _without_pod(observation, stream, job, fields)
+    if pod.phase == "Pending":
+        detail = pod.unschedulable or pod.waiting
         message = f"agent of Job {job.name} starting on node {stream.node_name}"
         return _State("Pending", Reason.AGENT_STARTING, _joined(message, detail), fields)
     if progress_of(status).get("phase") == "Verifying":
         return _State("Verifying", Reason.VERIFYING, f"verifying {stream.target.host_path}", fields)
     message = f"streaming to {stream.target.host_path} on node {stream.node_name}"
     return _State("Running", Reason.STREAMING, message, fields)
+
+
+def _without_pod(
+    observation: Observation, stream: StreamSpec, job: JobView, fields: Mapping[str, Any]
+) -> _State:
+    """A Job with no Pod: refused by the API server (its FailedCreate Event), or not yet."""
+    events = [event for event in observation.job_events if event.job == job.name]
+    refusal = next((event for event in events if event.refused), None)
+    if refusal is not None:
+        message = f"the agent Pod of Job {job.name} was refused: {refusal.message}"
+        ended = {**fields, "completionTime": observation.stamp}
+        return _State("Failed", Reason.AGENT_POD_REJECTED, message, ended)
+    message = f"agent of Job {job.name} starting on node {stream.node_name}"
+    detail = events[-1].message if events else ""
+    started = _parse_time(fields.get("startTime"))
+    if not detail and started is not None and observation.now - started >= POD_CREATION_GRACE:
+        # No Event to read (expired, or not allowed to list Events): say where to look.
+        seconds = int(POD_CREATION_GRACE.total_seconds())
+        detail = f"no Pod after {seconds} s; kubectl describe job {job.name} shows why"
+    return _State("Pending", Reason.AGENT_STARTING, _joined(message, detail), fields)
 
 
 def _succeeded_or_unverified(
