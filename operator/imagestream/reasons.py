@@ -78,6 +78,7 @@ class Reason(StrEnum):
     AGENT_LOST = "AgentLost"
     AGENT_ERROR = "AgentError"
     JOB_REJECTED = "JobRejected"
+    AGENT_POD_REJECTED = "AgentPodRejected"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
 
     # -- stopping --

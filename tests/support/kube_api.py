@@ -21,25 +21,34 @@ only its routing DSL and a version-0 API its README says will change. An equival
 these tests on aiohttp (which kopf already depends on) is smaller than that adapter, has one
 place where each rule lives, and can close its listening socket to model an outage.
 
+Strict where a real server is strict (``tests/integration/operator/test_kube_api_transcripts.py``
+replays a real v1.28 server's answers against it): integer query parameters (``timeoutSeconds``,
+``limit``, ``gracePeriodSeconds``: ``60.0`` is 400), ``resourceVersion`` semantics (lists
+``Exact`` at a revision, ``limit``/``continue`` paging, 410 ``Expired`` for a watch older than
+the resource's watch cache), the field labels each resource supports, the CRD's schema and CEL
+rules on every write with its defaults and pruning (:mod:`tests.support.kube_admission`), 415 for
+a strategic-merge patch of a custom resource, ``metadata.generation`` bumped when
+``deletionTimestamp`` is set, Pod Security admission. Unknown query parameters are ignored, as a
+real server ignores them.
+
 Differences from a real API server that tests may depend on (each such test names its own):
 
-- No admission: the CRD's OpenAPI schema and CEL rules are stored but not enforced, nothing is
-  pruned, and defaulting is limited to Jobs (counts, selector, template labels) and containers'
-  termination-message fields. No validation of built-in objects beyond a name; immutable fields
-  (a Job's template) can be changed.
+- Admission is limited to the rules above: built-ins are validated only where this project
+  meets a rule (a Pod's containers, a Job's backoffLimit and immutable template, Events'
+  namespace and eventTime), no ServiceAccount admission (no projected token volume), no quotas.
 - No garbage collector: deleting an owner leaves its dependents (``propagationPolicy`` is
   accepted and ignored). The kubelet stand-in deletes a Job's Pods when the Job goes away,
-  which models the collector for Pods only.
+  which models the collector for Pods only. No Job controller: see the kubelet stand-in.
 - No authentication or authorization: any bearer token is accepted, RBAC is not evaluated.
 - A CRD is established in the same write that stores it (the real server takes a moment).
-- Strategic merge patch is applied as a JSON merge patch (lists are replaced, not merged by
-  key); server-side apply (``application/apply-patch+yaml``) is refused with 415.
+- Strategic merge patch of a built-in is applied as a JSON merge patch (lists are replaced, not
+  merged by key); server-side apply (``application/apply-patch+yaml``) is refused with 415.
 - No aggregated discovery (``apidiscovery.k8s.io/v2``): kubectl falls back to the legacy
   per-group documents. No OpenAPI documents (404): use ``kubectl --validate=false``.
-- Watches never expire by themselves (``410 Gone`` only after :meth:`KubeApi.compact`); no
-  bookmarks except the initial-events-end one; ``limit``/``continue`` paging is ignored (one
-  page holds everything).
-- Any field path works in a field selector (real servers allow a few per resource).
+- Watches expire only by ``timeoutSeconds`` or :meth:`KubeApi.compact`; no bookmarks;
+  ``sendInitialEvents`` is refused (422), as by a 1.28 server without the WatchList gate.
+- ``events.k8s.io/v1`` and core ``v1`` Events are stored apart (one store, converted, on a real
+  server).
 - ``pods/log`` is not served. Protobuf request bodies are refused with 415 (kubectl's typed
   commands such as ``kubectl create secret`` send protobuf; use ``kubectl apply -f``).
 """
@@ -50,6 +59,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import re
 import socket
 import threading
 import time
@@ -157,6 +167,36 @@ def _resolve(store: Store, group: str, version: str, parts: list[str]) -> _Targe
     if not resource.namespaced and namespace is not None:
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
     return _Target(resource, version, namespace, name, subresource)
+
+
+_GO_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def int_param(request: web.Request, name: str) -> int | None:
+    """An integer query parameter as the server's strconv.ParseInt reads it (None if absent).
+
+    ``60.0`` or ``abc`` is 400 BadRequest, as every Kubernetes version answers it.
+    """
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if not _GO_INT.fullmatch(raw):
+        raise ApiError(400, "BadRequest", f'strconv.ParseInt: parsing "{raw}": invalid syntax')
+    return int(raw)
+
+
+def resource_version_param(request: web.Request) -> int | None:
+    """``resourceVersion`` as a number; None for "" and "0" (any version: the latest)."""
+    raw = request.query.get("resourceVersion", "")
+    if raw in ("", "0"):
+        return None
+    if not raw.isdigit():
+        raise ApiError(400, "BadRequest", f'resource version is not well formed: "{raw}"')
+    return int(raw)
+
+
+def _warning_headers(warnings: list[str]) -> list[tuple[str, str]]:
+    return [("Warning", f"299 - {json.dumps(text)}") for text in warnings]
 
 
 def _deleted_status(resource: ResourceType, obj: JSON) -> JSON:
@@ -321,6 +361,11 @@ def table(
     if with_columns:
         result["columnDefinitions"] = _table_columns(resource)
     return result
+
+
+def _strict(request: web.Request) -> bool:
+    """``fieldValidation=Strict``: an unknown field is an error, not a warning."""
+    return request.query.get("fieldValidation") == "Strict"
 
 
 def wants_table(accept: str) -> bool:
@@ -607,25 +652,40 @@ class KubeApi:
             return self._read(request, target)
         if request.method == "POST" and target.name is None:
             body = decode_json(await request.read(), request.content_type)
-            created = self.store.create(target.resource, target.namespace or "", body)
-            return self._respond(request, target, created, status=201)
+            warnings: list[str] = []
+            created = self.store.create(
+                target.resource,
+                target.namespace or "",
+                body,
+                strict=_strict(request),
+                warnings=warnings,
+            )
+            return self._respond(request, target, created, status=201, warnings=warnings)
         if target.name is None:
             raise ApiError(405, "MethodNotAllowed", f"{request.method} is not supported here")
         return await self._write(request, target)
 
     def _respond(
-        self, request: web.Request, target: _Target, obj: JSON, *, status: int = 200
+        self,
+        request: web.Request,
+        target: _Target,
+        obj: JSON,
+        *,
+        status: int = 200,
+        warnings: list[str] | None = None,
     ) -> web.Response:
         obj = self._at_version(target, obj)
         if wants_table(request.headers.get("Accept", "")):
-            rendered = table(
+            obj = table(
                 target.resource,
                 [obj],
                 resource_version=obj["metadata"].get("resourceVersion", ""),
                 include_object=request.query.get("includeObject", "Metadata"),
             )
-            return web.json_response(rendered, status=status)
-        return web.json_response(obj, status=status)
+        response = web.json_response(obj, status=status)
+        for name, value in _warning_headers(warnings or []):
+            response.headers.add(name, value)
+        return response
 
     @staticmethod
     def _at_version(target: _Target, obj: JSON) -> JSON:
@@ -639,13 +699,19 @@ class KubeApi:
         return self._respond(request, target, obj)
 
     def _list(self, request: web.Request, target: _Target) -> web.Response:
-        items, revision = self.store.list_objects(
+        limit = int_param(request, "limit")
+        page = self.store.list_page(
             target.resource,
             target.namespace,
             label_selector=request.query.get("labelSelector"),
             field_selector=request.query.get("fieldSelector"),
+            resource_version=resource_version_param(request),
+            exact=request.query.get("resourceVersionMatch") == "Exact",
+            limit=limit if limit is not None and limit > 0 else None,
+            continue_token=request.query.get("continue") or None,
         )
-        items = [self._at_version(target, item) for item in items]
+        items = [self._at_version(target, item) for item in page.items]
+        revision = page.revision
         if wants_table(request.headers.get("Accept", "")):
             rendered = table(
                 target.resource,
@@ -654,11 +720,14 @@ class KubeApi:
                 include_object=request.query.get("includeObject", "Metadata"),
             )
             return web.json_response(rendered)
+        metadata: JSON = {"resourceVersion": str(revision), "continue": page.continue_token}
+        if page.remaining is not None:
+            metadata["remainingItemCount"] = page.remaining
         return web.json_response(
             {
                 "kind": f"{target.resource.kind}List",
                 "apiVersion": target.resource.api_version(target.version),
-                "metadata": {"resourceVersion": str(revision), "continue": ""},
+                "metadata": metadata,
                 "items": items,
             }
         )
@@ -669,7 +738,9 @@ class KubeApi:
         raw = await request.read()
         if request.method == "DELETE":
             options = decode_json(raw, request.content_type) if raw else {}
-            grace = request.query.get("gracePeriodSeconds", options.get("gracePeriodSeconds"))
+            grace = int_param(request, "gracePeriodSeconds")
+            if grace is None:
+                grace = options.get("gracePeriodSeconds")
             deleted, gone = self.store.delete(
                 target.resource,
                 namespace,
@@ -681,9 +752,16 @@ class KubeApi:
                 return web.json_response(_deleted_status(target.resource, deleted))
             return self._respond(request, target, deleted)
         body = decode_json(raw, request.content_type)
+        warnings: list[str] = []
         if request.method == "PUT":
             updated = self.store.update(
-                target.resource, namespace, target.name, body, subresource=target.subresource
+                target.resource,
+                namespace,
+                target.name,
+                body,
+                subresource=target.subresource,
+                strict=_strict(request),
+                warnings=warnings,
             )
         elif request.method == "PATCH":
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
@@ -694,19 +772,41 @@ class KubeApi:
                 body,
                 content_type,
                 subresource=target.subresource,
+                strict=_strict(request),
+                warnings=warnings,
             )
         else:
             raise ApiError(405, "MethodNotAllowed", f"{request.method} is not supported here")
-        return self._respond(request, target, updated)
+        return self._respond(request, target, updated, warnings=warnings)
 
     # -- watch --------------------------------------------------------------------------------
 
     async def _watch(self, request: web.Request, target: _Target) -> web.StreamResponse:
-        since_param = request.query.get("resourceVersion", "")
-        since = int(since_param) if since_param not in ("", "0") else None
+        since = resource_version_param(request)
         labels = label_matcher(request.query.get("labelSelector"))
-        fields = field_matcher(request.query.get("fieldSelector"))
-        timeout = request.query.get("timeoutSeconds")
+        fields = field_matcher(request.query.get("fieldSelector"), target.resource.key)
+        timeout = int_param(request, "timeoutSeconds")
+        if request.query.get("sendInitialEvents") is not None:
+            # WatchList streaming is alpha and off in Kubernetes 1.28 (the reference server).
+            raise ApiError(
+                422,
+                "Invalid",
+                'ListOptions.meta.k8s.io "" is invalid: sendInitialEvents: Forbidden: '
+                "sendInitialEvents is forbidden for watch unless the WatchList feature gate "
+                "is enabled",
+                {
+                    "group": "meta.k8s.io",
+                    "kind": "ListOptions",
+                    "causes": [
+                        {
+                            "reason": "FieldValueForbidden",
+                            "message": "Forbidden: sendInitialEvents is forbidden for watch "
+                            "unless the WatchList feature gate is enabled",
+                            "field": "sendInitialEvents",
+                        }
+                    ],
+                },
+            )
         as_table = wants_table(request.headers.get("Accept", ""))
         include_object = request.query.get("includeObject", "Metadata")
 
@@ -721,6 +821,8 @@ class KubeApi:
         watch = _Watch(self._loop)
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
+        if timeout is not None and timeout < 0:
+            return response  # the server's deadline has passed before the first event
         try:
             backlog, unsubscribe = self.store.subscribe(target.resource, since, watch.push)
         except ApiError as exc:  # 410 Gone arrives as an ERROR event on a 200 stream
@@ -748,9 +850,7 @@ class KubeApi:
                 translated = self._translate(past, visible)
                 if translated is not None:
                     await send(*translated)
-            if request.query.get("sendInitialEvents") == "true" and since is None:
-                await send("BOOKMARK", self._initial_events_end(target))
-            async with asyncio.timeout(float(timeout) if timeout else None):
+            async with asyncio.timeout(timeout or None):
                 while True:
                     live = await watch.queue.get()
                     if live is None:
@@ -781,16 +881,6 @@ class KubeApi:
         if before:
             return ("DELETED", event.object)
         return None
-
-    def _initial_events_end(self, target: _Target) -> JSON:
-        return {
-            "kind": target.resource.kind,
-            "apiVersion": target.resource.api_version(target.version),
-            "metadata": {
-                "resourceVersion": str(self.store.revision),
-                "annotations": {"k8s.io/initial-events-end": "true"},
-            },
-        }
 
     @staticmethod
     async def _send(response: web.StreamResponse, event: JSON) -> None:

@@ -11,19 +11,19 @@ It is thread-safe: the HTTP server runs on its own event loop thread while tests
 seed state from the test thread. Watchers are plain callables (the HTTP layer hands events to
 its event loop with ``call_soon_threadsafe``).
 
-What the real API server does that this store does not (each test relying on one of these says
-so): no admission (no OpenAPI schema, CEL, defaulting or pruning — the CRD schema is stored but
-not enforced; tests of the schema use a real validator elsewhere), no garbage collector (owned
-objects survive their owner; ``propagationPolicy`` is accepted and ignored), no RBAC or
-authentication (any bearer token is accepted), no version conversion (every version of a CRD
-serves the same stored object), strategic merge patch is treated as a JSON merge patch (lists
-are replaced, not merged by key), namespace deletion removes only the namespace (not its
-content), and any field path may be used in a field selector.
+Writes pass :mod:`tests.support.kube_admission` (CRD schemas and CEL rules, defaults and
+pruning, names, a few built-in rules, Pod Security). What the real API server does that this
+store does not (each test relying on one of these says so): no garbage collector (owned objects
+survive their owner; ``propagationPolicy`` is accepted and ignored), no RBAC or authentication
+(any bearer token is accepted), no version conversion (every version of a CRD serves the same
+stored object), strategic merge patch of a built-in is treated as a JSON merge patch (lists are
+replaced, not merged by key), namespace deletion removes only the namespace (not its content).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import datetime
 import json
@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonpatch
+
+from .crd import Crd
+from .kube_admission import Rejected, admit_custom, check_name, pod_security, validate_builtin
 
 JSON = dict[str, Any]
 
@@ -312,14 +315,66 @@ def field_value(obj: JSON, path: str) -> Any:
     return value
 
 
-def field_matcher(selector: str | None) -> Callable[[JSON], bool]:
-    """Compile a ``fieldSelector`` (``path=value``, ``path==value``, ``path!=value``)."""
+#: The field labels every resource supports in a field selector.
+COMMON_FIELD_LABELS = frozenset({"metadata.name", "metadata.namespace"})
+#: The further field labels of the built-ins this project uses (the real registries' lists);
+#: a custom resource supports only the common ones.
+FIELD_LABELS: Mapping[tuple[str, str], frozenset[str]] = {
+    ("", "pods"): frozenset(
+        {
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        }
+    ),
+    ("", "events"): frozenset(
+        {
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        }
+    ),
+    ("batch", "jobs"): frozenset({"status.successful"}),
+    ("", "secrets"): frozenset({"type"}),
+    ("", "namespaces"): frozenset({"status.phase"}),
+    ("", "nodes"): frozenset({"spec.unschedulable"}),
+}
+#: Field labels whose value lives at another path.
+_FIELD_LABEL_PATHS = {"source": "source.component"}
+
+
+def field_matcher(
+    selector: str | None, resource_key: tuple[str, str] | None = None
+) -> Callable[[JSON], bool]:
+    """Compile a ``fieldSelector`` (``path=value``, ``path==value``, ``path!=value``).
+
+    With ``resource_key``, only the field labels that resource supports are accepted (400
+    otherwise, as on the real server).
+    """
     checks: list[Callable[[JSON], bool]] = []
     for part in _split_top_level(selector or ""):
         match = _EQ_RE.match(part)
         if match is None:
             raise ApiError(400, "BadRequest", f"invalid field selector: {part!r}")
-        path, value, negate = match["key"], match["value"], match["op"] == "!="
+        label, value, negate = match["key"], match["value"], match["op"] == "!="
+        if resource_key is not None and label not in (
+            COMMON_FIELD_LABELS | FIELD_LABELS.get(resource_key, frozenset())
+        ):
+            raise ApiError(400, "BadRequest", f"field label not supported: {label}")
+        path = _FIELD_LABEL_PATHS.get(label, label)
 
         def check(obj: JSON, path: str = path, value: str = value, negate: bool = negate) -> bool:
             actual = field_value(obj, path)
@@ -346,8 +401,14 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def apply_patch(current: JSON, patch: Any, content_type: str) -> JSON:
-    """Return ``current`` with ``patch`` applied according to the patch ``content_type``."""
+def apply_patch(current: JSON, patch: Any, content_type: str, *, custom: bool = False) -> JSON:
+    """Return ``current`` with ``patch`` applied according to the patch ``content_type``.
+
+    A custom resource has no strategic-merge metadata: such a patch is 415, as on the server.
+    """
+    accepted = [JSON_PATCH, MERGE_PATCH, APPLY_PATCH if custom else STRATEGIC_MERGE_PATCH]
+    if content_type == STRATEGIC_MERGE_PATCH and custom:
+        content_type = "unsupported"
     if content_type in (MERGE_PATCH, STRATEGIC_MERGE_PATCH):
         if not isinstance(patch, Mapping):
             raise ApiError(400, "BadRequest", "a merge patch must be a JSON object")
@@ -367,8 +428,8 @@ def apply_patch(current: JSON, patch: Any, content_type: str) -> JSON:
         raise ApiError(
             415,
             "UnsupportedMediaType",
-            f"the body of the request was in an unknown format - accepted media types include: "
-            f"{JSON_PATCH}, {MERGE_PATCH}, {STRATEGIC_MERGE_PATCH} (not {content_type!r})",
+            "the body of the request was in an unknown format - accepted media types include: "
+            + ", ".join(accepted),
         )
     if not isinstance(patched, dict):
         raise ApiError(422, "Invalid", "the patched object is not a JSON object")
@@ -415,6 +476,11 @@ class Store:
     _revision: int = 1
     #: Watches from a resourceVersion older than this get 410 Gone (see :meth:`compact`).
     _compacted: int = 0
+    #: Per resource, the revision its watch cache starts at (when it began to be served):
+    #: a watch from an older resourceVersion gets 410 Expired, as from a real watch cache.
+    _watch_start: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: The schema of each custom resource (from its CRD), enforced on every write.
+    _schemas: dict[tuple[str, str], Crd] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -471,27 +537,105 @@ class Store:
     ) -> tuple[list[JSON], int]:
         """Return the matching objects (all namespaces when ``namespace`` is None) and the
         resourceVersion of the list."""
-        matches = self._matcher(label_selector, field_selector)
+        page = self.list_page(
+            resource, namespace, label_selector=label_selector, field_selector=field_selector
+        )
+        return page.items, page.revision
+
+    def list_page(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        resource_version: int | None = None,
+        exact: bool = False,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> ListPage:
+        """One page of a list, as the real server pages it.
+
+        ``exact`` serves the state at ``resource_version`` (from the history; 410 when it was
+        compacted away, 504 when it is in the future); a ``continue_token`` serves the next
+        page of the same snapshot. Without a limit, everything is one page.
+        """
+        matches = self._matcher(resource, label_selector, field_selector)
+        after: tuple[str, str] = ("", "")
+        if continue_token:
+            resource_version, start = _decode_continue(continue_token)
+            namespace_part, _, name_part = start.partition("/")
+            after = (namespace_part, name_part)
+            exact = True
         with self._lock:
-            items = [
+            revision = self._revision
+            if exact and resource_version is not None and resource_version != revision:
+                revision = resource_version
+                objects = self._snapshot(resource, resource_version)
+            else:
+                objects = {
+                    (obj_namespace, name): obj
+                    for (key, obj_namespace, name), obj in self._objects.items()
+                    if key == resource.key
+                }
+            selected = [
                 copy.deepcopy(obj)
-                for (key, obj_namespace, _name), obj in sorted(self._objects.items())
-                if key == resource.key
-                and (namespace is None or obj_namespace == namespace)
+                for (obj_namespace, name), obj in sorted(objects.items())
+                if (namespace is None or obj_namespace == namespace)
+                and (obj_namespace, name) > after
                 and matches(obj)
             ]
-            return items, self._revision
+        if not limit or len(selected) <= limit:
+            return ListPage(selected, revision, "", None)
+        last = selected[limit - 1]["metadata"]
+        token = _encode_continue(revision, f"{last.get('namespace', '')}/{last['name']}")
+        return ListPage(selected[:limit], revision, token, len(selected) - limit)
+
+    def _snapshot(self, resource: ResourceType, revision: int) -> dict[tuple[str, str], JSON]:
+        """The objects of ``resource`` as they were at ``revision`` (replayed from history)."""
+        if revision > self._revision:
+            raise ApiError(
+                504, "Timeout", f"Too large resource version: {revision}, current: {self._revision}"
+            )
+        if revision < self._compacted:
+            raise ApiError(410, "Expired", "The resourceVersion for the provided list is too old.")
+        state: dict[tuple[str, str], JSON] = {}
+        for event in self._history:
+            if event.resource != resource.key or event.resource_version > revision:
+                continue
+            meta = event.object["metadata"]
+            where = (meta.get("namespace", ""), meta["name"])
+            if event.type == "DELETED":
+                state.pop(where, None)
+            else:
+                state[where] = event.object
+        return state
 
     @staticmethod
-    def _matcher(label_selector: str | None, field_selector: str | None) -> Callable[[JSON], bool]:
+    def _matcher(
+        resource: ResourceType, label_selector: str | None, field_selector: str | None
+    ) -> Callable[[JSON], bool]:
         labels = label_matcher(label_selector)
-        fields = field_matcher(field_selector)
+        fields = field_matcher(field_selector, resource.key)
         return lambda obj: labels(obj) and fields(obj)
 
     # -- writing ------------------------------------------------------------------------------
 
-    def create(self, resource: ResourceType, namespace: str, body: JSON) -> JSON:
-        """Create an object as POST does: name or generateName, uid, resourceVersion, ..."""
+    def create(
+        self,
+        resource: ResourceType,
+        namespace: str,
+        body: JSON,
+        *,
+        strict: bool = False,
+        warnings: list[str] | None = None,
+    ) -> JSON:
+        """Create an object as POST does: name or generateName, uid, resourceVersion, ...
+
+        The object passes admission first (see :mod:`tests.support.kube_admission`): its
+        warnings are appended to ``warnings``; ``strict`` is ``fieldValidation=Strict``.
+        """
+        warnings = [] if warnings is None else warnings
         obj = copy.deepcopy(body)
         if not isinstance(obj, dict):
             raise ApiError(400, "BadRequest", "the body of the request is not a JSON object")
@@ -522,6 +666,9 @@ class Store:
                         resource, "", "metadata.name", "name or generateName is required"
                     )
                 meta["name"] = f"{prefix}{random_suffix()}"
+            bad_name = check_name(str(meta["name"]))
+            if bad_name is not None:
+                raise self._rejected(resource, meta["name"], [bad_name])
             key = (resource.key, namespace, meta["name"])
             if key in self._objects:
                 raise ApiError(
@@ -544,8 +691,9 @@ class Store:
             if resource.key == ("", "namespaces"):
                 obj["status"] = {"phase": "Active"}
             _fold_string_data(resource, obj)
-            _apply_defaults(resource, obj)
             self._set_type(resource, obj, body)
+            obj = self._admit(resource, obj, None, None, strict=strict, warnings=warnings)
+            _apply_defaults(resource, obj)
             return self._commit(resource, key, "ADDED", obj, None)
 
     def update(
@@ -556,6 +704,8 @@ class Store:
         body: JSON,
         *,
         subresource: str | None = None,
+        strict: bool = False,
+        warnings: list[str] | None = None,
     ) -> JSON:
         """Replace an object as PUT does (``subresource="status"`` replaces only the status)."""
         if not isinstance(body, dict):
@@ -582,7 +732,9 @@ class Store:
                     "metadata.resourceVersion",
                     "must be specified for an update",
                 )
-            return self._write(resource, current, body, expected, subresource)
+            return self._write(
+                resource, current, body, expected, subresource, strict=strict, warnings=warnings
+            )
 
     def patch(
         self,
@@ -593,16 +745,20 @@ class Store:
         content_type: str,
         *,
         subresource: str | None = None,
+        strict: bool = False,
+        warnings: list[str] | None = None,
     ) -> JSON:
         """Patch an object (merge, JSON or strategic-merge patch; the status subresource too)."""
         with self._lock:
             current = self._current(resource, namespace, name)
-            patched = apply_patch(current, patch, content_type)
+            patched = apply_patch(current, patch, content_type, custom=resource.custom)
             # A resourceVersion in the patch is a precondition, as on the real server.
             expected = (patched.get("metadata") or {}).get("resourceVersion")
             if expected == current["metadata"]["resourceVersion"]:
                 expected = None
-            return self._write(resource, current, patched, expected, subresource)
+            return self._write(
+                resource, current, patched, expected, subresource, strict=strict, warnings=warnings
+            )
 
     def delete(
         self,
@@ -627,12 +783,20 @@ class Store:
             key = (resource.key, namespace, name)
             grace = self._graceful_pod_deletion(resource, current, grace_period_seconds)
             if not meta.get("finalizers") and grace is None:
+                if resource.key == ("", "pods"):
+                    # A Pod is deleted gracefully even with grace 0: its last state is marked.
+                    meta.setdefault("deletionTimestamp", now_rfc3339())
+                    meta["deletionGracePeriodSeconds"] = 0
                 return self._remove(resource, key, current), True
             if meta.get("deletionTimestamp"):
                 return current, False  # already being deleted: nothing changes
             updated = copy.deepcopy(current)
             updated["metadata"]["deletionTimestamp"] = now_rfc3339()
             updated["metadata"]["deletionGracePeriodSeconds"] = grace or 0
+            # The registry's BeforeDelete: setting deletionTimestamp is a change of the object's
+            # desired state, so an object with a generation gets a new one.
+            if int(updated["metadata"].get("generation") or 0) > 0:
+                updated["metadata"]["generation"] += 1
             return self._commit(resource, key, "MODIFIED", updated, current), False
 
     def compact(self) -> int:
@@ -668,10 +832,9 @@ class Store:
                     if key == resource.key
                 ]
             else:
-                if since < self._compacted:
-                    raise ApiError(
-                        410, "Expired", f"too old resource version: {since} ({self._compacted})"
-                    )
+                oldest = max(self._compacted, self._watch_start.get(resource.key, 0))
+                if since < oldest:
+                    raise ApiError(410, "Expired", f"too old resource version: {since} ({oldest})")
                 backlog = [
                     event
                     for event in self._history
@@ -701,6 +864,9 @@ class Store:
         body: JSON,
         expected_version: str | None,
         subresource: str | None,
+        *,
+        strict: bool = False,
+        warnings: list[str] | None = None,
     ) -> JSON:
         """The rules shared by PUT and PATCH, main resource or status."""
         meta = current["metadata"]
@@ -732,6 +898,10 @@ class Store:
         else:
             raise ApiError(404, "NotFound", f"subresource {subresource!r} cannot be written")
         self._set_type(resource, updated, current)
+        self._check_no_new_finalizers(resource, current, updated)
+        updated = self._admit(
+            resource, updated, current, subresource, strict=strict, warnings=warnings
+        )
         if self._spec_of(resource, updated) != self._spec_of(resource, current):
             updated["metadata"]["generation"] = int(meta.get("generation", 0)) + 1
         updated["metadata"]["resourceVersion"] = meta["resourceVersion"]
@@ -759,6 +929,83 @@ class Store:
         raise self._invalid(
             resource, current["metadata"]["name"], "metadata.uid", f'"{uid}": field is immutable'
         )
+
+    def _admit(
+        self,
+        resource: ResourceType,
+        obj: JSON,
+        old: JSON | None,
+        subresource: str | None,
+        *,
+        strict: bool,
+        warnings: list[str] | None,
+    ) -> JSON:
+        """Validation and admission of a write (see :mod:`tests.support.kube_admission`)."""
+        found: list[str] = [] if warnings is None else warnings
+        name = str(obj.get("metadata", {}).get("name", ""))
+        try:
+            schema = self._schemas.get(resource.key)
+            if schema is not None:
+                obj = admit_custom(
+                    schema,
+                    _kind_label(resource),
+                    obj,
+                    old,
+                    status_only=subresource == "status",
+                    strict=strict,
+                    warnings=found,
+                )
+            else:
+                validate_builtin(resource.key, obj, old)
+            if old is None and resource.namespaced:
+                namespace = self._objects.get(
+                    (("", "namespaces"), "", str(obj["metadata"].get("namespace", "")))
+                )
+                labels = ((namespace or {}).get("metadata") or {}).get("labels") or {}
+                pod_security(resource.key, labels, obj, found)
+        except Rejected as exc:
+            if exc.code == 422:
+                raise self._rejected(resource, name, exc.causes, exc.message) from None
+            details = {"name": name, "kind": resource.plural} if exc.code == 403 else None
+            raise ApiError(exc.code, exc.reason, exc.message, details) from None
+        return obj
+
+    def _check_no_new_finalizers(
+        self, resource: ResourceType, current: JSON, updated: JSON
+    ) -> None:
+        meta = current["metadata"]
+        if not meta.get("deletionTimestamp"):
+            return
+        new = [
+            item
+            for item in updated["metadata"].get("finalizers") or []
+            if item not in (meta.get("finalizers") or [])
+        ]
+        if new:
+            why = (
+                "Forbidden: no new finalizers can be added if the object is being deleted, "
+                f"found new finalizers {new}"
+            )
+            raise self._rejected(
+                resource,
+                meta["name"],
+                [{"reason": "FieldValueForbidden", "message": why, "field": "metadata.finalizers"}],
+            )
+
+    def _rejected(
+        self,
+        resource: ResourceType,
+        name: str,
+        causes: list[JSON],
+        message: str | None = None,
+    ) -> ApiError:
+        """A 422 Invalid with these causes."""
+        details = {"name": name, "group": resource.group, "kind": resource.kind, "causes": causes}
+        if message is None:
+            listed = [f"{item['field']}: {item['message']}" for item in causes]
+            text = listed[0] if len(listed) == 1 else "[" + ", ".join(listed) + "]"
+            message = f'{_kind_label(resource)} "{name}" is invalid: {text}'
+        return ApiError(422, "Invalid", message, details)
 
     @staticmethod
     def _deletion_released(meta: JSON) -> bool:
@@ -884,10 +1131,14 @@ class Store:
         served = crd_resource(obj)
         if deleted:
             self.resources.pop(served.key, None)
+            self._schemas.pop(served.key, None)
             for key in [key for key in self._objects if key[0] == served.key]:
                 del self._objects[key]
             return
+        if served.key not in self.resources:
+            self._watch_start[served.key] = self._revision
         self.resources[served.key] = served
+        self._schemas[served.key] = Crd(obj, served.versions[0])
         now = now_rfc3339()
         obj["status"] = {
             "acceptedNames": {
@@ -965,8 +1216,33 @@ def _default_pod_spec(spec: JSON) -> None:
     for container in spec.get("containers") or []:
         container.setdefault("terminationMessagePath", "/dev/termination-log")
         container.setdefault("terminationMessagePolicy", "File")
-    spec.setdefault("restartPolicy", "Always")
-    spec.setdefault("terminationGracePeriodSeconds", 30)
+        container.setdefault("imagePullPolicy", "IfNotPresent")
+        container.setdefault("resources", {})
+    for key, value in (
+        ("restartPolicy", "Always"),
+        ("terminationGracePeriodSeconds", 30),
+        ("dnsPolicy", "ClusterFirst"),
+        ("schedulerName", "default-scheduler"),
+        ("securityContext", {}),
+    ):
+        spec.setdefault(key, value)
+
+
+def _normalise_event(obj: JSON) -> None:
+    """A core Event as the server stores it: its reporting fields present, its timestamps in
+    the API's formats (``Time`` to the second, ``MicroTime`` to the microsecond, both in UTC)."""
+    for key, value in (("reportingComponent", ""), ("reportingInstance", ""), ("eventTime", None)):
+        obj.setdefault(key, value)
+    for key, layout in (
+        ("firstTimestamp", "%Y-%m-%dT%H:%M:%SZ"),
+        ("lastTimestamp", "%Y-%m-%dT%H:%M:%SZ"),
+        ("eventTime", "%Y-%m-%dT%H:%M:%S.%fZ"),
+    ):
+        value = obj.get(key)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                obj[key] = parsed.astimezone(datetime.UTC).strftime(layout)
 
 
 def _apply_defaults(resource: ResourceType, obj: JSON) -> None:
@@ -974,9 +1250,20 @@ def _apply_defaults(resource: ResourceType, obj: JSON) -> None:
     project uses: Job counts and its selector and template labels, container termination
     message defaults. (Only these: other defaulting is not modelled.)"""
     if resource.key == ("", "pods"):
-        _default_pod_spec(obj.setdefault("spec", {}))
+        spec = obj.setdefault("spec", {})
+        _default_pod_spec(spec)
+        for key, value in (
+            ("serviceAccountName", "default"),
+            ("enableServiceLinks", True),
+            ("priority", 0),
+        ):
+            spec.setdefault(key, value)
+        obj.setdefault("status", {"phase": "Pending"})
+    if resource.key == ("", "events"):
+        _normalise_event(obj)
     if resource.key != ("batch", "jobs"):
         return
+    obj.setdefault("status", {})
     spec = obj.setdefault("spec", {})
     for key, value in (
         ("backoffLimit", 6),
@@ -1046,6 +1333,7 @@ def crd_resource(crd: JSON) -> ResourceType:
         printer_columns=columns,
         has_generation=True,
         custom=True,
+        returns_deleted_object=False,
     )
 
 
@@ -1068,3 +1356,36 @@ def decode_json(raw: bytes, content_type: str = "application/json") -> Any:
         raise ApiError(
             400, "BadRequest", f"the body of the request is not valid JSON: {exc}"
         ) from exc
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """One page of a list: the items, the list's resourceVersion, the continue token ("" on
+    the last page) and how many items the next pages hold (None on the last page)."""
+
+    items: list[JSON]
+    revision: int
+    continue_token: str
+    remaining: int | None
+
+
+def _encode_continue(revision: int, start: str) -> str:
+    """A continue token as the real server builds one (base64 of a small JSON object)."""
+    token = {"v": "meta.k8s.io/v1", "rv": revision, "start": start}
+    return base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
+
+
+def _decode_continue(token: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        decoded = json.loads(raw)
+        return int(decoded["rv"]), str(decoded["start"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ApiError(
+            400, "BadRequest", f"invalid continue token: continue key is not valid: {exc}"
+        ) from exc
+
+
+def _kind_label(resource: ResourceType) -> str:
+    """How a 422 names the kind: ``ImageStream.imagestream.dev``, ``Job.batch``, ``Pod``."""
+    return f"{resource.kind}.{resource.group}" if resource.group else resource.kind

@@ -32,6 +32,11 @@ How it differs from a real kubelet and Job controller (tests relying on one of t
   ``nodes=None`` every Pod runs whatever its node; with a list of node names, Node objects are
   registered and only Pods bound to them run (others stay Pending, as on a node with no
   kubelet).
+- **Pod refused:** when the API server refuses a Job's Pod (403, e.g. Pod Security in a
+  namespace labelled ``pod-security.kubernetes.io/enforce=baseline``), the stand-in posts the
+  Job controller's ``FailedCreate`` Warning Event on the Job (``Error creating: <the server's
+  message>``) and, unlike the real controller, does not try again (a real one retries with a
+  backoff and counts the Event up).
 - **Job controller:** one Pod at a time (``parallelism``/``completions`` > 1 are not
   modelled), a failed Pod is replaced at once (the real controller backs off 10 s, 20 s, ...),
   ``restartPolicy: OnFailure`` is treated as ``Never`` (a new Pod per retry, not a container
@@ -150,6 +155,8 @@ class _JobRun:
     gone: bool = False
     deadline_exceeded: bool = False
     timers: list[threading.Timer] = field(default_factory=list)
+    #: The API server's answers to the Pods it refused (403), one per attempt.
+    refused: list[str] = field(default_factory=list)
 
     @property
     def active(self) -> PodRun | None:
@@ -276,6 +283,16 @@ class Kubelet:
         """Every Pod run so far (including finished ones), in start order."""
         with self._lock:
             return list(self._pods.values())
+
+    def refusals(self, job_name: str) -> list[str]:
+        """The API server's answers to the Pods of the Job(s) named ``job_name`` it refused."""
+        with self._lock:
+            return [
+                message
+                for job in self._jobs.values()
+                if job.name == job_name
+                for message in job.refused
+            ]
 
     def runs(self, job_name: str, namespace: str | None = None) -> list[PodRun]:
         """The Pod runs of the Job(s) named ``job_name``, oldest first."""
@@ -581,8 +598,9 @@ class Kubelet:
             },
             "spec": spec,
         }
-        pod = self._api("POST", f"{CORE}/namespaces/{job.namespace}/pods", body)
-        assert pod is not None
+        pod = self._create_pod(job, body)
+        if pod is None:
+            return
         name = pod["metadata"]["name"]
         workdir = self.workdir / job.namespace / name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -603,6 +621,47 @@ class Kubelet:
             self._job_status(job)  # bound to a node with no kubelet: stays Pending
             return
         self._run(job, run, pod)
+
+    def _create_pod(self, job: _JobRun, body: JSON) -> JSON | None:
+        """POST the Job's Pod; a refusal (403, e.g. Pod Security) becomes the Job controller's
+        ``FailedCreate`` Event on the Job, and None."""
+        path = f"{CORE}/namespaces/{job.namespace}/pods"
+        while True:
+            try:
+                response = self._client.post(path, json=body)
+                break
+            except httpx.TransportError:
+                if self._stopping.wait(0.1):
+                    raise KubeletError("stopped while the API was unreachable") from None
+        if response.status_code != 403:
+            if response.status_code >= 400:
+                raise KubeletError(f"POST {path}: {response.status_code} {response.text}")
+            created: JSON = response.json()
+            return created
+        now = now_rfc3339()
+        message = str(response.json().get("message", response.text))
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{job.name}.", "namespace": job.namespace},
+            "involvedObject": {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": job.name,
+                "namespace": job.namespace,
+                "uid": job.uid,
+            },
+            "type": "Warning",
+            "reason": "FailedCreate",
+            "message": f"Error creating: {message}",
+            "source": {"component": "job-controller"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self._api("POST", f"{CORE}/namespaces/{job.namespace}/events", event)
+        job.refused.append(message)
+        return None
 
     def _schedule(self, spec: JSON) -> str:
         """The scheduler's choice: the node a required node affinity (``matchFields``

@@ -8,6 +8,7 @@ checked against the CRD's status schema, as the API server would on the status p
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +33,7 @@ from imagestream.controller.decisions import (
     Decision,
     DeleteJob,
     Event,
+    JobEvent,
     JobView,
     Observation,
     Peer,
@@ -426,6 +428,121 @@ def test_a_stream_being_deleted_is_left_to_the_finalizer() -> None:
     before, job, pod = running(stream_body())
     before["metadata"]["deletionTimestamp"] = "2026-01-01T00:02:00Z"
     assert decide(observe(before, [job], [pod])) == Decision()
+
+
+def test_a_finished_stream_stays_finished_while_it_is_deleted() -> None:
+    """A real API server bumps metadata.generation when it sets deletionTimestamp: the stream
+    finished for its spec is still finished, and no longer holds its target for a peer."""
+    state = terminated(0, agent_result(), "Completed")
+    after, _ = finish(stream_body(), [job_condition("Complete")], state=state)
+    assert decisions.is_finished(after)
+    deleting = copy.deepcopy(after)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:02:00Z"
+    deleting["metadata"]["generation"] = after["metadata"]["generation"] + 1
+    assert decisions.is_finished(deleting)
+    assert not decisions.peer(deleting, [], []).active
+    # A spec patched during the deletion (a further bump) is a spec the stream did not finish.
+    deleting["metadata"]["generation"] += 1
+    assert not decisions.is_finished(deleting)
+
+
+def refusal(job: dict[str, Any], message: str) -> JobEvent:
+    """The Job controller's FailedCreate Event about `job`, as the controller's index keeps it."""
+    view = JobEvent.from_body(
+        {
+            "metadata": {"name": f"{job['metadata']['name']}.17a0", "namespace": "ns"},
+            "involvedObject": {
+                "kind": "Job",
+                "name": job["metadata"]["name"],
+                "namespace": job["metadata"]["namespace"],
+            },
+            "type": "Warning",
+            "reason": "FailedCreate",
+            "message": message,
+        }
+    )
+    assert view is not None
+    return view
+
+
+POD_SECURITY = (
+    'Error creating: pods "ims-a-g1-x7k2p" is forbidden: violates PodSecurity "baseline:latest":'
+    ' hostPath volumes (volume "host-dev"), privileged (container "agent" must not set '
+    "securityContext.privileged=true)"
+)
+
+
+def test_a_pod_the_api_server_refuses_fails_the_stream_and_deletes_its_job() -> None:
+    """Pod Security refuses the agent Pod: the cause is only in the Job's FailedCreate Event.
+    The stream ends Failed/AgentPodRejected with the server's message, and its Job goes (it
+    would start the agent of a failed stream once the namespace's policy changes)."""
+    body = started(stream_body())
+    job = job_body(body)
+    observation = replace(observe(body, [job], []), job_events=(refusal(job, POD_SECURITY),))
+    decision = decide(observation)
+    after = applied(body, decision)
+    status = after["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", Reason.AGENT_POD_REJECTED)
+    assert POD_SECURITY in status["message"]
+    assert DeleteJob(job["metadata"]["name"], 1) in decision.actions
+    [event] = of_type(decision, Event)
+    assert (event.type, event.reason) == ("Warning", Reason.AGENT_POD_REJECTED)
+    assert decision.outcome is not None
+    assert decision.outcome.event == event
+    assert decisions.is_finished(after)
+
+
+def test_a_pod_not_created_for_another_reason_is_pending_with_it() -> None:
+    body = started(stream_body())
+    job = job_body(body)
+    quota = "Error creating: Internal error occurred: resource quota evaluation timed out"
+    decision = decide(replace(observe(body, [job], []), job_events=(refusal(job, quota),)))
+    status = applied(body, decision)["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", Reason.AGENT_STARTING)
+    assert quota in status["message"]
+    assert of_type(decision, DeleteJob) == []
+
+
+def test_a_job_without_a_pod_for_long_says_where_to_look() -> None:
+    """No Event explains the missing Pod (expired, or not visible): past a grace, the message
+    says where the cause is; before it, the stream is simply starting."""
+    body = started(stream_body())
+    job = job_body(body)
+    soon = applied(body, decide(observe(body, [job], [])))["status"]["message"]
+    assert "no Pod" not in soon
+    later = NOW + decisions.POD_CREATION_GRACE
+    status = applied(body, decide(observe(body, [job], [], now=later)))["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", Reason.AGENT_STARTING)
+    assert f"kubectl describe job {job['metadata']['name']}" in status["message"]
+
+
+def test_an_outcome_decided_again_is_announced_once() -> None:
+    """Without its outcome, the repeated decision keeps its status patch and other actions."""
+    state = terminated(0, agent_result(), "Completed")
+    _, decision = finish(stream_body(), [job_condition("Complete")], state=state)
+    assert decision.outcome is not None
+    assert decision.outcome.event in decision.actions
+    repeated = decisions.without_outcome(decision)
+    assert repeated.outcome is None
+    assert repeated.status == decision.status
+    assert of_type(repeated, Event) == []
+
+
+def test_views_read_bodies_whose_sections_are_null() -> None:
+    """A body from the API may carry `null` sections: the typed views read them as empty."""
+    body = stream_body()
+    assert JobView.from_body({"metadata": body["metadata"], "status": None}) is None
+    job = job_body(started(body))
+    job["status"] = None
+    view = JobView.from_body(job)
+    assert view is not None
+    assert not view.finished
+    pod = pod_body(job_body(started(body)))
+    pod["status"] = None
+    pod_view = PodView.from_body(pod)
+    assert pod_view is not None
+    assert pod_view.phase == "Pending"
+    assert not decisions.is_finished({**body, "status": None})
 
 
 # -- a new generation -------------------------------------------------------------------------

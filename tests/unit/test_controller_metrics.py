@@ -64,9 +64,9 @@ def test_bytes_written_counts_progress_deltas_across_generations(
 
 
 def test_outcomes_and_durations(metrics: Metrics, registry: CollectorRegistry) -> None:
-    metrics.record_outcome(Outcome("Succeeded", "Succeeded", 42.0, 4000))
-    metrics.record_outcome(Outcome("Failed", "AgentOOMKilled", None, None))
-    metrics.record_outcome(Outcome("Failed", "AgentOOMKilled", 3.0, None))
+    metrics.record_outcome("a", 1, Outcome("Succeeded", "Succeeded", 42.0, 4000))
+    metrics.record_outcome("b", 1, Outcome("Failed", "AgentOOMKilled", None, None))
+    metrics.record_outcome("c", 1, Outcome("Failed", "AgentOOMKilled", 3.0, None))
     outcome = {"phase": "Failed", "reason": "AgentOOMKilled"}
     assert registry.get_sample_value("imagestream_stream_outcomes_total", outcome) == 2.0
     succeeded = {"phase": "Succeeded"}
@@ -74,6 +74,28 @@ def test_outcomes_and_durations(metrics: Metrics, registry: CollectorRegistry) -
     assert registry.get_sample_value("imagestream_stream_duration_seconds_sum", succeeded) == 42
     failed = {"phase": "Failed"}
     assert registry.get_sample_value("imagestream_stream_duration_seconds_count", failed) == 1
+
+
+def test_an_outcome_decided_again_is_counted_once(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    """kopf repeats a reconcile whose status patch failed: the same outcome of the same
+    (uid, generation) is decided again, and must count once; another generation counts."""
+    succeeded = Outcome("Succeeded", "Succeeded", 42.0, 4000)
+    assert not metrics.has_outcome("a", 1, succeeded)
+    metrics.record_outcome("a", 1, succeeded)
+    assert metrics.has_outcome("a", 1, succeeded)
+    metrics.record_outcome("a", 1, Outcome("Succeeded", "Succeeded", 43.0, 4000))
+    labels = {"phase": "Succeeded", "reason": "Succeeded"}
+    assert registry.get_sample_value("imagestream_stream_outcomes_total", labels) == 1.0
+    count = registry.get_sample_value(
+        "imagestream_stream_duration_seconds_count", {"phase": "Succeeded"}
+    )
+    assert count == 1
+    metrics.record_outcome("a", 2, succeeded)
+    assert registry.get_sample_value("imagestream_stream_outcomes_total", labels) == 2.0
+    metrics.forget_stream("a")
+    assert not metrics.has_outcome("a", 2, succeeded)
 
 
 @pytest.fixture

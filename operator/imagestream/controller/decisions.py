@@ -22,6 +22,20 @@ from typing import Any, Literal
 
 from imagestream import defaults
 from imagestream.agent.contract import AgentResult
+from imagestream.controller.bodies import (
+    ContainerStateTerminated,
+    ContainerStatus,
+    EventBody,
+    ObjectMeta,
+    PodStatus,
+    StreamStatus,
+    job_status_of,
+    metadata_of,
+    pod_status_of,
+    progress_of,
+    spec_generation,
+    stream_status_of,
+)
 from imagestream.controller.builders import (
     CONTAINER_NAME,
     FINAL_PHASES,
@@ -41,6 +55,9 @@ from imagestream.timefmt import rfc3339
 #: A Job the status says was created but the watch has not shown yet is given this long
 #: before it counts as lost (the watch lags the create by milliseconds, not seconds).
 JOB_VISIBILITY_GRACE = timedelta(seconds=30)
+#: A Job that has had no Pod for this long gets a hint where its cause is (its Events): the Job
+#: controller creates the Pod within a second unless something refuses it.
+POD_CREATION_GRACE = timedelta(seconds=30)
 #: How much of a crashed agent's log tail (the kubelet's fallback message) goes into status.
 LOG_TAIL_CHARS = 512
 
@@ -94,11 +111,11 @@ class PodView:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> PodView | None:
         """A Pod body as a view; None when it lacks the ImageStream labels."""
-        metadata = body.get("metadata") or {}
+        metadata = metadata_of(body)
         generation = _generation_label(metadata)
         if generation is None:
             return None
-        status = body.get("status") or {}
+        status = pod_status_of(body)
         container = _agent_container_status(status)
         state = container.get("state") or {}
         terminated = state.get("terminated") or (container.get("lastState") or {}).get("terminated")
@@ -145,11 +162,11 @@ class JobView:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView | None:
         """A Job body as a view; None when it lacks the ImageStream labels."""
-        metadata = body.get("metadata") or {}
+        metadata = metadata_of(body)
         generation = _generation_label(metadata)
         if generation is None:
             return None
-        status = body.get("status") or {}
+        status = job_status_of(body)
         true = {
             str(item.get("type")): item
             for item in status.get("conditions") or []
@@ -167,6 +184,35 @@ class JobView:
             failure_message=str(failure.get("message") or ""),
             start_time=status.get("startTime"),
             completion_time=status.get("completionTime"),
+        )
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """An Event about an agent Job: the Job controller's `FailedCreate` says why its Pod
+    could not be created (Pod Security, a quota, an admission webhook)."""
+
+    namespace: str
+    job: str
+    reason: str
+    message: str
+
+    @property
+    def refused(self) -> bool:
+        """The API server refused the Pod (403): retrying the same Pod will not help."""
+        return self.reason == "FailedCreate" and "is forbidden" in self.message
+
+    @classmethod
+    def from_body(cls, body: EventBody) -> JobEvent | None:
+        """A core Event as a view; None unless it is a Job's `FailedCreate`."""
+        involved = body.get("involvedObject") or {}
+        if involved.get("kind") != "Job" or body.get("reason") != "FailedCreate":
+            return None
+        return cls(
+            namespace=str(involved.get("namespace") or metadata_of(body).get("namespace", "")),
+            job=str(involved.get("name", "")),
+            reason=str(body.get("reason", "")),
+            message=str(body.get("message", "")),
         )
 
 
@@ -199,6 +245,8 @@ class Observation:
     jobs: tuple[JobView, ...] = ()
     pods: tuple[PodView, ...] = ()
     peers: tuple[Peer, ...] = ()
+    #: Events about this stream's Jobs (the Job controller's `FailedCreate`).
+    job_events: tuple[JobEvent, ...] = ()
 
     @property
     def stamp(self) -> str:
@@ -240,12 +288,17 @@ Action = CreateJob | DeleteJob | Event
 
 @dataclass(frozen=True)
 class Outcome:
-    """A final result this decision records (for the metrics)."""
+    """A final result this decision records (for the metrics), and the Event announcing it.
+
+    The caller records each (uid, generation, phase, reason) once: a reconcile repeated
+    because kopf's status patch failed decides the same outcome again.
+    """
 
     phase: str
     reason: str
     seconds: float | None = None
     bytes_written: int | None = None
+    event: Event | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -267,15 +320,28 @@ class _State:
 
 
 def is_finished(body: Mapping[str, Any]) -> bool:
-    """The status records an outcome for the current generation: nothing is left to do."""
-    status = body.get("status") or {}
-    generation = generation_of(body)
+    """The status records an outcome for the current spec: nothing is left to do.
+
+    A finished stream stays finished while it is being deleted (see `spec_generation`).
+    """
+    status = stream_status_of(body)
+    generation = spec_generation(body)
     return status.get("phase") in FINAL_PHASES and status.get("observedGeneration") == generation
+
+
+def without_outcome(decision: Decision) -> Decision:
+    """The decision with its outcome (and the Event announcing it) left out: for an outcome
+    already recorded, when kopf repeats a reconcile whose status patch failed."""
+    outcome = decision.outcome
+    if outcome is None:
+        return decision
+    actions = tuple(action for action in decision.actions if action is not outcome.event)
+    return Decision(status=decision.status, actions=actions)
 
 
 def peer(body: Mapping[str, Any], jobs: Sequence[JobView], pods: Sequence[PodView]) -> Peer:
     """Another stream (its body, Jobs and Pods) as the TargetBusy check sees it."""
-    metadata = body.get("metadata") or {}
+    metadata = metadata_of(body)
     holds = any(job.live for job in jobs) or any(not pod.finished for pod in pods)
     return Peer(
         namespace=str(metadata.get("namespace", "")),
@@ -290,7 +356,7 @@ def peer(body: Mapping[str, Any], jobs: Sequence[JobView], pods: Sequence[PodVie
 def decide(observation: Observation) -> Decision:
     """The status patch and actions that move this ImageStream towards its spec."""
     body = observation.body
-    if (body.get("metadata") or {}).get("deletionTimestamp"):
+    if metadata_of(body).get("deletionTimestamp"):
         return Decision()  # the finalizer handler cancels and cleans up
     cancels = _cancel_superseded(observation)
     if is_finished(body):
@@ -302,7 +368,12 @@ def decide(observation: Observation) -> Decision:
     job = _current_job(observation, stream)
     if job is None:
         return _without_job(observation, stream, cancels)
-    return _conclude(observation, _with_job(observation, stream, job), cancels)
+    state = _with_job(observation, stream, job)
+    if state.reason == Reason.AGENT_POD_REJECTED:
+        # A Job whose Pod is refused keeps trying: delete it, or it would start the agent of
+        # a Failed stream once the namespace's policy changes.
+        cancels = [*cancels, DeleteJob(name=job.name, generation=stream.generation)]
+    return _conclude(observation, state, cancels)
 
 
 def job_rejected(observation: Observation, message: str) -> Decision:
@@ -321,8 +392,8 @@ def _cancel_superseded(observation: Observation) -> list[Action]:
         for pod in observation.pods
         if pod.generation != generation and not pod.finished and not pod.deleting
     }
-    metadata = observation.body.get("metadata") or {}
-    status = observation.body.get("status") or {}
+    metadata = metadata_of(observation.body)
+    status = stream_status_of(observation.body)
     # Deletes repeat until the watch shows them (level-based); the Event is said once.
     first_sight = status.get("observedGeneration") != generation
     actions: list[Action] = []
@@ -345,7 +416,7 @@ def _current_job(observation: Observation, stream: StreamSpec) -> JobView | None
 
 def _without_job(observation: Observation, stream: StreamSpec, cancels: list[Action]) -> Decision:
     expected = job_name(stream.name, stream.uid, stream.generation)
-    status = observation.body.get("status") or {}
+    status = stream_status_of(observation.body)
     if _created_before(status, stream, expected):
         started = _parse_time(status.get("startTime"))
         if started is not None and observation.now - started < JOB_VISIBILITY_GRACE:
@@ -390,7 +461,7 @@ def blocking_peer(stream: StreamSpec, created: str, peers: Sequence[Peer]) -> Pe
 
 
 def _with_job(observation: Observation, stream: StreamSpec, job: JobView) -> _State:
-    status = observation.body.get("status") or {}
+    status = stream_status_of(observation.body)
     started = status.get("startTime") if _created_before(status, stream, job.name) else None
     now = observation.stamp
     fields = {"jobName": job.name, "startTime": started or job.start_time or now}
@@ -403,15 +474,36 @@ def _with_job(observation: Observation, stream: StreamSpec, job: JobView) -> _St
     if job.deleting:
         message = f"Job {job.name} was deleted before the agent reported an outcome"
         return _State("Failed", Reason.AGENT_LOST, message, {**fields, "completionTime": now})
-    if pod is None or pod.phase == "Pending":
-        detail = (pod.unschedulable or pod.waiting) if pod else ""
+    if pod is None:
+        return _without_pod(observation, stream, job, fields)
+    if pod.phase == "Pending":
+        detail = pod.unschedulable or pod.waiting
         message = f"agent of Job {job.name} starting on node {stream.node_name}"
         return _State("Pending", Reason.AGENT_STARTING, _joined(message, detail), fields)
-    progress = status.get("progress") or {}
-    if progress.get("phase") == "Verifying":
+    if progress_of(status).get("phase") == "Verifying":
         return _State("Verifying", Reason.VERIFYING, f"verifying {stream.target.host_path}", fields)
     message = f"streaming to {stream.target.host_path} on node {stream.node_name}"
     return _State("Running", Reason.STREAMING, message, fields)
+
+
+def _without_pod(
+    observation: Observation, stream: StreamSpec, job: JobView, fields: Mapping[str, Any]
+) -> _State:
+    """A Job with no Pod: refused by the API server (its FailedCreate Event), or not yet."""
+    events = [event for event in observation.job_events if event.job == job.name]
+    refusal = next((event for event in events if event.refused), None)
+    if refusal is not None:
+        message = f"the agent Pod of Job {job.name} was refused: {refusal.message}"
+        ended = {**fields, "completionTime": observation.stamp}
+        return _State("Failed", Reason.AGENT_POD_REJECTED, message, ended)
+    message = f"agent of Job {job.name} starting on node {stream.node_name}"
+    detail = events[-1].message if events else ""
+    started = _parse_time(fields.get("startTime"))
+    if not detail and started is not None and observation.now - started >= POD_CREATION_GRACE:
+        # No Event to read (expired, or not allowed to list Events): say where to look.
+        seconds = int(POD_CREATION_GRACE.total_seconds())
+        detail = f"no Pod after {seconds} s; kubectl describe job {job.name} shows why"
+    return _State("Pending", Reason.AGENT_STARTING, _joined(message, detail), fields)
 
 
 def _succeeded_or_unverified(
@@ -469,7 +561,7 @@ def _conclude(
 ) -> Decision:
     """Turn the wanted state into a diff of `.status`, a transition Event, and an Outcome."""
     body = observation.body
-    status = body.get("status") or {}
+    status = stream_status_of(body)
     generation = generation_of(body)
     reason = condition_reason(state.reason)
     wanted = _wanted_status(observation, state, reason, generation)
@@ -482,9 +574,10 @@ def _conclude(
     outcome = None
     if transition != (state.phase, reason, generation):
         kind: Literal["Normal", "Warning"] = "Warning" if state.phase == "Failed" else "Normal"
-        events.append(Event(kind, reason, state.message))
+        event = Event(kind, reason, state.message)
+        events.append(event)
         if state.phase in FINAL_PHASES:
-            outcome = _outcome(state, reason, wanted)
+            outcome = _outcome(state, reason, wanted, event)
     return Decision(status=patch, actions=tuple(events), outcome=outcome)
 
 
@@ -492,7 +585,7 @@ def _wanted_status(
     observation: Observation, state: _State, reason: str, generation: int
 ) -> dict[str, Any]:
     body = observation.body
-    status = body.get("status") or {}
+    status = stream_status_of(body)
     result = state.result
     fields = dict(state.fields)
     if result is not None:
@@ -520,12 +613,14 @@ def _wanted_status(
     return wanted
 
 
-def _outcome(state: _State, reason: str, wanted: Mapping[str, Any]) -> Outcome:
+def _outcome(state: _State, reason: str, wanted: Mapping[str, Any], event: Event) -> Outcome:
     started = _parse_time(wanted.get("startTime"))
     ended = _parse_time(wanted.get("completionTime"))
     seconds = (ended - started).total_seconds() if started and ended else None
     written = state.result.bytes_written if state.result is not None else None
-    return Outcome(phase=state.phase, reason=reason, seconds=seconds, bytes_written=written)
+    return Outcome(
+        phase=state.phase, reason=reason, seconds=seconds, bytes_written=written, event=event
+    )
 
 
 def _previous_still_running(observation: Observation, generation: int) -> bool:
@@ -534,7 +629,7 @@ def _previous_still_running(observation: Observation, generation: int) -> bool:
     ) or any(job.generation != generation and job.live for job in observation.jobs)
 
 
-def _created_before(status: Mapping[str, Any], stream: StreamSpec, name: str) -> bool:
+def _created_before(status: StreamStatus, stream: StreamSpec, name: str) -> bool:
     """The status records that this generation's Job was created."""
     return status.get("jobName") == name and status.get("observedGeneration") == stream.generation
 
@@ -565,10 +660,10 @@ def _matching(pattern: re.Pattern[str], value: str) -> str | None:
 
 
 def _created(body: Mapping[str, Any]) -> str:
-    return str((body.get("metadata") or {}).get("creationTimestamp") or "")
+    return str(metadata_of(body).get("creationTimestamp") or "")
 
 
-def _generation_label(metadata: Mapping[str, Any]) -> int | None:
+def _generation_label(metadata: ObjectMeta) -> int | None:
     found = metadata.get("labels") or {}
     if not found.get(LABEL_UID):
         return None
@@ -578,14 +673,14 @@ def _generation_label(metadata: Mapping[str, Any]) -> int | None:
         return None
 
 
-def _agent_container_status(status: Mapping[str, Any]) -> Mapping[str, Any]:
+def _agent_container_status(status: PodStatus) -> ContainerStatus:
     containers = status.get("containerStatuses") or []
     named = [item for item in containers if item.get("name") == CONTAINER_NAME]
     found = named or containers
     return found[0] if found else {}
 
 
-def _termination(terminated: Mapping[str, Any]) -> Termination:
+def _termination(terminated: ContainerStateTerminated) -> Termination:
     return Termination(
         exit_code=int(terminated.get("exitCode") or 0),
         reason=str(terminated.get("reason") or ""),
@@ -593,7 +688,7 @@ def _termination(terminated: Mapping[str, Any]) -> Termination:
     )
 
 
-def _condition_text(status: Mapping[str, Any], kind: str, value: str) -> str:
+def _condition_text(status: PodStatus, kind: str, value: str) -> str:
     for item in status.get("conditions") or []:
         if item.get("type") == kind and item.get("status") == value:
             return _joined(item.get("reason"), item.get("message"))

@@ -8,39 +8,54 @@
   every existing object when the controller starts) and again whenever the `when` filter turns
   true (a spec change of a finished stream), which covers creation, resumption and updates
   without change handlers racing the timer.
+- A fourth index holds the Job controller's `FailedCreate` Events about agent Jobs: a Pod the
+  API server refuses (Pod Security) exists only there, and ends the stream `AgentPodRejected`.
 - A deletion handler (behind kopf's finalizer) cancels the stream and waits until its Jobs and
-  Pods are gone, so a deleted ImageStream leaves no agent running on the node.
+  Pods are gone, so a deleted ImageStream leaves no agent running on the node. Waiting is
+  normal: it polls inside the handler and logs at info; only a cleanup that outlasts
+  `CLEANUP_WAIT` is handed back to kopf as a (logged) temporary error.
 - An event handler keeps the phase gauge and the bytes-written counter current.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from imagestream.controller import decisions
+from imagestream.controller.bodies import (
+    EventBody,
+    metadata_of,
+    progress_of,
+    spec_generation,
+    stream_status_of,
+)
 from imagestream.controller.builders import LABEL_MANAGED_BY, LABEL_UID, MANAGED_BY, JobSettings
 from imagestream.controller.decisions import (
     CreateJob,
     Decision,
     DeleteJob,
     Event,
+    JobEvent,
     JobView,
     Observation,
     PodView,
 )
 from imagestream.controller.kube import JobConflict, JobRejected, KubeClient
 from imagestream.controller.metrics import Metrics
-from imagestream.controller.spec import generation_of, target_key_of
+from imagestream.controller.spec import target_key_of
 from imagestream.kube_config import GROUP, PLURAL, VERSION
+from imagestream.reasons import Reason
 
 #: How often an unfinished stream is reconciled: the status lags the agent by about this much.
 RECONCILE_INTERVAL = 1.0
@@ -48,6 +63,9 @@ RECONCILE_INTERVAL = 1.0
 RETRY_BACKOFF = 2.0
 #: How often the deletion handler checks that the Jobs and Pods are gone.
 CLEANUP_POLL = 1.0
+#: How long the deletion handler waits in one run: longer than an agent's grace period (30 s)
+#: takes to stop, so only a cleanup that is really stuck becomes kopf's temporary error.
+CLEANUP_WAIT = 60.0
 
 
 def _managed() -> dict[str, Any]:
@@ -81,6 +99,11 @@ class Runtime:
         with self._guard:
             self._locks.pop(uid, None)
 
+    def delete_all(self, namespace: str, uid: str) -> int:
+        """Delete the stream's Jobs and Pods under its lock; how many were still there."""
+        with self.lock(uid):
+            return self.kube.delete_all(namespace, uid)
+
 
 def runtime_of(memo: Mapping[str, Any]) -> Runtime:
     """The shared runtime main.py put into kopf's memo."""
@@ -104,19 +127,29 @@ def agent_pods(body: kopf.Body, **_: Any) -> dict[str, PodView] | None:
     return None if view is None else {str(body.metadata.labels[LABEL_UID]): view}
 
 
+def _job_failed_create(body: kopf.Body, **_: Any) -> bool:
+    return JobEvent.from_body(cast(EventBody, body)) is not None
+
+
+@kopf.index("v1", "events", when=_job_failed_create)
+def agent_job_events(body: kopf.Body, **_: Any) -> dict[tuple[str, str], JobEvent] | None:
+    """The Job controller's `FailedCreate` Events by (namespace, Job name)."""
+    view = JobEvent.from_body(cast(EventBody, body))
+    return None if view is None else {(view.namespace, view.job): view}
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def streams_by_target(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
     """ImageStreams by the (node, host path) they write: the TargetBusy check reads this."""
     key = target_key_of(body)
     if key is None:
         return None
-    metadata = body.get("metadata") or {}
-    status = body.get("status") or {}
+    metadata = metadata_of(body)
+    status = stream_status_of(body)
+    # deletionTimestamp too: while a stream is deleted, its generation is one ahead of its spec.
+    fields = ("name", "namespace", "uid", "generation", "creationTimestamp", "deletionTimestamp")
     summary = {
-        "metadata": {
-            name: metadata.get(name)
-            for name in ("name", "namespace", "uid", "generation", "creationTimestamp")
-        },
+        "metadata": {name: metadata.get(name) for name in fields},
         "status": {name: status.get(name) for name in ("phase", "observedGeneration")},
     }
     return {key: summary}
@@ -148,35 +181,51 @@ def reconcile(
     """
     agent_jobs: kopf.Index[str, JobView] = indexes["agent_jobs"]
     agent_pods: kopf.Index[str, PodView] = indexes["agent_pods"]
+    job_events: kopf.Index[tuple[str, str], JobEvent] = indexes["agent_job_events"]
     streams: kopf.Index[tuple[str, str], dict[str, Any]] = indexes["streams_by_target"]
     runtime = runtime_of(memo)
     # A timer's body is kopf's live view, updated in place as events arrive: one decision
     # must see one version of the object.
     snapshot = copy.deepcopy(dict(body))
     uid = str(body.metadata.uid)
+    namespace = str(body.metadata.namespace)
+    generation = spec_generation(snapshot)
     with runtime.lock(uid):
+        jobs = tuple(agent_jobs.get(uid, ()))
         observation = Observation(
             body=snapshot,
             settings=runtime.settings,
             now=datetime.now(UTC),
-            jobs=tuple(agent_jobs.get(uid, ())),
+            jobs=jobs,
             pods=tuple(agent_pods.get(uid, ())),
             peers=_peers(snapshot, agent_jobs, agent_pods, streams),
+            job_events=tuple(
+                event for job in jobs for event in job_events.get((namespace, job.name), ())
+            ),
         )
         decision = decisions.decide(observation)
         try:
-            _act(body, runtime, decision)
+            _act(body, runtime, _once(runtime, uid, generation, decision))
         except (JobRejected, JobConflict) as exc:
             decision = decisions.job_rejected(observation, str(exc))
-            _act(body, runtime, decision)
+            _act(body, runtime, _once(runtime, uid, generation, decision))
     if decision.status:
         patch.setdefault("status", {}).update(decision.status)
     outcome = decision.outcome
     if outcome is not None:
-        runtime.metrics.record_outcome(outcome)
+        runtime.metrics.record_outcome(uid, generation, outcome)
         if outcome.bytes_written is not None:
             # The agent's exact total: its last progress report may be up to a second old.
-            runtime.metrics.observe_written(uid, generation_of(snapshot), outcome.bytes_written)
+            runtime.metrics.observe_written(uid, generation, outcome.bytes_written)
+
+
+def _once(runtime: Runtime, uid: str, generation: int, decision: Decision) -> Decision:
+    """The decision without its outcome Event when that outcome was recorded already: kopf
+    repeats a reconcile whose status patch failed, and it decides the same outcome again."""
+    outcome = decision.outcome
+    if outcome is not None and runtime.metrics.has_outcome(uid, generation, outcome):
+        return decisions.without_outcome(decision)
+    return decision
 
 
 def _peers(
@@ -211,16 +260,31 @@ def _act(body: kopf.Body, runtime: Runtime, decision: Decision) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup")
-def cleanup(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Cancel the stream and wait until its Jobs and Pods are gone; then kopf lets it go."""
+async def cleanup(
+    body: kopf.Body, memo: kopf.Memo, retry: int, logger: kopf.Logger, **_: Any
+) -> None:
+    """Cancel the stream and wait until its Jobs and Pods are gone; then kopf lets it go.
+
+    Waiting for an agent to stop (its grace period) is the normal course of a deletion, so it
+    is an info line, not kopf's "failed temporarily" error, and the cancellation is an Event.
+    """
     runtime = runtime_of(memo)
     namespace = str(body.metadata.namespace)
     uid = str(body.metadata.uid)
-    with runtime.lock(uid):
-        found = runtime.kube.delete_all(namespace, uid)
-    if found:
-        message = f"deleting {found} agent Job(s)/Pod(s) of this ImageStream"
-        raise kopf.TemporaryError(message, delay=CLEANUP_POLL)
+    deadline = time.monotonic() + CLEANUP_WAIT
+    found = await asyncio.to_thread(runtime.delete_all, namespace, uid)
+    if found and retry == 0 and not decisions.is_finished(body):
+        message = f"the ImageStream was deleted: stopping its agent ({found} Job(s)/Pod(s))"
+        kopf.event(body, type="Normal", reason=Reason.CANCELLED, message=message)
+    while found:
+        if time.monotonic() >= deadline:
+            raise kopf.TemporaryError(
+                f"{found} agent Job(s)/Pod(s) still there after {CLEANUP_WAIT:.0f} s",
+                delay=CLEANUP_POLL,
+            )
+        logger.info("waiting for %d agent Job(s)/Pod(s) to be gone", found)
+        await asyncio.sleep(CLEANUP_POLL)
+        found = await asyncio.to_thread(runtime.delete_all, namespace, uid)
     runtime.forget(uid)
     runtime.metrics.forget_stream(uid)
 
@@ -233,8 +297,8 @@ def observe(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     if event.get("type") == "DELETED":
         metrics.forget_stream(uid)
         return
-    status = body.get("status") or {}
+    status = stream_status_of(body)
     metrics.observe_stream(uid, status.get("phase"))
-    written = (status.get("progress") or {}).get("bytesWritten")
+    written = progress_of(status).get("bytesWritten")
     if isinstance(written, int):
-        metrics.observe_written(uid, generation_of(body), written)
+        metrics.observe_written(uid, spec_generation(body), written)

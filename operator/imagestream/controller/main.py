@@ -26,7 +26,9 @@ FINALIZER = "imagestream.dev/cleanup"
 #: (the CRD's status schema has no room for it, and users read status).
 ANNOTATION_PREFIX = "imagestream.dev"
 #: A watch request ends after this long and is renewed: a restarted API server is noticed soon.
-WATCH_SERVER_TIMEOUT = 60.0
+#: An int: kopf sends it as `timeoutSeconds=str(value)`, and the API server parses that with
+#: strconv.ParseInt, so `60.0` is 400 BadRequest and no watch would ever start.
+WATCH_SERVER_TIMEOUT = 60
 #: The client gives up on a watch a little after the server should have closed it.
 WATCH_CLIENT_TIMEOUT = 75.0
 CONNECT_TIMEOUT = 10.0

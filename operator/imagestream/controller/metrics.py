@@ -50,6 +50,8 @@ class Metrics:
         self._lock = threading.Lock()
         self._phases: dict[str, str] = {}
         self._written: dict[str, tuple[int, int]] = {}
+        #: (uid, generation, phase, reason) of every outcome counted, per uid.
+        self._outcomes: dict[str, set[tuple[int, str, str]]] = {}
         self._publish_phases()
 
     def observe_stream(self, uid: str, phase: str | None) -> None:
@@ -77,10 +79,23 @@ class Metrics:
         with self._lock:
             self._phases.pop(uid, None)
             self._written.pop(uid, None)
+            self._outcomes.pop(uid, None)
             self._publish_phases()
 
-    def record_outcome(self, outcome: Outcome) -> None:
-        """A stream finished: count its outcome and observe its duration."""
+    def has_outcome(self, uid: str, generation: int, outcome: Outcome) -> bool:
+        """Whether this outcome of (uid, generation) was counted already."""
+        with self._lock:
+            return (generation, outcome.phase, outcome.reason) in self._outcomes.get(uid, set())
+
+    def record_outcome(self, uid: str, generation: int, outcome: Outcome) -> None:
+        """A stream finished: count its outcome and observe its duration, once per
+        (uid, generation, outcome) however often the reconcile that decided it repeats."""
+        key = (generation, outcome.phase, outcome.reason)
+        with self._lock:
+            seen = self._outcomes.setdefault(uid, set())
+            if key in seen:
+                return
+            seen.add(key)
         self.outcomes.labels(phase=outcome.phase, reason=outcome.reason).inc()
         if outcome.seconds is not None:
             self.duration.labels(phase=outcome.phase).observe(max(0.0, outcome.seconds))

@@ -41,7 +41,7 @@ import pytest
 import yaml
 from tests.support.blockdev import LoopDeviceFactory
 from tests.support.controller import ControllerFactory, ControllerProcess, metric_value
-from tests.support.crd import CRD_PATH, load_crd
+from tests.support.crd import CRD_PATH
 from tests.support.kube_api import KubeApi
 from tests.support.kubectl import Kubectl
 from tests.support.kubelet import OOM_EXIT_CODE, Kubelet, KubeletFactory, PodRun
@@ -133,10 +133,8 @@ class Stand:
                 "target": {"device": str(device)},
             },
         }
-        # Applied as the API server's admission would store it (checked by the CRD's schema and
-        # CEL rules, defaulted): the stand-in stores anything.
-        admitted = load_crd().admit(manifest, self.api.find(GROUP, PLURAL, self.namespace, name))
-        self.kubectl("apply", "-f", "-", input=yaml.safe_dump(admitted))
+        # The API stand-in admits it by the CRD's schema and CEL rules, as a real server does.
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -595,6 +593,75 @@ def test_delete_while_running_stops_agent_and_cleans_up(stand: Stand) -> None:
     assert_no_agent(stand, uid)
     assert stand.kubectl("get", "ims", "-o", "name").stdout == ""
     assert_device_invalid(device)
+    # Waiting for the agent to stop is the normal course of a deletion: an Event says the
+    # stream was cancelled, the log has no error about it.
+    assert ("Normal", "Cancelled") in stand.events("root-b")
+    log = stand.controller.log_text()
+    assert "failed temporarily" not in log
+    assert not [line for line in log.splitlines() if " ERROR " in line], log[-3000:]
+
+
+def test_watches_use_integer_timeouts_a_real_api_server_accepts(stand: Stand) -> None:
+    """The controller's watches carry `timeoutSeconds` as an integer: a real API server parses
+    it with strconv.ParseInt and refuses `60.0` with 400, and so does the stand-in, so with a
+    float no watch would start and no stream would ever leave `Pending`.
+    """
+    image = stand.image(seed=1)
+    device = stand.device()
+    stand.apply("root-b", image, device)
+    stand.wait(
+        "root-b",
+        lambda status: status.get("reason") == "JobCreated" or "phase" in status,
+        "a status",
+    )
+    watches = [
+        request
+        for request in stand.api.requests
+        if request.is_watch and request.user_agent.startswith("kopf")
+    ]
+    watched = {request.path for request in watches}
+    assert f"/apis/{GROUP}/{VERSION}/namespaces/{stand.namespace}/{PLURAL}" in watched, watched
+    assert all(re.fullmatch(r"[0-9]+", request.params["timeoutSeconds"]) for request in watches)
+    assert_succeeded(stand, "root-b", image, device)
+
+
+def test_pod_security_baseline_refusing_the_agent_fails_the_stream(stand: Stand) -> None:
+    """In a namespace whose Pod Security level is `baseline`, the API server refuses the
+    privileged agent Pod; the cause is only in the Job's FailedCreate Event. The stream ends
+    Failed/AgentPodRejected with the server's message (seen at `kubectl get ims`), its Job is
+    deleted, no agent runs and the device is untouched.
+
+    Stand-in: the API stand-in's Pod Security admission checks hostPath volumes, privileged
+    containers and host namespaces only; the kubelet stand-in posts the FailedCreate Event once
+    (a real Job controller retries with a backoff and counts the Event up).
+    """
+    stand.kubectl(
+        "label", "namespace", stand.namespace, "pod-security.kubernetes.io/enforce=baseline"
+    )
+    image = stand.image(seed=1)
+    device = stand.device()
+    before = read_device(device, 2 * MIB)
+    stand.apply("root-b", image, device)
+
+    obj = stand.wait_finished("root-b")
+    status = obj["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "AgentPodRejected"), status
+    assert 'violates PodSecurity "baseline:latest"' in status["message"]
+    assert "hostPath volumes" in status["message"]
+    assert "privileged" in status["message"]
+    assert stand.table_row("root-b")["PHASE"] == "Failed"
+    assert "AgentPodRejected" in stand.kubectl("get", "ims", "root-b", "-o", "wide").stdout
+    assert ("Warning", "AgentPodRejected") in stand.events("root-b")
+    job = status["jobName"]
+    assert stand.kubelet.refusals(job), "the API server refused the agent Pod"
+    stand.api.wait_for(
+        "batch", "jobs", stand.namespace, job, lambda found: found is None, timeout=TIMEOUT
+    )
+    assert stand.kubelet.runs(job) == []
+    assert read_device(device, 2 * MIB) == before
+    page = stand.controller.metrics()
+    outcome = {"phase": "Failed", "reason": "AgentPodRejected"}
+    assert metric_value(page, "imagestream_stream_outcomes_total", **outcome) == 1
 
 
 def test_spec_change_mid_stream_replaces_the_stream(stand: Stand) -> None:
