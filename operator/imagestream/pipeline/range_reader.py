@@ -28,8 +28,9 @@ from imagestream.reasons import Reason
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
-_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+# re.ASCII: `\d` would match "²" or "٣" too, which `int()` then refuses or misreads.
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE | re.ASCII)
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE | re.ASCII)
 _E = TypeVar("_E", bound=BaseException)
 
 
@@ -240,7 +241,7 @@ class HttpRangeReader:
         registries send a 416 without Content-Range, or with the Content-Length of the whole
         blob over an error body, so neither the body nor its Content-Length is ever read.
         """
-        match = _UNSATISFIED_RANGE.search(response.headers.get("content-range", ""))
+        match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("content-range", "").strip())
         stated = int(match.group(1)) if match else None
         known = self.total if self.total is not None else stated
         if known is None or offset < known:
@@ -248,14 +249,7 @@ class HttpRangeReader:
         return stated is None or stated == known
 
     def _check_partial(self, response: httpx.Response, offset: int) -> None:
-        match = _CONTENT_RANGE.search(response.headers.get("content-range", ""))
-        if not match:
-            raise SourceError(
-                f"{self._name} answered 206 without a valid Content-Range header",
-                reason=Reason.BAD_RANGE_RESPONSE,
-            )
-        start = int(match.group(1))
-        total = None if match.group(3) == "*" else int(match.group(3))
+        start, total = _content_range(response.headers.get("content-range", ""), self._name)
         if start != offset:
             raise SourceError(
                 f"{self._name} answered a range starting at byte {start}, but byte {offset} "
@@ -325,17 +319,45 @@ def _coalesce(pieces: Iterator[bytes]) -> Iterator[bytes]:
         yield b"".join(held)
 
 
+def _content_range(header: str, name: str) -> tuple[int, int | None]:
+    """The first byte and the total of a 206's `Content-Range: bytes FIRST-LAST/TOTAL`.
+
+    Every request asks for `bytes=N-`, so the answer must run to the object's last byte: a
+    range that ends elsewhere, or a header with anything around it, is not the answer asked for.
+    """
+    match = _CONTENT_RANGE.fullmatch(header.strip())
+    if not match:
+        raise SourceError(
+            f"{name} answered 206 without a valid Content-Range header ({header!r})",
+            reason=Reason.BAD_RANGE_RESPONSE,
+        )
+    first, last = int(match.group(1)), int(match.group(2))
+    total = None if match.group(3) == "*" else int(match.group(3))
+    if last < first or (total is not None and last != total - 1):
+        raise SourceError(
+            f"{name} answered 206 with Content-Range {header!r}, which does not run from the "
+            "byte asked for to the end of the object",
+            reason=Reason.BAD_RANGE_RESPONSE,
+        )
+    return first, total
+
+
+def _ascii_digits(value: str) -> bool:
+    # str.isdigit() is true for "²" and "٣", which int() refuses or float() misreads.
+    return value.isascii() and value.isdigit()
+
+
 def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length")
-    return int(value) if value and value.isdigit() else None
+    value = response.headers.get("content-length", "").strip()
+    return int(value) if _ascii_digits(value) else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+    value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    if _ascii_digits(value):
+        return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
