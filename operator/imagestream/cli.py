@@ -1,32 +1,130 @@
 """`imagestream`: stream an image onto a target from a shell, or run the demo.
 
-Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety (130 cancelled).
+Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety, 70 internal error
+(a bug), 130 cancelled.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
 
 from imagestream import __version__, defaults
-from imagestream.errors import ImageStreamError
+from imagestream.errors import ImageStreamError, UsageError
 from imagestream.pipeline.credentials import load_auth_file
 from imagestream.pipeline.decompress import Compression
+from imagestream.pipeline.oci import OCI_SCHEME, parse_platform
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
-from imagestream.pipeline.sources import SourceOptions
+from imagestream.pipeline.sources import SourceOptions, check_location
 from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.reasons import Reason
 
 EXIT_USAGE = 2
+#: An exception nobody raised on purpose: a bug (sysexits' EX_SOFTWARE).
+EXIT_INTERNAL = 70
 _UNSAFE_FLAG = "--skip-verification-unsafe"
+# Linux's limits (linux/limits.h): longer names fail every system call with ENAMETOOLONG.
+_NAME_MAX = 255
+_PATH_MAX = 4096
+_MAX_DEMO_MIB = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+# -- argument types: each refuses a bad value before anything is opened or connected ----------
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (no upper bound if None)."""
+    accepted = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer {accepted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, positive (or also zero)."""
+    accepted = "a number of seconds " + ("of at least 0" if zero_ok else "greater than 0")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _check_name_length(text: str) -> None:
+    """Refuse a path the kernel would refuse with ENAMETOOLONG."""
+    encoded = os.fsencode(text)
+    if len(encoded) >= _PATH_MAX:
+        raise argparse.ArgumentTypeError(
+            f"the path is {len(encoded)} bytes long; the longest path is {_PATH_MAX - 1} bytes"
+        )
+    longest = max(len(part) for part in encoded.split(b"/"))
+    if longest > _NAME_MAX:
+        raise argparse.ArgumentTypeError(
+            f"a file name in the path is {longest} bytes long; the longest is {_NAME_MAX} bytes"
+        )
+
+
+def _path(text: str) -> Path:
+    """An argparse type: a path the kernel can look up."""
+    _check_name_length(text)
+    return Path(text)
+
+
+def _target(text: str) -> Path:
+    """An argparse type: TARGET, a device or file path (never `-`: stdout is no target)."""
+    if text == "-":
+        raise argparse.ArgumentTypeError(
+            "'-' is not a target: imagestream writes to a block device or a file, never to "
+            "stdout (use /dev/stdout deliberately if a pipe is really meant)"
+        )
+    return _path(text)
+
+
+def _source(text: str) -> str:
+    """An argparse type: SOURCE, a URL, an `oci://` reference or a local path."""
+    try:
+        check_location(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+    if "://" not in text or text.startswith("file://"):
+        _check_name_length(text.removeprefix("file://"))
+    return text
+
+
+def _platform(text: str) -> str:
+    """An argparse type: `OS/ARCH[/VARIANT]`."""
+    try:
+        parse_platform(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagestream",
         description="Stream compressed OS images onto disks, verified and resumable.",
-        epilog="Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety.",
+        epilog="Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety, "
+        "70 internal error (a bug), 130 cancelled.",
     )
     parser.add_argument("--version", action="version", version=f"imagestream {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
@@ -42,16 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     stream = commands.add_parser("stream", help="stream SOURCE onto TARGET and verify it")
     stream.add_argument(
-        "source", help="http(s):// URL, oci://HOST[:PORT]/REPO[:TAG|@DIGEST] or a local file path"
+        "source",
+        metavar="SOURCE",
+        type=_source,
+        help=f"http(s):// URL, {OCI_SCHEME}HOST[:PORT]/REPO[:TAG|@DIGEST] or a local file path",
     )
-    stream.add_argument("target", type=Path, help="block device, partition or file path")
+    stream.add_argument(
+        "target", metavar="TARGET", type=_target, help="block device, partition or file path"
+    )
     add_stream_options(stream)
 
     demo = commands.add_parser("demo", help="stream a generated image from a local server")
-    demo.add_argument("--size-mib", type=int, default=256, help="raw image size (default 256)")
+    demo.add_argument(
+        "--size-mib",
+        type=_integer(1, _MAX_DEMO_MIB),
+        default=256,
+        help="raw image size (default 256)",
+    )
     demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
     demo.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
-    demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
+    demo.add_argument("--keep", type=_path, help="write the image here instead of a temp file")
 
     commands.add_parser(
         "agent", help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)"
@@ -105,12 +214,16 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="write without an expected hash; the result is reported UNVERIFIED",
     )
     parser.add_argument(
-        "--compression", choices=[c.value for c in Compression], default=Compression.AUTO.value
+        "--compression",
+        choices=[c.value for c in Compression],
+        default=Compression.AUTO.value,
+        help="what the fetched bytes are; auto (the default) tells by the magic bytes and "
+        "writes unknown data as it is",
     )
-    parser.add_argument("--ca-file", type=Path, help="extra CA bundle, added to the system's")
+    parser.add_argument("--ca-file", type=_path, help="extra CA bundle, added to the system's")
     parser.add_argument(
         "--auth-file",
-        type=Path,
+        type=_path,
         help="file holding 'Basic ...', 'Bearer ...', user:password, a bare token, or a Docker "
         'config JSON ({"auths": ...}, as docker/oras login write it)',
     )
@@ -118,6 +231,7 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     oci.add_argument(
         "--platform",
         metavar="OS/ARCH[/VARIANT]",
+        type=_platform,
         help="the index entry to take (default: this machine's, e.g. linux/amd64)",
     )
     oci.add_argument(
@@ -131,21 +245,29 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="talk HTTP to the registry (loopback registries without TLS need no flag)",
     )
     parser.add_argument(
-        "--stall-timeout", type=float, default=float(defaults.STALL_TIMEOUT_SECONDS), metavar="S"
+        "--stall-timeout",
+        type=_seconds(zero_ok=False),
+        default=float(defaults.STALL_TIMEOUT_SECONDS),
+        metavar="S",
     )
-    parser.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, metavar="N")
+    parser.add_argument(
+        "--max-retries", type=_integer(0), default=defaults.MAX_RETRIES, metavar="N"
+    )
     parser.add_argument(
         "--retry-backoff",
-        type=float,
+        type=_seconds(zero_ok=True),
         default=defaults.RETRY_BACKOFF_SECONDS,
         metavar="S",
         help="first backoff delay; doubles per failed attempt, with jitter (default %(default)s)",
     )
     parser.add_argument(
         "--max-window-log",
-        type=int,
+        type=_integer(defaults.MIN_WINDOW_LOG, defaults.MAX_WINDOW_LOG),
         default=defaults.CLI_MAX_WINDOW_LOG,
-        help="largest zstd window accepted, as a power of two (default 31, as zstd --long=31)",
+        metavar="N",
+        help="largest zstd window (and xz dictionary) accepted, as a power of two "
+        f"({defaults.MIN_WINDOW_LOG} to {defaults.MAX_WINDOW_LOG}; default %(default)s, as "
+        "zstd --long=31)",
     )
     parser.add_argument("--verify-after-write", action="store_true", help="read back and compare")
     parser.add_argument(
@@ -154,10 +276,10 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="skip the mount-table, swap and holder checks (the kernel's exclusive open and the "
         "writer lock still apply)",
     )
-    parser.add_argument("--host-root", type=Path, help="where the host's / is mounted (agent)")
+    parser.add_argument("--host-root", type=_path, help="where the host's / is mounted (agent)")
     parser.add_argument(
         "--allowed-dir",
-        type=Path,
+        type=_path,
         action="append",
         default=[],
         metavar="DIR",
@@ -232,15 +354,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    console = Console(stderr=True, soft_wrap=True)
+    # markup=False: paths, URLs and server messages are printed as they are, "[" included.
+    console = Console(stderr=True, soft_wrap=True, markup=False)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        handlers=[RichHandler(console=console, show_path=False, show_time=False, markup=False)],
     )
     # httpx logs every request URL at INFO, credentials and query tokens included.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    mode = getattr(args, "progress", "plain")
+    try:
+        return run_command(args, console)
+    except ImageStreamError as exc:
+        # Raised before a command's own reporting started (reading the auth file, say).
+        return report_failure(exc, mode, console)
+    except Exception as exc:  # a bug: say so in words, keep the trace for -v
+        log.info("internal error", exc_info=exc)
+        report_failure(
+            ImageStreamError(
+                f"internal error: {type(exc).__name__}: {exc}; please report this bug with "
+                "the output of -v",
+                reason=Reason.INTERNAL_ERROR,
+            ),
+            mode,
+            console,
+        )
+        return EXIT_INTERNAL
+
+
+def run_command(args: argparse.Namespace, console: Console) -> int:
+    """Run the parsed subcommand; return its exit code."""
     if args.command == "agent":
         # Imported here: the Kubernetes client costs start-up time every plain stream would pay.
         from imagestream.agent.main import agent_command  # noqa: PLC0415

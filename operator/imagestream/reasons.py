@@ -36,6 +36,7 @@ class Reason(StrEnum):
     HTTP_ERROR = "HTTPError"
     RETRIES_EXHAUSTED = "RetriesExhausted"
     BAD_RANGE_RESPONSE = "BadRangeResponse"
+    TOO_MANY_REDIRECTS = "TooManyRedirects"
     SOURCE_CHANGED = "SourceChanged"
     TLS_VERIFICATION_FAILED = "TLSVerificationFailed"
     UNAUTHORIZED = "Unauthorized"

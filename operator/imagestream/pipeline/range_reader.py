@@ -199,7 +199,15 @@ class HttpRangeReader:
         if offset and self._validators and (validator := self._validators.if_range()):
             headers["If-Range"] = validator
         request = self._client.build_request("GET", self.url, headers=headers)
-        response = self._client.send(request, stream=True)
+        try:
+            response = self._client.send(request, stream=True)
+        except httpx.TooManyRedirects as exc:
+            # Not a TransportError: no retry would end a redirect loop.
+            raise SourceError(
+                f"{self._name} redirects in a loop (or more than {self._client.max_redirects} "
+                "times); check the URL and the server's redirect rules",
+                reason=Reason.TOO_MANY_REDIRECTS,
+            ) from exc
         try:
             skip = self._check_response(response, offset)
             if skip is None:
