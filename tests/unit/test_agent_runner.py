@@ -183,7 +183,7 @@ def test_defaults_keep_the_safety_checks(image: SampleImage, host: Path) -> None
 @pytest.mark.parametrize(
     ("field", "value", "variable"),
     [
-        ("compression", "gzip", "IMAGESTREAM_COMPRESSION"),
+        ("compression", "lz4", "IMAGESTREAM_COMPRESSION"),
         ("sha384", "abc123", "IMAGESTREAM_SHA384"),
     ],
 )
