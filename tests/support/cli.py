@@ -154,6 +154,73 @@ def interrupt(process: subprocess.Popen[str], timeout: float = 30) -> tuple[str,
     return process.communicate(timeout=timeout)
 
 
+# -- peak memory of one run --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One ``imagestream`` run with the peak RSS the kernel recorded for it."""
+
+    exit_code: int
+    peak_rss_mib: float
+    seconds: float
+    result: dict[str, Any]
+    stderr: str
+
+
+# Linux folds the high-water RSS of the address space a process had before `exec` into its
+# `ru_maxrss` (fs/exec.c, exec_mmap), and a child made by fork/vfork starts from its parent's.
+# Spawned straight from pytest, the CLI would report pytest's own peak (over 150 MiB after the
+# other test files ran). So a small launcher process spawns the CLI and reports the child's
+# `wait4` usage, together with its own high-water mark: the floor the measurement cannot go below.
+_LAUNCHER = """
+import json, os, subprocess, sys
+report, argv = sys.argv[1], sys.argv[2:]
+with open("/proc/self/status") as status_file:
+    hwm = next(int(line.split()[1]) for line in status_file if line.startswith("VmHWM:"))
+child = subprocess.Popen(argv)
+_, status, usage = os.wait4(child.pid, 0)
+child.returncode = os.waitstatus_to_exitcode(status)
+with open(report, "w") as fh:
+    json.dump({"exit_code": child.returncode, "maxrss_kib": usage.ru_maxrss, "floor_kib": hwm}, fh)
+"""
+# The launcher's floor must stay well below any limit, or the measurement would mean nothing.
+_FLOOR_LIMIT_MIB = 40
+
+
+def run_measured(*args: str | os.PathLike[str], workdir: Path, timeout: float = 300) -> Measured:
+    """Run ``imagestream ARGS...`` as a grandchild; its exit code, peak RSS and JSON result.
+
+    stdout, stderr and the launcher's report go to files in ``workdir``.
+    """
+    stdout_path = workdir / "stdout.json"
+    stderr_path = workdir / "stderr.txt"
+    report_path = workdir / "rusage.json"
+    report_path.unlink(missing_ok=True)
+    started = time.monotonic()
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, str(report_path), *imagestream_command(*args)],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env=imagestream_env(),
+            check=True,
+            timeout=timeout,
+        )
+    seconds = time.monotonic() - started
+    report = json.loads(report_path.read_text())
+    assert report["floor_kib"] / 1024 < _FLOOR_LIMIT_MIB, report
+    records = json_records(stdout_path.read_text())
+    return Measured(
+        exit_code=report["exit_code"],
+        peak_rss_mib=report["maxrss_kib"] / 1024,
+        seconds=seconds,
+        result=records[-1] if records else {},
+        stderr=stderr_path.read_text(),
+    )
+
+
 def stream_image(
     source: str,
     target: Path,
