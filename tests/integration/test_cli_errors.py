@@ -183,11 +183,19 @@ def test_demo_size_must_be_positive(size: str) -> None:
 # -- errors from libraries: a reason and the family's exit code, never a traceback -------------
 
 
-def test_a_redirect_loop_is_a_source_error(
-    nginx_factory: NginxFactory, nginx_docroot: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("/loop", "redirects in a loop"),
+        ("ftp://127.0.0.1/image.zst", "redirects to a URL that is not http:// or https://"),
+    ],
+    ids=["loop", "to-ftp"],
+)
+def test_a_bad_redirect_is_a_source_error_at_once(
+    location: str, message: str, nginx_factory: NginxFactory, nginx_docroot: Path, tmp_path: Path
 ) -> None:
     server = nginx_factory(
-        nginx_docroot, extra_server_config="location /loop { return 302 /loop; }"
+        nginx_docroot, extra_server_config=f"location /loop {{ return 302 {location}; }}"
     )
     target = tmp_path / "out.img"
 
@@ -195,9 +203,10 @@ def test_a_redirect_loop_is_a_source_error(
         "stream", server.url_for("loop"), target, "--sha384", SHA384, "--progress", "json"
     )
 
-    assert_exited(run, 3, "TooManyRedirects", "redirects in a loop")
+    assert_exited(run, 3, "BadRedirect", message)
     assert "Traceback" not in run.stderr
-    assert run.result()["reason"] == "TooManyRedirects"
+    assert run.result()["reason"] == "BadRedirect"
+    assert "resuming" not in run.stderr  # not retried: no retry changes the answer
     assert not target.exists()
 
 

@@ -202,11 +202,17 @@ class HttpRangeReader:
         try:
             response = self._client.send(request, stream=True)
         except httpx.TooManyRedirects as exc:
-            # Not a TransportError: no retry would end a redirect loop.
+            # Not a TransportError, and no retry would end a redirect loop.
             raise SourceError(
                 f"{self._name} redirects in a loop (or more than {self._client.max_redirects} "
                 "times); check the URL and the server's redirect rules",
-                reason=Reason.TOO_MANY_REDIRECTS,
+                reason=Reason.BAD_REDIRECT,
+            ) from exc
+        except httpx.UnsupportedProtocol as exc:
+            # The URL itself was checked to be http(s): a redirect led elsewhere, every time.
+            raise SourceError(
+                f"{self._name} redirects to a URL that is not http:// or https:// ({exc})",
+                reason=Reason.BAD_REDIRECT,
             ) from exc
         try:
             skip = self._check_response(response, offset)
