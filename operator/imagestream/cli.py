@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -42,89 +42,75 @@ _MAX_DEMO_MIB = 1 << 20
 log = logging.getLogger(__name__)
 
 
-# -- argument types: each refuses a bad value before anything is opened or connected ----------
+# -- checks of the values: each refuses a bad one before anything is opened or connected -----
 
 
-def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer from `low` to `high` (no upper bound if None)."""
-    accepted = f"from {low} to {high}" if high is not None else f"of at least {low}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected an integer {accepted}, got {text!r}")
-        return value
-
-    return parse
+def _check_integer(option: str, value: int, low: int, high: int | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        accepted = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise UsageError(f"{option} must be an integer {accepted}, got {value}")
 
 
-def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
-    """An argparse type: a finite number of seconds, positive (or also zero)."""
-    accepted = "a number of seconds " + ("of at least 0" if zero_ok else "greater than 0")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
-        return value
-
-    return parse
+def _check_seconds(option: str, value: float, *, zero_ok: bool) -> None:
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        accepted = "at least 0" if zero_ok else "greater than 0"
+        raise UsageError(f"{option} must be a number of seconds {accepted}, got {value:g}")
 
 
-def _check_name_length(text: str) -> None:
+def _check_name_length(what: str, path: str | os.PathLike[str]) -> None:
     """Refuse a path the kernel would refuse with ENAMETOOLONG."""
-    encoded = os.fsencode(text)
+    encoded = os.fsencode(path)
     if len(encoded) >= _PATH_MAX:
-        raise argparse.ArgumentTypeError(
-            f"the path is {len(encoded)} bytes long; the longest path is {_PATH_MAX - 1} bytes"
+        raise UsageError(
+            f"{what} is {len(encoded)} bytes long; the longest path is {_PATH_MAX - 1} bytes"
         )
     longest = max(len(part) for part in encoded.split(b"/"))
     if longest > _NAME_MAX:
-        raise argparse.ArgumentTypeError(
-            f"a file name in the path is {longest} bytes long; the longest is {_NAME_MAX} bytes"
+        raise UsageError(
+            f"{what} has a file name {longest} bytes long; the longest is {_NAME_MAX} bytes"
         )
 
 
-def _path(text: str) -> Path:
-    """An argparse type: a path the kernel can look up."""
-    _check_name_length(text)
-    return Path(text)
-
-
-def _target(text: str) -> Path:
-    """An argparse type: TARGET, a device or file path (never `-`: stdout is no target)."""
-    if text == "-":
-        raise argparse.ArgumentTypeError(
-            "'-' is not a target: imagestream writes to a block device or a file, never to "
-            "stdout (use /dev/stdout deliberately if a pipe is really meant)"
+def validate_stream_args(args: argparse.Namespace) -> None:
+    """Refuse bad `stream` values with a `UsageError` naming the argument and what it accepts."""
+    source: str = args.source
+    try:
+        check_location(source)
+    except UsageError as exc:
+        raise UsageError(f"SOURCE: {exc.message}") from exc
+    if "://" not in source or source.startswith("file://"):
+        _check_name_length("SOURCE", source.removeprefix("file://"))
+    if str(args.target) == "-":
+        raise UsageError(
+            "TARGET '-' is refused: imagestream writes to a block device or a file, never to stdout"
         )
-    return _path(text)
+    _check_name_length("TARGET", args.target)
+    for option, path in (
+        ("--ca-file", args.ca_file),
+        ("--auth-file", args.auth_file),
+        ("--host-root", args.host_root),
+        *(("--allowed-dir", allowed) for allowed in args.allowed_dir),
+    ):
+        if path is not None:
+            _check_name_length(option, path)
+    if args.platform is not None:
+        try:
+            parse_platform(args.platform)
+        except UsageError as exc:
+            raise UsageError(f"--platform: {exc.message}") from exc
+    _check_integer(
+        "--max-window-log", args.max_window_log, defaults.MIN_WINDOW_LOG, defaults.MAX_WINDOW_LOG
+    )
+    _check_integer("--max-retries", args.max_retries, 0)
+    _check_seconds("--stall-timeout", args.stall_timeout, zero_ok=False)
+    _check_seconds("--retry-backoff", args.retry_backoff, zero_ok=True)
 
 
-def _source(text: str) -> str:
-    """An argparse type: SOURCE, a URL, an `oci://` reference or a local path."""
-    try:
-        check_location(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
-    if "://" not in text or text.startswith("file://"):
-        _check_name_length(text.removeprefix("file://"))
-    return text
-
-
-def _platform(text: str) -> str:
-    """An argparse type: `OS/ARCH[/VARIANT]`."""
-    try:
-        parse_platform(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from exc
-    return text
+def validate_demo_args(args: argparse.Namespace) -> None:
+    """Refuse bad `demo` values with a `UsageError`."""
+    _check_integer("--size-mib", args.size_mib, 1, _MAX_DEMO_MIB)
+    if args.keep is not None:
+        _check_name_length("--keep", args.keep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,24 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument(
         "source",
         metavar="SOURCE",
-        type=_source,
         help=f"http(s):// URL, {OCI_SCHEME}HOST[:PORT]/REPO[:TAG|@DIGEST] or a local file path",
     )
     stream.add_argument(
-        "target", metavar="TARGET", type=_target, help="block device, partition or file path"
+        "target",
+        metavar="TARGET",
+        type=Path,
+        help="block device, partition or file path (never -: stdout is no target)",
     )
     add_stream_options(stream)
 
     demo = commands.add_parser("demo", help="stream a generated image from a local server")
     demo.add_argument(
         "--size-mib",
-        type=_integer(1, _MAX_DEMO_MIB),
+        type=int,
         default=256,
         help="raw image size (default 256)",
     )
     demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
     demo.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
-    demo.add_argument("--keep", type=_path, help="write the image here instead of a temp file")
+    demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
 
     commands.add_parser(
         "agent", help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)"
@@ -220,10 +208,10 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="what the fetched bytes are; auto (the default) tells by the magic bytes and "
         "writes unknown data as it is",
     )
-    parser.add_argument("--ca-file", type=_path, help="extra CA bundle, added to the system's")
+    parser.add_argument("--ca-file", type=Path, help="extra CA bundle, added to the system's")
     parser.add_argument(
         "--auth-file",
-        type=_path,
+        type=Path,
         help="file holding 'Basic ...', 'Bearer ...', user:password, a bare token, or a Docker "
         'config JSON ({"auths": ...}, as docker/oras login write it)',
     )
@@ -231,7 +219,6 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     oci.add_argument(
         "--platform",
         metavar="OS/ARCH[/VARIANT]",
-        type=_platform,
         help="the index entry to take (default: this machine's, e.g. linux/amd64)",
     )
     oci.add_argument(
@@ -246,23 +233,21 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stall-timeout",
-        type=_seconds(zero_ok=False),
+        type=float,
         default=float(defaults.STALL_TIMEOUT_SECONDS),
         metavar="S",
     )
-    parser.add_argument(
-        "--max-retries", type=_integer(0), default=defaults.MAX_RETRIES, metavar="N"
-    )
+    parser.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, metavar="N")
     parser.add_argument(
         "--retry-backoff",
-        type=_seconds(zero_ok=True),
+        type=float,
         default=defaults.RETRY_BACKOFF_SECONDS,
         metavar="S",
         help="first backoff delay; doubles per failed attempt, with jitter (default %(default)s)",
     )
     parser.add_argument(
         "--max-window-log",
-        type=_integer(defaults.MIN_WINDOW_LOG, defaults.MAX_WINDOW_LOG),
+        type=int,
         default=defaults.CLI_MAX_WINDOW_LOG,
         metavar="N",
         help="largest zstd window (and xz dictionary) accepted, as a power of two "
@@ -276,10 +261,10 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="skip the mount-table, swap and holder checks (the kernel's exclusive open and the "
         "writer lock still apply)",
     )
-    parser.add_argument("--host-root", type=_path, help="where the host's / is mounted (agent)")
+    parser.add_argument("--host-root", type=Path, help="where the host's / is mounted (agent)")
     parser.add_argument(
         "--allowed-dir",
-        type=_path,
+        type=Path,
         action="append",
         default=[],
         metavar="DIR",
@@ -368,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_command(args, console)
     except ImageStreamError as exc:
-        # Raised before a command's own reporting started (reading the auth file, say).
+        # A bad value, refused before the command's own reporting started.
         return report_failure(exc, mode, console)
     except Exception as exc:  # a bug: say so in words, keep the trace for -v
         log.info("internal error", exc_info=exc)
@@ -396,6 +381,7 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
 
         return controller_command(args)
     if args.command == "demo":
+        validate_demo_args(args)
         # Imported here: the demo's generator and server cost 0.1 s of start-up on every stream.
         from imagestream.demo.run import demo_command  # noqa: PLC0415
 
@@ -403,4 +389,5 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     if args.sha384 is None and not args.unverified:
         console.print(f"error: --sha384 is required (or {_UNSAFE_FLAG} to write unverified)")
         return EXIT_USAGE
+    validate_stream_args(args)
     return stream_command(args, console)

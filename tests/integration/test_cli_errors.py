@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,12 +46,19 @@ def assert_not_connected(server: socket.socket) -> None:
         server.accept()
 
 
+def usage_run(*args: str | Path) -> CliRun:
+    """`imagestream ARGS... --progress json`: a usage error gets a JSON result too."""
+    return run_imagestream(*args, "--progress", "json")
+
+
 def assert_usage_error(run: CliRun, *phrases: str) -> None:
-    """Exit 2, one `error:` line with each phrase, no traceback."""
+    """Exit 2, one `error` line on stderr with each phrase, the JSON result, no traceback."""
     assert_exited(run, 2, *phrases)
     assert "Traceback" not in run.stderr, run.stderr
-    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1, run.stderr
+    assert errors[0].startswith("error (InvalidRequest): "), run.stderr
+    assert run.result()["reason"] == "InvalidRequest"
 
 
 @pytest.fixture
@@ -65,17 +72,15 @@ def image(tmp_path: Path) -> SampleImage:
 @pytest.mark.parametrize(
     ("option", "value", "accepted"),
     [
-        ("--max-window-log", "9", "from 10 to 31"),
-        ("--max-window-log", "32", "from 10 to 31"),
-        ("--max-window-log", "x", "from 10 to 31"),
-        ("--stall-timeout", "-1", "greater than 0"),
-        ("--stall-timeout", "nan", "greater than 0"),
-        ("--stall-timeout", "inf", "greater than 0"),
-        ("--stall-timeout", "0", "greater than 0"),
-        ("--retry-backoff", "-0.5", "at least 0"),
-        ("--retry-backoff", "NaN", "at least 0"),
-        ("--max-retries", "-1", "at least 0"),
-        ("--max-retries", "1.5", "at least 0"),
+        ("--max-window-log", "9", "an integer from 10 to 31, got 9"),
+        ("--max-window-log", "32", "an integer from 10 to 31, got 32"),
+        ("--stall-timeout", "-1", "a number of seconds greater than 0, got -1"),
+        ("--stall-timeout", "nan", "a number of seconds greater than 0, got nan"),
+        ("--stall-timeout", "inf", "a number of seconds greater than 0, got inf"),
+        ("--stall-timeout", "0", "a number of seconds greater than 0, got 0"),
+        ("--retry-backoff", "-0.5", "a number of seconds at least 0, got -0.5"),
+        ("--retry-backoff", "NaN", "a number of seconds at least 0, got nan"),
+        ("--max-retries", "-1", "an integer of at least 0, got -1"),
     ],
 )
 def test_a_bad_number_is_a_usage_error_naming_the_flag_and_range(
@@ -83,30 +88,40 @@ def test_a_bad_number_is_a_usage_error_naming_the_flag_and_range(
 ) -> None:
     target = tmp_path / "out.img"
 
-    run = run_imagestream("stream", url_of(listener), target, "--sha384", SHA384, option, value)
+    run = usage_run("stream", url_of(listener), target, "--sha384", SHA384, option, value)
 
-    assert_usage_error(run, f"argument {option}:", accepted, repr(value))
+    assert_usage_error(run, f"{option} must be {accepted}")
     assert_not_connected(listener)
     assert not target.exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--max-window-log", "x"), ("--max-retries", "1.5")])
+def test_a_value_that_is_no_number_is_an_argument_error(
+    option: str, value: str, listener: socket.socket
+) -> None:
+    run = run_imagestream("stream", url_of(listener), "out.img", "--sha384", SHA384, option, value)
+
+    assert_exited(run, 2, f"argument {option}: invalid int value: '{value}'")
+    assert_not_connected(listener)
 
 
 @pytest.mark.parametrize(
     ("source", "phrases"),
     [
-        ("http:///x", ["argument SOURCE", "names no host"]),
-        ("https:///image.zst", ["argument SOURCE", "names no host"]),
-        ("http://[::1/x", ["argument SOURCE", "Invalid IPv6 URL"]),
-        ("http://127.0.0.1:99999/x", ["argument SOURCE", "Port out of range"]),
-        ("ftp://h/x", ["argument SOURCE", "unsupported source scheme ftp://"]),
+        ("http:///x", ["SOURCE: invalid source URL http:///x: it names no host"]),
+        ("https:///image.zst", ["SOURCE: invalid source URL", "names no host"]),
+        ("http://[::1/x", ["SOURCE: invalid source URL: Invalid IPv6 URL"]),
+        ("http://127.0.0.1:99999/x", ["SOURCE: invalid source URL", "Port out of range"]),
+        ("ftp://h/x", ["SOURCE: unsupported source scheme ftp://"]),
         (
             "oci://fleet/os:v1",
             [
-                "argument SOURCE",
+                "SOURCE: invalid OCI reference",
                 "'fleet' is not a registry host",
                 "e.g. oci://registry.example/fleet/os:v1",
             ],
         ),
-        ("oci://fleet", ["argument SOURCE", "invalid OCI reference"]),
+        ("oci://fleet", ["SOURCE: invalid OCI reference"]),
     ],
 )
 def test_a_malformed_source_is_a_usage_error(
@@ -114,7 +129,7 @@ def test_a_malformed_source_is_a_usage_error(
 ) -> None:
     target = tmp_path / "out.img"
 
-    run = run_imagestream("stream", source, target, "--sha384", SHA384)
+    run = usage_run("stream", source, target, "--sha384", SHA384)
 
     assert_usage_error(run, *phrases)
     assert not target.exists()
@@ -135,49 +150,59 @@ def test_a_platform_without_arch_is_a_usage_error_before_the_registry_is_asked(
     host, port = listener.getsockname()
     target = tmp_path / "out.img"
 
-    run = run_imagestream(
+    run = usage_run(
         "stream", f"oci://{host}:{port}/os:v1", target, "--sha384", SHA384, "--platform", "linux"
     )
 
     # The message has "[/VARIANT]" in it, which rich used to take for a closing tag and crash.
-    assert_usage_error(run, "argument --platform", "expected OS/ARCH[/VARIANT]")
+    assert_usage_error(run, "--platform: invalid platform 'linux': expected OS/ARCH[/VARIANT]")
     assert_not_connected(listener)
     assert not target.exists()
 
 
 def test_dash_is_refused_as_a_target(image: SampleImage) -> None:
-    run = run_imagestream("stream", image.path, "-", "--sha384", image.sha384)
+    run = usage_run("stream", image.path, "-", "--sha384", image.sha384)
 
-    assert_usage_error(run, "argument TARGET", "'-' is not a target", "stdout")
+    assert_usage_error(run, "TARGET '-' is refused", "never to stdout")
 
 
-@pytest.mark.parametrize("where", ["target", "source"])
+@pytest.mark.parametrize("where", ["TARGET", "SOURCE", "--ca-file", "--allowed-dir"])
 @pytest.mark.parametrize(
-    "make_path",
+    ("make_path", "phrase"),
     [
-        lambda base: base / ("n" * 256),
-        lambda base: base.joinpath(*(["d" * 200] * 21)),
+        (lambda base: base / ("n" * 256), "has a file name 256 bytes long; the longest is 255"),
+        (
+            lambda base: base.joinpath(*(["d" * 200] * 21)),
+            "bytes long; the longest path is 4095 bytes",
+        ),
     ],
     ids=["name-too-long", "path-too-long"],
 )
 def test_a_path_too_long_is_a_usage_error(
-    where: str, make_path: object, image: SampleImage, tmp_path: Path
+    where: str,
+    make_path: Callable[[Path], Path],
+    phrase: str,
+    image: SampleImage,
+    tmp_path: Path,
 ) -> None:
-    assert callable(make_path)
-    long_path: Path = make_path(tmp_path)
-    source, target = (image.path, long_path) if where == "target" else (long_path, tmp_path / "o")
+    long_path = make_path(tmp_path)
+    source, target = (long_path, tmp_path / "o") if where == "SOURCE" else (image.path, long_path)
+    options: list[str | Path] = []
+    if where.startswith("--"):
+        target = tmp_path / "o"
+        options = [where, long_path]
 
-    run = run_imagestream("stream", source, target, "--sha384", image.sha384)
+    run = usage_run("stream", source, target, "--sha384", image.sha384, *options)
 
-    assert_usage_error(run, f"argument {where.upper()}", "bytes long")
+    assert_usage_error(run, where, phrase)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.zst"]
 
 
-@pytest.mark.parametrize("size", ["-5", "0", "x"])
+@pytest.mark.parametrize("size", ["-5", "0"])
 def test_demo_size_must_be_positive(size: str) -> None:
-    run = run_imagestream("demo", "--size-mib", size)
+    run = usage_run("demo", "--size-mib", size)
 
-    assert_usage_error(run, "argument --size-mib", "from 1 to")
+    assert_usage_error(run, f"--size-mib must be an integer from 1 to 1048576, got {size}")
 
 
 # -- errors from libraries: a reason and the family's exit code, never a traceback -------------

@@ -263,11 +263,19 @@ class HttpRangeReader:
         return stated is None or stated == known
 
     def _check_partial(self, response: httpx.Response, offset: int) -> None:
-        start, total = _content_range(response.headers.get("content-range", ""), self._name)
+        header = response.headers.get("content-range", "")
+        start, last, total = _content_range(header, self._name)
         if start != offset:
             raise SourceError(
                 f"{self._name} answered a range starting at byte {start}, but byte {offset} "
                 "was asked for; refusing to splice the wrong bytes into the image",
+                reason=Reason.BAD_RANGE_RESPONSE,
+            )
+        # Every request asks for `bytes=N-`: the answer must run to the object's last byte.
+        if last < start or (total is not None and last != total - 1):
+            raise SourceError(
+                f"{self._name} answered 206 with Content-Range {header!r}, which does not run "
+                "from the byte asked for to the end of the object",
                 reason=Reason.BAD_RANGE_RESPONSE,
             )
         self._pin(response, total)
@@ -333,11 +341,10 @@ def _coalesce(pieces: Iterator[bytes]) -> Iterator[bytes]:
         yield b"".join(held)
 
 
-def _content_range(header: str, name: str) -> tuple[int, int | None]:
-    """The first byte and the total of a 206's `Content-Range: bytes FIRST-LAST/TOTAL`.
+def _content_range(header: str, name: str) -> tuple[int, int, int | None]:
+    """FIRST, LAST and TOTAL (None for `*`) of `Content-Range: bytes FIRST-LAST/TOTAL`.
 
-    Every request asks for `bytes=N-`, so the answer must run to the object's last byte: a
-    range that ends elsewhere, or a header with anything around it, is not the answer asked for.
+    The whole header must be that form: anything around it is not an answer to one range.
     """
     match = _CONTENT_RANGE.fullmatch(header.strip())
     if not match:
@@ -345,15 +352,8 @@ def _content_range(header: str, name: str) -> tuple[int, int | None]:
             f"{name} answered 206 without a valid Content-Range header ({header!r})",
             reason=Reason.BAD_RANGE_RESPONSE,
         )
-    first, last = int(match.group(1)), int(match.group(2))
     total = None if match.group(3) == "*" else int(match.group(3))
-    if last < first or (total is not None and last != total - 1):
-        raise SourceError(
-            f"{name} answered 206 with Content-Range {header!r}, which does not run from the "
-            "byte asked for to the end of the object",
-            reason=Reason.BAD_RANGE_RESPONSE,
-        )
-    return first, total
+    return int(match.group(1)), int(match.group(2)), total
 
 
 def _ascii_digits(value: str) -> bool:
