@@ -140,12 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream_options(stream)
 
     demo = commands.add_parser("demo", help="stream a generated image from a local server")
-    demo.add_argument(
-        "--size-mib",
-        type=int,
-        default=256,
-        help="raw image size (default 256)",
-    )
+    demo.add_argument("--size-mib", type=int, default=256, help="raw image size (default 256)")
     demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
     demo.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
     demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
@@ -232,10 +227,7 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="talk HTTP to the registry (loopback registries without TLS need no flag)",
     )
     parser.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=float(defaults.STALL_TIMEOUT_SECONDS),
-        metavar="S",
+        "--stall-timeout", type=float, default=float(defaults.STALL_TIMEOUT_SECONDS), metavar="S"
     )
     parser.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, metavar="N")
     parser.add_argument(
