@@ -94,7 +94,9 @@ class _Format:
 class StreamDecoder:
     """Decodes one format's concatenated members or streams, at most `max_length` at a time."""
 
-    def __init__(self, form: _Format, too_large: Callable[[Exception], IntegrityError] | None):
+    def __init__(
+        self, form: _Format, too_large: Callable[[Exception], IntegrityError] | None
+    ) -> None:
         self.name = form.name
         self.parts = 0
         self.produced = 0
@@ -176,7 +178,7 @@ class StreamDecoder:
 
 _GZIP = _Format("gzip", "member", _Inflate, (zlib.error,))
 # bz2 reports corrupt data as OSError ("Invalid data stream").
-_BZIP2 = _Format("bzip2", "stream", bz2.BZ2Decompressor, (OSError, EOFError))
+_BZIP2 = _Format("bzip2", "stream", bz2.BZ2Decompressor, (OSError,))
 
 
 def gzip_decoder() -> StreamDecoder:
@@ -203,5 +205,5 @@ def xz_decoder(max_window_log: int) -> StreamDecoder:
             reason=Reason.WINDOW_TOO_LARGE,
         )
 
-    form = _Format("xz", "stream", new, (lzma.LZMAError, EOFError), padding=_XZ_PADDING_UNIT)
+    form = _Format("xz", "stream", new, (lzma.LZMAError,), padding=_XZ_PADDING_UNIT)
     return StreamDecoder(form, too_large)
