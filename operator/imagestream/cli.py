@@ -1,12 +1,15 @@
 """`imagestream`: stream an image onto a target from a shell, or run the demo.
 
-Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety (130 cancelled).
+Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety, 70 internal error
+(a bug), 130 cancelled.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,19 +18,100 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from imagestream import __version__, defaults
-from imagestream.errors import ImageStreamError
+from imagestream.errors import ImageStreamError, UsageError
 from imagestream.pipeline.credentials import load_auth_file
 from imagestream.pipeline.decompress import Compression
+from imagestream.pipeline.oci_refs import OCI_SCHEME, parse_platform
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
-from imagestream.pipeline.sources import SourceOptions
+from imagestream.pipeline.sources import SourceOptions, check_location
 from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.reasons import Reason
 from imagestream.signals import cancel_on_signals
 from imagestream.targets import target_from_argument
 
 EXIT_USAGE = 2
+#: An exception nobody raised on purpose: a bug (sysexits' EX_SOFTWARE).
+EXIT_INTERNAL = 70
 _UNSAFE_FLAG = "--skip-verification-unsafe"
+# Linux's limits (linux/limits.h): longer names fail every system call with ENAMETOOLONG.
+_NAME_MAX = 255
+_PATH_MAX = 4096
+_MAX_DEMO_MIB = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+# -- checks of the values: each refuses a bad one before anything is opened or connected -----
+
+
+def _check_integer(option: str, value: int, low: int, high: int | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        accepted = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise UsageError(f"{option} must be an integer {accepted}, got {value}")
+
+
+def _check_seconds(option: str, value: float, *, zero_ok: bool) -> None:
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        accepted = "at least 0" if zero_ok else "greater than 0"
+        raise UsageError(f"{option} must be a number of seconds {accepted}, got {value:g}")
+
+
+def _check_name_length(what: str, path: str | os.PathLike[str]) -> None:
+    """Refuse a path the kernel would refuse with ENAMETOOLONG."""
+    encoded = os.fsencode(path)
+    if len(encoded) >= _PATH_MAX:
+        raise UsageError(
+            f"{what} is {len(encoded)} bytes long; the longest path is {_PATH_MAX - 1} bytes"
+        )
+    longest = max(len(part) for part in encoded.split(b"/"))
+    if longest > _NAME_MAX:
+        raise UsageError(
+            f"{what} has a file name {longest} bytes long; the longest is {_NAME_MAX} bytes"
+        )
+
+
+def validate_stream_args(args: argparse.Namespace) -> None:
+    """Refuse bad `stream` values with a `UsageError` naming the argument and what it accepts."""
+    source: str = args.source
+    try:
+        check_location(source)
+    except UsageError as exc:
+        raise UsageError(f"SOURCE: {exc.message}") from exc
+    if "://" not in source or source.startswith("file://"):
+        _check_name_length("SOURCE", source.removeprefix("file://"))
+    if str(args.target) == "-":
+        raise UsageError(
+            "TARGET '-' is refused: imagestream writes to a block device or a file, never to stdout"
+        )
+    _check_name_length("TARGET", args.target)
+    for option, path in (
+        ("--ca-file", args.ca_file),
+        ("--auth-file", args.auth_file),
+        ("--host-root", args.host_root),
+        *(("--allowed-dir", allowed) for allowed in args.allowed_dir),
+    ):
+        if path is not None:
+            _check_name_length(option, path)
+    if args.platform is not None:
+        try:
+            parse_platform(args.platform)
+        except UsageError as exc:
+            raise UsageError(f"--platform: {exc.message}") from exc
+    _check_integer(
+        "--max-window-log", args.max_window_log, defaults.MIN_WINDOW_LOG, defaults.MAX_WINDOW_LOG
+    )
+    _check_integer("--max-retries", args.max_retries, 0)
+    _check_seconds("--stall-timeout", args.stall_timeout, zero_ok=False)
+    _check_seconds("--retry-backoff", args.retry_backoff, zero_ok=True)
+
+
+def validate_demo_args(args: argparse.Namespace) -> None:
+    """Refuse bad `demo` values with a `UsageError`."""
+    _check_integer("--size-mib", args.size_mib, 1, _MAX_DEMO_MIB)
+    if args.keep is not None:
+        _check_name_length("--keep", args.keep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagestream",
         description="Stream compressed OS images onto disks, verified and resumable.",
-        epilog="Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety.",
+        epilog="Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety, "
+        "70 internal error (a bug), 130 cancelled.",
     )
     parser.add_argument("--version", action="version", version=f"imagestream {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
@@ -43,9 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     stream = commands.add_parser("stream", help="stream SOURCE onto TARGET and verify it")
     stream.add_argument(
-        "source", help="http(s):// URL, oci://HOST[:PORT]/REPO[:TAG|@DIGEST] or a local file path"
+        "source",
+        metavar="SOURCE",
+        help=f"http(s):// URL, {OCI_SCHEME}HOST[:PORT]/REPO[:TAG|@DIGEST] or a local file path",
     )
-    stream.add_argument("target", type=Path, help="block device, partition or file path")
+    stream.add_argument(
+        "target",
+        metavar="TARGET",
+        type=Path,
+        help="block device, partition or file path (never -: stdout is no target)",
+    )
     add_stream_options(stream)
 
     demo = commands.add_parser("demo", help="stream a generated image from a local server")
@@ -106,7 +198,11 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="write without an expected hash; the result is reported UNVERIFIED",
     )
     parser.add_argument(
-        "--compression", choices=[c.value for c in Compression], default=Compression.AUTO.value
+        "--compression",
+        choices=[c.value for c in Compression],
+        default=Compression.AUTO.value,
+        help="what the fetched bytes are; auto (the default) tells by the magic bytes and "
+        "writes unknown data as it is",
     )
     parser.add_argument("--ca-file", type=Path, help="extra CA bundle, added to the system's")
     parser.add_argument(
@@ -146,7 +242,10 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         "--max-window-log",
         type=int,
         default=defaults.CLI_MAX_WINDOW_LOG,
-        help="largest zstd window accepted, as a power of two (default 31, as zstd --long=31)",
+        metavar="N",
+        help="largest zstd window (and xz dictionary) accepted, as a power of two "
+        f"({defaults.MIN_WINDOW_LOG} to {defaults.MAX_WINDOW_LOG}; default %(default)s, as "
+        "zstd --long=31)",
     )
     parser.add_argument("--verify-after-write", action="store_true", help="read back and compare")
     parser.add_argument(
@@ -222,15 +321,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    console = Console(stderr=True, soft_wrap=True)
+    # markup=False: paths, URLs and server messages are printed as they are, "[" included.
+    console = Console(stderr=True, soft_wrap=True, markup=False)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        handlers=[RichHandler(console=console, show_path=False, show_time=False, markup=False)],
     )
     # httpx logs every request URL at INFO, credentials and query tokens included.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    mode = getattr(args, "progress", "plain")
+    try:
+        return run_command(args, console)
+    except ImageStreamError as exc:
+        # A bad value, refused before the command's own reporting started.
+        return report_failure(exc, mode, console)
+    except Exception as exc:  # a bug: say so in words, keep the trace for -v
+        log.info("internal error", exc_info=exc)
+        report_failure(
+            ImageStreamError(
+                f"internal error: {type(exc).__name__}: {exc}; please report this bug with "
+                "the output of -v",
+                reason=Reason.INTERNAL_ERROR,
+            ),
+            mode,
+            console,
+        )
+        return EXIT_INTERNAL
+
+
+def run_command(args: argparse.Namespace, console: Console) -> int:
+    """Run the parsed subcommand; return its exit code."""
     if args.command == "agent":
         # Imported here: the Kubernetes client costs start-up time every plain stream would pay.
         from imagestream.agent.main import agent_command  # noqa: PLC0415
@@ -241,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return controller_command(args)
     if args.command == "demo":
+        validate_demo_args(args)
         # Imported here: the demo's generator and server cost 0.1 s of start-up on every stream.
         from imagestream.demo.run import demo_command  # noqa: PLC0415
 
@@ -248,4 +371,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sha384 is None and not args.unverified:
         console.print(f"error: --sha384 is required (or {_UNSAFE_FLAG} to write unverified)")
         return EXIT_USAGE
+    validate_stream_args(args)
     return stream_command(args, console)

@@ -20,8 +20,10 @@ from rich.progress import (
 from rich.progress import (
     Progress as RichProgress,
 )
+from rich.text import Text
 
 from imagestream.errors import ImageStreamError
+from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.pipeline import StreamResult
 from imagestream.pipeline.progress import Progress
 from imagestream.status_fields import progress_fields
@@ -180,14 +182,15 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
         )
         return
     rate = result.bytes_written / result.seconds / 2**20 if result.seconds else 0.0
-    out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    # markup=False: the target is the user's text, and "[red]" or "q[/x]" must print as is.
+    out = Console(file=sys.stdout, highlight=False, soft_wrap=True, markup=False)
     style = "green" if result.verified else "bold red"
-    out.print(f"[{style}]Wrote {result.target}: {verdict}[/{style}]")
+    out.print(Text(f"Wrote {result.target}: {verdict}", style=style))
     out.print(f"  sha384   {result.sha384}")
     if result.digest:
         out.print(f"  digest   {result.digest} (registry blob digest, verified)")
     out.print(
-        f"  fetched  {result.bytes_fetched} bytes ({result.compression.value}), "
+        f"  fetched  {result.bytes_fetched} bytes ({_format_name(result.compression)}), "
         f"written {result.bytes_written} bytes"
     )
     out.print(
@@ -197,6 +200,12 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
         out.print("  read-back verified")
 
 
+def _format_name(compression: Compression) -> str:
+    if compression is Compression.NONE:
+        return "uncompressed, written as is"
+    return f"{compression.value}, decompressed"
+
+
 def report_failure(exc: ImageStreamError, mode: str, console: Console) -> int:
     """Print the error with its reason code; return the exit code of its family."""
     if mode == "json":
@@ -204,5 +213,7 @@ def report_failure(exc: ImageStreamError, mode: str, console: Console) -> int:
             sys.stdout,
             {"event": "result", "ok": False, "reason": exc.reason, "message": exc.message},
         )
-    console.print(f"[bold red]error[/bold red] ({exc.reason}): {exc.message}", highlight=False)
+    # A Text, never markup: messages carry URLs, paths and servers' words.
+    line = Text.assemble(("error", "bold red"), f" ({exc.reason}): {exc.message}")
+    console.print(line, highlight=False)
     return exc.exit_code

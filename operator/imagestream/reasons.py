@@ -36,6 +36,7 @@ class Reason(StrEnum):
     HTTP_ERROR = "HTTPError"
     RETRIES_EXHAUSTED = "RetriesExhausted"
     BAD_RANGE_RESPONSE = "BadRangeResponse"
+    BAD_REDIRECT = "BadRedirect"
     SOURCE_CHANGED = "SourceChanged"
     TLS_VERIFICATION_FAILED = "TLSVerificationFailed"
     UNAUTHORIZED = "Unauthorized"

@@ -315,7 +315,7 @@ def test_missing_sha384_is_a_usage_error(image: SampleImage, out_dir: Path) -> N
     [
         ["stream"],
         ["stream", "only-source"],
-        ["stream", "a", "b", "--compression", "gzip"],
+        ["stream", "a", "b", "--compression", "lz4"],
         ["nope"],
     ],
     ids=["no-args", "no-target", "bad-compression", "bad-command"],

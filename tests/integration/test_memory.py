@@ -8,15 +8,12 @@ loop device; `--verify-after-write` makes the measured run read the whole device
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
-from tests.support.cli import imagestream_command, imagestream_env, json_records
+from tests.support.cli import Measured, imagestream_measured
 from tests.support.nginx import Nginx
-from tests.support.rss import run_measured
 from tests.support.targets import sha384_of
 
 from imagestream.demo.image import write_sample_image
@@ -30,40 +27,18 @@ RSS_LIMIT_MIB = 80
 RSS_GROWTH_MIB = 16
 
 
-@dataclass(frozen=True)
-class Measured:
-    exit_code: int
-    peak_rss_mib: float
-    seconds: float
-    result: dict[str, object]
-    stderr: str
-
-
 def stream_measured(url: str, dev: Path, sha384: str, workdir: Path) -> Measured:
     """Run `imagestream stream` as a grandchild; return exit code, peak RSS and JSON result."""
-    stdout_path = workdir / "stdout.json"
-    stderr_path = workdir / "stderr.txt"
-    command = imagestream_command(
-        "stream", url, dev, "--sha384", sha384, "--verify-after-write", "--progress", "json"
-    )
-    started = time.monotonic()
-    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
-        peak = run_measured(
-            command,
-            env=imagestream_env(),
-            stdout=stdout,
-            stderr=stderr,
-            report=workdir / "rusage.json",
-            timeout=300,
-        )
-    seconds = time.monotonic() - started
-    records = json_records(stdout_path.read_text())
-    return Measured(
-        exit_code=peak.exit_code,
-        peak_rss_mib=peak.peak_rss_mib,
-        seconds=seconds,
-        result=records[-1] if records else {},
-        stderr=stderr_path.read_text(),
+    return imagestream_measured(
+        "stream",
+        url,
+        dev,
+        "--sha384",
+        sha384,
+        "--verify-after-write",
+        "--progress",
+        "json",
+        workdir=workdir,
     )
 
 

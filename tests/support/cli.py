@@ -24,6 +24,7 @@ from typing import Any
 
 from imagestream.demo.image import SampleImage
 
+from .rss import run_measured
 from .targets import sha384_of, staging_path
 
 #: The console script installed beside the interpreter running the tests.
@@ -152,6 +153,49 @@ def interrupt(process: subprocess.Popen[str], timeout: float = 30) -> tuple[str,
     """SIGTERM ``process`` (what Kubernetes sends a deleted Pod), wait; its (stdout, stderr)."""
     process.send_signal(signal.SIGTERM)
     return process.communicate(timeout=timeout)
+
+
+# -- peak memory of one run --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One ``imagestream`` run with the peak RSS the kernel recorded for it."""
+
+    exit_code: int
+    peak_rss_mib: float
+    seconds: float
+    result: dict[str, Any]
+    stderr: str
+
+
+def imagestream_measured(
+    *args: str | os.PathLike[str], workdir: Path, timeout: float = 300
+) -> Measured:
+    """Run ``imagestream ARGS...`` as a grandchild; its exit code, peak RSS and JSON result.
+
+    stdout, stderr and the launcher's report go to files in ``workdir``.
+    """
+    stdout_path = workdir / "stdout.json"
+    stderr_path = workdir / "stderr.txt"
+    started = time.monotonic()
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        peak = run_measured(
+            imagestream_command(*args),
+            env=imagestream_env(),
+            stdout=stdout,
+            stderr=stderr,
+            report=workdir / "rusage.json",
+            timeout=timeout,
+        )
+    records = json_records(stdout_path.read_text())
+    return Measured(
+        exit_code=peak.exit_code,
+        peak_rss_mib=peak.peak_rss_mib,
+        seconds=time.monotonic() - started,
+        result=records[-1] if records else {},
+        stderr=stderr_path.read_text(),
+    )
 
 
 def stream_image(

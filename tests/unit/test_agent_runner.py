@@ -190,7 +190,7 @@ def test_defaults_keep_the_safety_checks(image: SampleImage, host: Path) -> None
 @pytest.mark.parametrize(
     ("field", "value", "variable"),
     [
-        ("compression", "gzip", "IMAGESTREAM_COMPRESSION"),
+        ("compression", "lz4", "IMAGESTREAM_COMPRESSION"),
         ("sha384", "abc123", "IMAGESTREAM_SHA384"),
         ("max_window_log", 9, "IMAGESTREAM_MAX_WINDOW_LOG=9 is outside 10..31"),
         ("max_window_log", 32, "IMAGESTREAM_MAX_WINDOW_LOG=32 is outside 10..31"),

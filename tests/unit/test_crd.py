@@ -30,6 +30,9 @@ from tests.support.crd import (
 )
 from tests.support.tools import require_tool
 
+from imagestream.controller import spec as spec_module
+from imagestream.pipeline.decompress import Compression
+
 #: The Kubernetes minor release the schemas are checked against (the kubectl installed here).
 KUBERNETES_VERSION = "1.32"
 DEVICE_PATH_NODES = ("spec.target.device", "spec.target.disk", "spec.target.abUpdate.volumes[*]")
@@ -331,6 +334,14 @@ def test_unknown_fields_are_pruned_not_rejected(crd: Crd) -> None:
     assert set(result.pruned) == {"spec.bogus", "spec.target.bogus", "status.bogus"}
     assert "bogus" not in result.obj["spec"]
     assert result.obj["spec"]["target"] == {"device": "/dev/disk/by-partlabel/root-b"}
+
+
+def test_the_compression_enum_is_every_format_the_pipeline_reads(crd: Crd) -> None:
+    """The CRD, the controller's spec parsing and the pipeline name the same formats."""
+    source = crd.schema["properties"]["spec"]["properties"]["source"]["properties"]
+    formats = [c.value for c in Compression]
+    assert source["compression"]["enum"] == formats
+    assert list(spec_module._COMPRESSIONS) == formats
 
 
 def test_null_is_pruned_then_defaulted(crd: Crd) -> None:

@@ -134,7 +134,9 @@ def read_all(reader: HttpRangeReader) -> bytes:
 
 
 def _response(retry_after: str | None) -> httpx.Response:
-    return httpx.Response(503, headers={} if retry_after is None else {"Retry-After": retry_after})
+    # As bytes, as a server sends them: httpx decodes UTF-8 headers ("²") but encodes str as ASCII.
+    headers = {} if retry_after is None else {b"Retry-After": retry_after.encode()}
+    return httpx.Response(503, headers=headers)
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("7", 7.0), (" 120 ", 120.0)])
@@ -159,7 +161,7 @@ def test_retry_after_as_an_http_date_in_the_past_means_now() -> None:
     assert _retry_after(_response("Wed, 21 Oct 2015 07:28:00 GMT")) == 0.0
 
 
-@pytest.mark.parametrize("value", ["soon", "1.5", "-1", "Wed, 99 Foo 2015"])
+@pytest.mark.parametrize("value", ["soon", "1.5", "-1", "Wed, 99 Foo 2015", "²", "١٢", "3²"])
 def test_an_invalid_retry_after_is_ignored(value: str) -> None:
     assert _retry_after(_response(value)) is None
 
@@ -172,6 +174,28 @@ def test_a_503_with_an_invalid_retry_after_falls_back_to_backoff(sleeps: list[fl
     assert read_all(reader_for(server, policy)) == DATA
     assert len(sleeps) == 1
     assert 0.25 <= sleeps[0] <= 0.5
+
+
+def test_a_503_with_non_ascii_digits_in_retry_after_is_retried_with_backoff(
+    sleeps: list[float],
+) -> None:
+    # "²".isdigit() is true, and float("²") raises: the error used to escape the retries.
+    server = FakeServer()
+    server.script = [lambda request: httpx.Response(503, headers={b"Retry-After": "²".encode()})]
+
+    assert read_all(reader_for(server, RetryPolicy(backoff_base=0.5))) == DATA
+    assert len(sleeps) == 1
+    assert 0.25 <= sleeps[0] <= 0.5
+
+
+def test_a_200_with_non_ascii_digits_in_content_length_has_an_unknown_size() -> None:
+    server = FakeServer()
+    headers = {b"Content-Length": "²".encode()}
+    server.script = [lambda request: httpx.Response(200, headers=headers, stream=Body(DATA))]
+    reader = reader_for(server)
+
+    assert read_all(reader) == DATA
+    assert reader.total is None
 
 
 def test_retry_after_is_honoured_and_capped(sleeps: list[float]) -> None:
@@ -365,11 +389,45 @@ def test_content_range_with_an_unknown_total_reads_to_the_end() -> None:
     assert reader.total is None
 
 
-@pytest.mark.parametrize("header", [None, "bytes */10240", "items 0-9/10", "bytes=0-"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "bytes */10240",
+        "items 0-9/10",
+        "bytes=0-",
+        "bytes 0-10239/10240 trailing",
+        "xbytes 0-10239/10240",
+        "bytes 0-10239/10240, bytes 0-1/10240",
+        "bytes 0-10239/10240\u00b2",
+        "bytes \u0660-10239/10240",
+    ],
+)
 def test_a_206_without_a_valid_content_range_is_refused(header: str | None) -> None:
     server = FakeServer()
-    headers = {} if header is None else {"Content-Range": header}
+    headers = {} if header is None else {b"Content-Range": header.encode()}
     server.script = [lambda request: httpx.Response(206, headers=headers, stream=Body(DATA))]
+
+    with pytest.raises(SourceError, match="Content-Range") as caught:
+        read_all(reader_for(server))
+
+    assert caught.value.reason == "BadRangeResponse"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes 0-99/10240",  # ends before the last byte
+        "bytes 0-10239/20000",  # the end disagrees with the total
+        "bytes 0-10240/10240",  # past the last byte
+        "bytes 0-10239/10000",  # past the total
+    ],
+)
+def test_a_206_whose_end_disagrees_with_the_total_is_refused(header: str) -> None:
+    server = FakeServer()
+    server.script = [
+        lambda request: httpx.Response(206, headers={"Content-Range": header}, stream=Body(DATA))
+    ]
 
     with pytest.raises(SourceError, match="Content-Range") as caught:
         read_all(reader_for(server))

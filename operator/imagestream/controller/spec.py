@@ -27,7 +27,7 @@ EXTENSION_DIRS = {"sysext": "/var/lib/extensions", "confext": "/var/lib/confexts
 
 _EXTENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_COMPRESSIONS = ("auto", "zstd", "none")
+_COMPRESSIONS = ("auto", "zstd", "gzip", "xz", "bzip2", "none")
 _SCHEMES = ("http://", "https://", "oci://")
 
 TargetKind = Literal["device", "extension", "abUpdate", "disk"]

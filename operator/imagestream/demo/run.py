@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from imagestream.demo.image import SampleImage, write_sample_image
 from imagestream.demo.range_server import RangeServer
@@ -37,7 +38,7 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
         with RangeServer(image.path, _reset_offsets(image, args.faults)) as server:
             if args.faults:
                 console.print(f"The server will reset the connection {_FAULTS} times.")
-            console.print(f"Streaming {server.url} -> {target}")
+            console.print(f"Streaming {server.url} -> {target}", markup=False)
             request = StreamRequest(
                 source=server.url,
                 target=plan_target(TargetRequest(kind="file", path=target)),
@@ -51,9 +52,13 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
                 return report_failure(exc, args.progress, console)
         report_success(result, args.progress, console)
         if _sha384_of(result.target) != image.raw_sha384:
-            console.print("[bold red]the written output differs from the generated data[/]")
+            console.print(
+                Text("the written output differs from the generated data", style="bold red")
+            )
             return 4
-        console.print("[green]The written output matches the generated data byte for byte.[/]")
+        console.print(
+            Text("The written output matches the generated data byte for byte.", style="green")
+        )
         return 0
 
 

@@ -1,7 +1,9 @@
 """The decompression stage: detect the format, inflate into pool buffers, check the result.
 
-One `ZstdDecompressor` per stream, used from this stage's thread only, and output bounded by
-`stream_reader.readinto` into 4 MiB buffers: a highly compressible image can never balloon memory.
+zstd, gzip, xz and bzip2 are told apart by their magic bytes; anything else is written as it
+is. One decoder per stream, used from this stage's thread only, and output bounded per call
+(zstd's `stream_reader.readinto`, the standard library's `max_length`) into 4 MiB buffers: a
+highly compressible image can never balloon memory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ from imagestream import defaults
 from imagestream.errors import IntegrityError
 from imagestream.pipeline.buffers import BufferPool, Filled
 from imagestream.pipeline.channel import Channel
+from imagestream.pipeline.decoders import (
+    GZIP_MAGIC,
+    XZ_MAGIC,
+    StreamDecoder,
+    bzip2_decoder,
+    gzip_decoder,
+    is_bzip2,
+    xz_decoder,
+)
 from imagestream.pipeline.zstd_frames import FrameWalker, is_zstd
 from imagestream.reasons import Reason
 
@@ -27,6 +38,9 @@ class Compression(enum.StrEnum):
 
     AUTO = "auto"
     ZSTD = "zstd"
+    GZIP = "gzip"
+    XZ = "xz"
+    BZIP2 = "bzip2"
     NONE = "none"
 
 
@@ -75,10 +89,18 @@ class ChannelReader:
 
 
 def resolve_compression(requested: Compression, head: bytes) -> Compression:
-    """AUTO becomes ZSTD on zstd magic bytes, NONE otherwise."""
+    """AUTO becomes the format whose magic bytes start `head`, NONE if none does."""
     if requested is not Compression.AUTO:
         return requested
-    return Compression.ZSTD if is_zstd(head) else Compression.NONE
+    if is_zstd(head):
+        return Compression.ZSTD
+    if head.startswith(GZIP_MAGIC):
+        return Compression.GZIP
+    if head.startswith(XZ_MAGIC):
+        return Compression.XZ
+    if is_bzip2(head):
+        return Compression.BZIP2
+    return Compression.NONE
 
 
 def decompress_stage(
@@ -95,24 +117,62 @@ def decompress_stage(
     sees aligned lengths everywhere but at the tail.
     """
     if compression is Compression.ZSTD:
-        walker = FrameWalker(max_window_log)
-        reader.observe = walker.feed
-        dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
-        # zstandard only calls read(); its stubs ask for a full IO object.
-        source = cast("IO[bytes]", reader)
-        stream = dctx.stream_reader(source, read_size=_READ_SIZE, read_across_frames=True)
-        produced = _fill_buffers(stream.readinto, pool, out)
-        if reader.read(1):
-            raise IntegrityError("data follows the last zstd frame", reason=Reason.CORRUPT_STREAM)
-        walker.finish()
-        if walker.content_size is not None and walker.content_size != produced:
-            raise IntegrityError(
-                f"the zstd frames declare {walker.content_size} bytes of content but "
-                f"{produced} were decompressed",
-                reason=Reason.SIZE_MISMATCH,
-            )
-        return produced
-    return _fill_buffers(_copy_into(reader), pool, out)
+        return _zstd_stage(reader, pool, out, max_window_log)
+    decoder = _stdlib_decoder(compression, max_window_log)
+    readinto = _copy_into(reader) if decoder is None else _decoded_into(reader, decoder)
+    return _fill_buffers(readinto, pool, out)
+
+
+def _stdlib_decoder(compression: Compression, max_window_log: int) -> StreamDecoder | None:
+    """The decoder of a format the standard library reads; None for raw data."""
+    if compression is Compression.GZIP:
+        return gzip_decoder()
+    if compression is Compression.XZ:
+        return xz_decoder(max_window_log)
+    if compression is Compression.BZIP2:
+        return bzip2_decoder()
+    return None
+
+
+def _zstd_stage(
+    reader: ChannelReader, pool: BufferPool, out: Channel[Filled], max_window_log: int
+) -> int:
+    walker = FrameWalker(max_window_log)
+    reader.observe = walker.feed
+    dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
+    # zstandard only calls read(); its stubs ask for a full IO object.
+    source = cast("IO[bytes]", reader)
+    stream = dctx.stream_reader(source, read_size=_READ_SIZE, read_across_frames=True)
+    produced = _fill_buffers(stream.readinto, pool, out)
+    if reader.read(1):
+        raise IntegrityError("data follows the last zstd frame", reason=Reason.CORRUPT_STREAM)
+    walker.finish()
+    if walker.content_size is not None and walker.content_size != produced:
+        raise IntegrityError(
+            f"the zstd frames declare {walker.content_size} bytes of content but "
+            f"{produced} were decompressed",
+            reason=Reason.SIZE_MISMATCH,
+        )
+    return produced
+
+
+def _decoded_into(reader: ChannelReader, decoder: StreamDecoder) -> Callable[[memoryview], int]:
+    """A `readinto` through `decoder`: input only when it asks, output bounded by the target."""
+
+    def readinto(target: memoryview) -> int:
+        while True:
+            data = b""
+            if decoder.needs_input:
+                data = reader.read(_READ_SIZE)
+                if not data:
+                    decoder.finish()
+                    return 0
+            decoded = decoder.decode(data, len(target))
+            if decoded:
+                target[: len(decoded)] = decoded
+                return len(decoded)
+
+    return readinto
 
 
 def _copy_into(reader: ChannelReader) -> Callable[[memoryview], int]:

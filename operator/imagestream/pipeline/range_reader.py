@@ -29,8 +29,9 @@ from imagestream.reasons import Reason
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
-_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+# re.ASCII: `\d` would match "²" or "٣" too, which `int()` then refuses or misreads.
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE | re.ASCII)
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE | re.ASCII)
 _E = TypeVar("_E", bound=BaseException)
 
 
@@ -213,7 +214,21 @@ class HttpRangeReader:
         if offset and self._validators and (validator := self._validators.if_range()):
             headers["If-Range"] = validator
         request = self._client.build_request("GET", self.url, headers=headers)
-        response = self._client.send(request, stream=True)
+        try:
+            response = self._client.send(request, stream=True)
+        except httpx.TooManyRedirects as exc:
+            # Not a TransportError, and no retry would end a redirect loop.
+            raise SourceError(
+                f"{self._name} redirects in a loop (or more than {self._client.max_redirects} "
+                "times); check the URL and the server's redirect rules",
+                reason=Reason.BAD_REDIRECT,
+            ) from exc
+        except httpx.UnsupportedProtocol as exc:
+            # The URL itself was checked to be http(s): a redirect led elsewhere, every time.
+            raise SourceError(
+                f"{self._name} redirects to a URL that is not http:// or https:// ({exc})",
+                reason=Reason.BAD_REDIRECT,
+            ) from exc
         try:
             skip = self._check_response(response, offset)
             if skip is None:
@@ -253,7 +268,7 @@ class HttpRangeReader:
         registries send a 416 without Content-Range, or with the Content-Length of the whole
         blob over an error body, so neither the body nor its Content-Length is ever read.
         """
-        match = _UNSATISFIED_RANGE.search(response.headers.get("content-range", ""))
+        match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("content-range", "").strip())
         stated = int(match.group(1)) if match else None
         known = self.total if self.total is not None else stated
         if known is None or offset < known:
@@ -261,18 +276,19 @@ class HttpRangeReader:
         return stated is None or stated == known
 
     def _check_partial(self, response: httpx.Response, offset: int) -> None:
-        match = _CONTENT_RANGE.search(response.headers.get("content-range", ""))
-        if not match:
-            raise SourceError(
-                f"{self._name} answered 206 without a valid Content-Range header",
-                reason=Reason.BAD_RANGE_RESPONSE,
-            )
-        start = int(match.group(1))
-        total = None if match.group(3) == "*" else int(match.group(3))
+        header = response.headers.get("content-range", "")
+        start, last, total = _content_range(header, self._name)
         if start != offset:
             raise SourceError(
                 f"{self._name} answered a range starting at byte {start}, but byte {offset} "
                 "was asked for; refusing to splice the wrong bytes into the image",
+                reason=Reason.BAD_RANGE_RESPONSE,
+            )
+        # Every request asks for `bytes=N-`: the answer must run to the object's last byte.
+        if last < start or (total is not None and last != total - 1):
+            raise SourceError(
+                f"{self._name} answered 206 with Content-Range {header!r}, which does not run "
+                "from the byte asked for to the end of the object",
                 reason=Reason.BAD_RANGE_RESPONSE,
             )
         self._pin(response, total)
@@ -338,17 +354,37 @@ def _coalesce(pieces: Iterator[bytes]) -> Iterator[bytes]:
         yield b"".join(held)
 
 
+def _content_range(header: str, name: str) -> tuple[int, int, int | None]:
+    """FIRST, LAST and TOTAL (None for `*`) of `Content-Range: bytes FIRST-LAST/TOTAL`.
+
+    The whole header must be that form: anything around it is not an answer to one range.
+    """
+    match = _CONTENT_RANGE.fullmatch(header.strip())
+    if not match:
+        raise SourceError(
+            f"{name} answered 206 without a valid Content-Range header ({header!r})",
+            reason=Reason.BAD_RANGE_RESPONSE,
+        )
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)), total
+
+
+def _ascii_digits(value: str) -> bool:
+    # str.isdigit() is true for "²" and "٣", which int() refuses or float() misreads.
+    return value.isascii() and value.isdigit()
+
+
 def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length")
-    return int(value) if value and value.isdigit() else None
+    value = response.headers.get("content-length", "").strip()
+    return int(value) if _ascii_digits(value) else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+    value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    if _ascii_digits(value):
+        return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -93,12 +93,15 @@ class FileSource:
         self._waits = not stat.S_ISREG(status.st_mode)
 
     def chunks(self) -> Iterator[bytes]:
-        """Yield the file's bytes."""
+        """Yield the file's bytes; a read error is a `SourceError`."""
         while True:
             # A read from a pipe whose writer went quiet would block past any cancel.
             while self._waits and not select.select([self._file], [], [], _PIPE_POLL)[0]:
                 self._interrupt.check()
-            chunk = self._file.read(_FILE_CHUNK)
+            try:
+                chunk = self._file.read(_FILE_CHUNK)
+            except OSError as exc:
+                raise SourceError(f"cannot read source file {self.name}: {exc.strerror}") from exc
             if not chunk:
                 return
             yield chunk
@@ -190,6 +193,53 @@ class OciSource(_RangeReaderSource):
             raise
 
 
+def check_location(location: str) -> None:
+    """Refuse a SOURCE no source could open, before anything is opened or connected.
+
+    Raises `UsageError` for a malformed http(s) URL (no host, a bad port, a broken IPv6
+    literal), an `oci://` reference that does not parse or does not start with a registry
+    host, and an unsupported scheme. Local paths are not looked at.
+    """
+    if location.startswith(OCI_SCHEME):
+        _require_registry_host(location)
+    elif location.startswith(("http://", "https://")):
+        try:
+            # Both parsers, so a URL either would reject fails here as a usage error.
+            urlsplit(location).port  # noqa: B018 - raises on a port out of range
+            url = httpx.URL(location)
+        except (httpx.InvalidURL, ValueError) as exc:
+            # Not echoed: a URL that does not parse cannot be stripped of its credentials.
+            raise UsageError(f"invalid source URL: {exc}") from exc
+        if not url.host:
+            raise UsageError(
+                f"invalid source URL {redact_url(location)}: it names no host "
+                "(expected http(s)://HOST[:PORT]/PATH)"
+            )
+    elif "://" in location and not location.startswith("file://"):
+        scheme = location.split("://", 1)[0]
+        raise UsageError(
+            f"unsupported source scheme {scheme}://: use http://, https://, oci:// or a path"
+        )
+
+
+def _require_registry_host(location: str) -> None:
+    """The first component of an `oci://` reference must be a registry, as docker decides it.
+
+    A name with a dot or a port, or `localhost`, is a registry; `oci://fleet/os:v1` would
+    otherwise send a request to a host called `fleet`.
+    """
+    reference = parse_reference(location)
+    registry = reference.registry
+    if "." in registry or ":" in registry or registry == "localhost":
+        return
+    rest = location.removeprefix(OCI_SCHEME)
+    raise UsageError(
+        f"invalid OCI reference {location!r}: {registry!r} is not a registry host (it has no "
+        f"dot, no port and is not localhost); write the registry first, e.g. "
+        f"{OCI_SCHEME}registry.example/{rest}"
+    )
+
+
 def open_source(
     location: str, options: SourceOptions, interrupt: Interrupt | None = None
 ) -> Source:
@@ -198,24 +248,14 @@ def open_source(
     Setting `interrupt` ends whatever the source waits for with `Cancelled`: the manifest
     resolution and token requests while it opens, then reads, stalls and retry sleeps.
     """
+    check_location(location)
     interrupt = interrupt or Interrupt()
     if location.startswith(OCI_SCHEME):
         return OciSource(location, options, interrupt)
     if location.startswith(("http://", "https://")):
-        try:
-            # Both parsers, so a URL either would reject fails here as a usage error.
-            httpx.URL(location)
-            urlsplit(location).port  # noqa: B018 - raises on a port out of range
-        except (httpx.InvalidURL, ValueError) as exc:
-            raise UsageError(f"invalid source URL {redact_url(location)}: {exc}") from exc
         return HttpSource(location, options, interrupt)
     if location.startswith("file://"):
         return FileSource(Path(location.removeprefix("file://")), interrupt)
-    if "://" in location:
-        scheme = location.split("://", 1)[0]
-        raise UsageError(
-            f"unsupported source scheme {scheme}://: use http://, https://, oci:// or a path"
-        )
     return FileSource(Path(location), interrupt)
 
 
