@@ -31,15 +31,18 @@ LABEL org.opencontainers.image.title="imagestream-operator" \
 # Exactly the locked versions: the wheel's dependencies are resolved under constraints.txt.
 # The byte-compiled files are written now, as the read-only root filesystem will not take them;
 # pip and setuptools leave the runtime environment (nothing imports them, and less to patch).
+# (COPY --from, not a bind mount from the stage: buildah 1.28 does not mount a cached stage.)
+COPY --from=build /wheels /tmp/wheels
 RUN --mount=type=secret,id=pipconf \
-    --mount=type=bind,from=build,source=/wheels,target=/wheels \
     --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
     python3 -m venv /opt/imagestream \
  && PIP_CONFIG_FILE=/run/secrets/pipconf PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
-    /opt/imagestream/bin/pip install --quiet --constraint /tmp/constraints.txt /wheels/*.whl \
+    /opt/imagestream/bin/pip install --quiet --constraint /tmp/constraints.txt /tmp/wheels/*.whl \
+ && rm -r /tmp/wheels \
  && /opt/imagestream/bin/pip uninstall --quiet --yes pip setuptools \
- && useradd --uid 65532 --user-group --no-create-home --home-dir /nonexistent \
+ && groupadd --gid 65532 imagestream \
+ && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin imagestream
 ENV PATH=/opt/imagestream/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
