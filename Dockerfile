@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for both halves of the operator (see README, "Install / container image"):
 #   controller: runs as the image's user (uid 65532) on a read-only root filesystem;
 #   agent:      the Job the controller builds runs it as root, privileged, with the host's /dev.

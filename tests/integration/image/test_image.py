@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,7 +187,6 @@ def test_stream_onto_a_loop_device_as_the_agent(
     url = nginx_factory(docroot).url_for("os.img.zst")
     device = loop_device_factory(8 * MIB)
     fill_pattern(device, 8 * MIB)
-    started = time.monotonic()
     run = podman(
         "run", "--rm", "--privileged", "--user", "0", "--network", "host",
         "--volume", "/dev:/dev",
@@ -197,4 +195,3 @@ def test_stream_onto_a_loop_device_as_the_agent(
     assert run.returncode == 0, run.stderr
     assert f"Wrote {device}: verified" in run.stdout
     assert read_device(device, IMAGE_SIZE) == b"".join(iter_raw_data(IMAGE_SIZE, seed=9))
-    assert time.monotonic() - started < 60
