@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.support.tools import fail_or_skip
@@ -35,3 +37,11 @@ def test_hadolint_fails_an_error(tmp_path: Path) -> None:
     result = hadolint(bad)
     assert result.returncode == 1
     assert "DL3000" in result.stdout
+
+
+def test_the_version_label_defaults_to_the_project_version() -> None:
+    # scripts/build-image passes pyproject's version; a plain `podman build .` uses the default.
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert re.findall(r"^ARG VERSION=(\S+)$", dockerfile, flags=re.M) == [version]

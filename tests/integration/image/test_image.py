@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def test_image_metadata(inspected: dict[str, object]) -> None:
     assert "Healthcheck" not in config  # Kubernetes probes do that
     labels = config["Labels"]
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
-    assert labels["org.opencontainers.image.version"] == "0.1.0"
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    assert labels["org.opencontainers.image.version"] == version
     assert labels["org.opencontainers.image.source"].startswith("https://")
 
 
