@@ -31,7 +31,7 @@ from imagestream.demo.image import iter_raw_data, write_sample_image
 ROOT = Path(__file__).resolve().parents[3]
 PODMAN = ROOT / "scripts" / "podman"
 LOCK = ROOT / "constraints.txt"
-#: A cold build (debootstrap included) takes about 80 s on the CI machine; a warm one seconds.
+#: A cold build (debootstrap included) takes 80-110 s on the CI machine; a warm one seconds.
 BUILD_TIMEOUT = 900
 IMAGE_SIZE = 4 * MIB
 NAMESPACE = "imagestream-system"
