@@ -78,6 +78,12 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
         "--metrics-address", default="0.0.0.0", help="address the metrics port binds to"
     )
     controller.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        help="liveness endpoint port, serving /healthz on --metrics-address (0: disabled)",
+    )
+    controller.add_argument(
         "--agent-image",
         default="imagestream-operator:latest",
         help="container image of the agent Jobs",

@@ -63,6 +63,16 @@ def job_settings(args: argparse.Namespace) -> JobSettings:
     )
 
 
+def liveness_endpoint(args: argparse.Namespace) -> str | None:
+    """kopf's liveness URL for --health-port (None: not served).
+
+    kopf answers it only while its event loop runs, so a wedged controller fails the probe.
+    """
+    if not args.health_port:
+        return None
+    return f"http://{args.metrics_address}:{args.health_port}/healthz"
+
+
 def configure_logging(verbose: bool) -> None:
     """Plain timestamped lines on stderr, as a container's log wants them."""
     logging.basicConfig(
@@ -106,5 +116,6 @@ def controller_command(args: argparse.Namespace) -> int:
         clusterwide=bool(args.all_namespaces),
         namespaces=namespaces,
         memo=kopf.Memo(runtime=runtime),
+        liveness_endpoint=liveness_endpoint(args),
     )
     return 0
