@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -475,12 +475,9 @@ def fmt_rate(raw_size: int, seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{raw_size / MB / seconds:.1f}"
 
 
-def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
-    """Everything between setup and cleanup."""
-    raw_size = round(args.size_gib * GIB / MIB) * MIB
-    rss_sizes = [round(float(s) * GIB / MIB) * MIB for s in args.rss_sizes.split(",") if s]
-
-    base = Path(args.tmp_dir)
+def make_workdir(tmp_dir: str, stack: ExitStack) -> Path:
+    """A temp dir on a disk file system (never RAM), removed when `stack` closes."""
+    base = Path(tmp_dir)
     base_fs = fs_type(base)
     if base_fs in {"tmpfs", "ramfs"}:
         raise SystemExit(
@@ -489,19 +486,20 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
         )
     workdir = Path(tempfile.mkdtemp(prefix="imagestream-bench-", dir=base))
     stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-    docroot = workdir / "docroot"
-    docroot.mkdir()
-    log = workdir / "children.log"
+    return workdir
 
-    imagestream = args.imagestream or str(Path(sys.executable).parent / "imagestream")
+
+def print_setup(
+    args: argparse.Namespace, workdir: Path, imagestream: str, code: str, log: Path
+) -> None:
+    """The header: machine, versions, the code measured, and what each contender runs."""
     print("== imagestream pipeline benchmark (DESIGN.md §6) ==")
     print(f"host      {platform.node()}  Linux {platform.release()}  {os.cpu_count()} CPUs")
     print(f"python    {platform.python_version()}  zstandard {zstandard.__version__}")
-    code_at_start = code_state()
-    print(f"code      {code_at_start}")
+    print(f"code      {code}")
     print(f"tools     {tool_version(['nginx', '-v'])}; {tool_version(['zstd', '--version'])}")
     print(f"          {tool_version(['curl', '--version'])}")
-    print(f"workdir   {workdir} ({base_fs}; /tmp is {fs_type(Path('/tmp'))})")
+    print(f"workdir   {workdir} ({fs_type(workdir)}; /tmp is {fs_type(Path('/tmp'))})")
     cache_mode = (
         "cold: page cache dropped before every run (image read from disk by nginx / zstd)"
         if args.cache == "cold"
@@ -522,33 +520,28 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
     print(f"rss floor {floor:.1f} MiB (ru_maxrss of `true` through the launcher)")
     print(flush=True)
 
-    image = make_image(docroot, raw_size, args.seed)
-    server = stack.enter_context(Nginx(docroot, workdir / "nginx"))
-    print(f"nginx     {server.url_for(image.path.name)}")
-    bench = Bench(
-        workdir=workdir,
-        docroot=docroot,
-        server=server,
-        imagestream=imagestream,
-        ours_extra=tuple(args.ours_arg),
-        cold=args.cache == "cold",
-        log=log,
-    )
 
+def origins_of(bench: Bench, image: SampleImage, oci: bool, stack: ExitStack) -> list[Origin]:
+    """nginx, and with `oci` a registry holding the same file."""
     origins = [bench.http_origin(image)]
-    if args.oci:
+    if oci:
         start = time.perf_counter()
-        origins.append(push_to_registry(stack, workdir, image))
+        origins.append(push_to_registry(stack, bench.workdir, image))
         print(f"registry  {origins[-1].source} (pushed in {time.perf_counter() - start:.1f} s)")
         print(f"          blob {origins[-1].blob_url}")
+    return origins
+
+
+def run_rounds(
+    bench: Bench, image: SampleImage, origins: Sequence[Origin], rounds: int
+) -> dict[str, list[Run]]:
+    """Every contender once per round, ours and native in alternating order, on one target."""
     kinds = [origin.kind(c) for origin in origins for c in ("ours", "native")] + ["ceiling"]
     runs: dict[str, list[Run]] = {kind: [] for kind in kinds}
-    with loop_device(raw_size + _LOOP_SLACK, workdir) as dev:
-        print(f"target    {dev} ({(raw_size + _LOOP_SLACK) / MIB:.0f} MiB)", flush=True)
-        for round_no in range(args.runs):
-            print(
-                f"\nround {round_no + 1}/{args.runs}  (load average {load_average()})", flush=True
-            )
+    with loop_device(image.raw_size + _LOOP_SLACK, bench.workdir) as dev:
+        print(f"target    {dev} ({(image.raw_size + _LOOP_SLACK) / MIB:.0f} MiB)", flush=True)
+        for round_no in range(rounds):
+            print(f"\nround {round_no + 1}/{rounds}  (load average {load_average()})", flush=True)
             order = (bench.run_ours, bench.run_native)
             if round_no % 2:
                 order = order[::-1]
@@ -559,54 +552,92 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
                 run = timed_run()
                 runs[run.kind].append(run)
                 print(describe_run(run), flush=True)
+    return runs
 
-    ours_t = median_of(runs["ours"])
-    native_t = median_of(runs["native"])
-    ceiling_t = median_of(runs["ceiling"])
-    ours_native = speedup(runs, "ours", over="native")
-    ours_ceiling = speedup(runs, "ours", over="ceiling")
-    oci_native = speedup(runs, "ours-oci", over="native-oci") if args.oci else None
-    good_ours = [r for r in runs["ours"] if r.ok]
-    rss_main = max((r.measurement.maxrss_mib for r in good_ours), default=None)
-    broken = sum(not r.ok for kind_runs in runs.values() for r in kind_runs)
 
+@dataclass(frozen=True)
+class Medians:
+    """What the rounds come to: median times, throughput ratios, peak RSS, broken runs."""
+
+    raw_size: int
+    ours: float | None
+    native: float | None
+    ceiling: float | None
+    ours_native: float | None
+    ours_ceiling: float | None
+    oci_native: float | None  # None without --oci
+    rss_max: float | None  # over the runs of ours that verified
+    rss_min: float | None
+    broken: int
+
+    @classmethod
+    def of(cls, runs: dict[str, list[Run]], raw_size: int, oci: bool) -> Medians:
+        """Reduce the runs of every contender."""
+        good_rss = [r.measurement.maxrss_mib for r in runs["ours"] if r.ok]
+        return cls(
+            raw_size=raw_size,
+            ours=median_of(runs["ours"]),
+            native=median_of(runs["native"]),
+            ceiling=median_of(runs["ceiling"]),
+            ours_native=speedup(runs, "ours", over="native"),
+            ours_ceiling=speedup(runs, "ours", over="ceiling"),
+            oci_native=speedup(runs, "ours-oci", over="native-oci") if oci else None,
+            rss_max=max(good_rss, default=None),
+            rss_min=min(good_rss, default=None),
+            broken=sum(not r.ok for kind_runs in runs.values() for r in kind_runs),
+        )
+
+    @property
+    def rss_text(self) -> str:
+        """'41.2 MiB' or 'n/a'."""
+        return "n/a" if self.rss_max is None else f"{self.rss_max:.1f} MiB"
+
+
+def print_medians(runs: dict[str, list[Run]], medians: Medians, oci: bool, log: Path) -> None:
+    """Per contender median and rate, then the ratios against the bars."""
+    raw_size = medians.raw_size
     print(f"\nmedians over the runs that verified ({gib_label(raw_size)} image):")
     for kind, kind_runs in runs.items():
         t = median_of(kind_runs)
         print(f"  {kind:<10} {fmt_seconds(t):>9}  {fmt_rate(raw_size, t):>7} MB/s")
     print(
-        f"  ours/native  throughput ratio (native_time/our_time) {fmt_ratio(ours_native)}"
+        f"  ours/native  throughput ratio (native_time/our_time) {fmt_ratio(medians.ours_native)}"
         f"   bar >= {BAR_OURS_NATIVE}x"
     )
     print(
-        f"  ours/ceiling throughput ratio (zstd_time/our_time)   {fmt_ratio(ours_ceiling)}"
+        f"  ours/ceiling throughput ratio (zstd_time/our_time)   {fmt_ratio(medians.ours_ceiling)}"
         f"   bar >= {BAR_OURS_CEILING}x"
     )
-    if args.oci:
+    if oci:
         print(
-            f"  ours-oci/native-oci throughput ratio                 {fmt_ratio(oci_native)}"
-            f"   bar >= {BAR_OURS_NATIVE}x"
+            f"  ours-oci/native-oci throughput ratio                 "
+            f"{fmt_ratio(medians.oci_native)}   bar >= {BAR_OURS_NATIVE}x"
         )
         print(
             "  ours-oci/ours (what the registry and sha256 cost)   "
             f"{fmt_ratio(speedup(runs, 'ours-oci', over='ours'))}"
         )
-    rss_text = "n/a" if rss_main is None else f"{rss_main:.1f} MiB"
-    rss_low = min((r.measurement.maxrss_mib for r in good_ours), default=None)
-    spread = "" if rss_low is None else f" (runs: {rss_low:.1f}..{rss_main:.1f} MiB)"
+    spread = ""
+    if medians.rss_min is not None:
+        spread = f" (runs: {medians.rss_min:.1f}..{medians.rss_max:.1f} MiB)"
     print(
-        f"  ours peak RSS (max over runs)                       {rss_text}   bar <= 80 MiB{spread}"
+        f"  ours peak RSS (max over runs)                       {medians.rss_text}"
+        f"   bar <= 80 MiB{spread}"
     )
-    if broken:
-        print(f"  {broken} broken run(s) left out of the medians; see {log}")
+    if medians.broken:
+        print(f"  {medians.broken} broken run(s) left out of the medians; see {log}")
 
-    # Peak RSS at each size: one run of ours per size, the same way as above.
+
+def run_rss_sizes(
+    bench: Bench, image: SampleImage, sizes: Sequence[int], seed: int
+) -> dict[int, Run]:
+    """Peak RSS at each size: one run of ours per size, the same way as the rounds."""
     print("\npeak RSS of ours by image size (one run each):")
     rss_by_size: dict[int, Run] = {}
-    for size in rss_sizes:
-        sized = image if size == raw_size else make_image(docroot, size, args.seed)
+    for size in sizes:
+        sized = image if size == image.raw_size else make_image(bench.docroot, size, seed)
         try:
-            with loop_device(size + _LOOP_SLACK, workdir) as dev:
+            with loop_device(size + _LOOP_SLACK, bench.workdir) as dev:
                 run = bench.run_ours(sized, dev, bench.http_origin(sized))
         finally:
             if sized is not image:
@@ -619,96 +650,137 @@ def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
             f"   bar <= {BAR_RSS_MIB:.0f} MiB",
             flush=True,
         )
+    return rss_by_size
 
-    # The compact table.
+
+_ROW = "{:<34}{:>14}  {:<12}{}"
+
+
+def _bar_row(metric: str, value: float | None, bar: str, meets: Callable[[float], bool]) -> str:
+    shown = fmt_ratio(value)
+    return _ROW.format(metric, shown, bar, "n/a" if value is None else verdict(meets(value)))
+
+
+def print_summary(
+    medians: Medians, rss_by_size: dict[int, Run], runs: dict[str, list[Run]], oci: bool
+) -> None:
+    """The compact table: every bar of DESIGN §6 with its verdict."""
+    raw_size = medians.raw_size
     print("\n== summary ==")
     print(f"{'metric':<34}{'value':>14}  {'bar':<12}verdict")
-    row = "{:<34}{:>14}  {:<12}{}"
-    print(row.format(f"ours median ({gib_label(raw_size)})", fmt_seconds(ours_t), "", ""))
-    print(row.format("native median", fmt_seconds(native_t), "", ""))
-    print(row.format("ceiling median (zstd -dc)", fmt_seconds(ceiling_t), "", ""))
+    print(_ROW.format(f"ours median ({gib_label(raw_size)})", fmt_seconds(medians.ours), "", ""))
+    print(_ROW.format("native median", fmt_seconds(medians.native), "", ""))
+    print(_ROW.format("ceiling median (zstd -dc)", fmt_seconds(medians.ceiling), "", ""))
+    medians_t = (medians.ours, medians.native, medians.ceiling)
+    rates = " | ".join(fmt_rate(raw_size, t) for t in medians_t)
+    print(_ROW.format("ours MB/s | native | ceiling", rates, "", ""))
     print(
-        row.format(
-            "ours MB/s | native | ceiling",
-            f"{fmt_rate(raw_size, ours_t)} | {fmt_rate(raw_size, native_t)} | "
-            f"{fmt_rate(raw_size, ceiling_t)}",
-            "",
-            "",
-        )
-    )
-    print(
-        row.format(
+        _bar_row(
             "ours/native (throughput)",
-            fmt_ratio(ours_native),
+            medians.ours_native,
             f">= {BAR_OURS_NATIVE}x",
-            "n/a" if ours_native is None else verdict(ours_native >= BAR_OURS_NATIVE),
+            lambda v: v >= BAR_OURS_NATIVE,
         )
     )
     print(
-        row.format(
+        _bar_row(
             "ours/ceiling (throughput)",
-            fmt_ratio(ours_ceiling),
+            medians.ours_ceiling,
             f">= {BAR_OURS_CEILING}x",
-            "n/a" if ours_ceiling is None else verdict(ours_ceiling >= BAR_OURS_CEILING),
+            lambda v: v >= BAR_OURS_CEILING,
         )
     )
+    rss_verdict = "n/a" if medians.rss_max is None else verdict(medians.rss_max <= BAR_RSS_MIB)
     print(
-        row.format(
-            "ours peak RSS (bench runs)",
-            rss_text,
-            f"<= {BAR_RSS_MIB:.0f} MiB",
-            "n/a" if rss_main is None else verdict(rss_main <= BAR_RSS_MIB),
+        _ROW.format(
+            "ours peak RSS (bench runs)", medians.rss_text, f"<= {BAR_RSS_MIB:.0f} MiB", rss_verdict
         )
     )
+    print_rss_rows(medians, rss_by_size)
+    if oci:
+        print(_ROW.format("ours-oci median", fmt_seconds(median_of(runs["ours-oci"])), "", ""))
+        print(_ROW.format("native-oci median", fmt_seconds(median_of(runs["native-oci"])), "", ""))
+        print(
+            _bar_row(
+                "ours-oci/native-oci (throughput)",
+                medians.oci_native,
+                f">= {BAR_OURS_NATIVE}x",
+                lambda v: v >= BAR_OURS_NATIVE,
+            )
+        )
+    print(_ROW.format("broken runs", str(medians.broken), "0", verdict(medians.broken == 0)))
+    print(
+        f"(load average at the end: {load_average()}; "
+        "cpu counts exclude native's sha384sum and sha256sum)"
+    )
+
+
+def print_rss_rows(medians: Medians, rss_by_size: dict[int, Run]) -> None:
+    """Peak RSS per image size, and whether it stays flat from the smallest to the largest."""
     for size, run in rss_by_size.items():
         rss = run.measurement.maxrss_mib
         print(
-            row.format(
+            _ROW.format(
                 f"ours peak RSS, {gib_label(size)} image",
                 f"{rss:.1f} MiB",
                 f"<= {BAR_RSS_MIB:.0f} MiB",
                 verdict(rss <= BAR_RSS_MIB and run.ok) + ("" if run.ok else " (broken)"),
             )
         )
-    if len(rss_by_size) >= 2:
-        sizes = sorted(rss_by_size)
-        growth = (
-            rss_by_size[sizes[-1]].measurement.maxrss_mib
-            - rss_by_size[sizes[0]].measurement.maxrss_mib
-        )
-        print(
-            row.format(
-                f"RSS growth {gib_label(sizes[0])} -> {gib_label(sizes[-1])}",
-                f"{growth:+.1f} MiB",
-                f"flat (±{RSS_FLAT_TOLERANCE_MIB:g})",
-                verdict(abs(growth) <= RSS_FLAT_TOLERANCE_MIB),
-            )
-        )
-        if rss_low is not None and rss_main is not None:
-            print(
-                row.format(
-                    f"  (spread over bench runs, {gib_label(raw_size)})",
-                    f"{rss_main - rss_low:.1f} MiB",
-                    "",
-                    "",
-                )
-            )
-    if args.oci:
-        print(row.format("ours-oci median", fmt_seconds(median_of(runs["ours-oci"])), "", ""))
-        print(row.format("native-oci median", fmt_seconds(median_of(runs["native-oci"])), "", ""))
-        print(
-            row.format(
-                "ours-oci/native-oci (throughput)",
-                fmt_ratio(oci_native),
-                f">= {BAR_OURS_NATIVE}x",
-                "n/a" if oci_native is None else verdict(oci_native >= BAR_OURS_NATIVE),
-            )
-        )
-    print(row.format("broken runs", str(broken), "0", verdict(broken == 0)))
-    print(
-        f"(load average at the end: {load_average()}; "
-        "cpu counts exclude native's sha384sum and sha256sum)"
+    if len(rss_by_size) < 2:
+        return
+    sizes = sorted(rss_by_size)
+    growth = (
+        rss_by_size[sizes[-1]].measurement.maxrss_mib - rss_by_size[sizes[0]].measurement.maxrss_mib
     )
+    print(
+        _ROW.format(
+            f"RSS growth {gib_label(sizes[0])} -> {gib_label(sizes[-1])}",
+            f"{growth:+.1f} MiB",
+            f"flat (±{RSS_FLAT_TOLERANCE_MIB:g})",
+            verdict(abs(growth) <= RSS_FLAT_TOLERANCE_MIB),
+        )
+    )
+    if medians.rss_min is not None and medians.rss_max is not None:
+        print(
+            _ROW.format(
+                f"  (spread over bench runs, {gib_label(medians.raw_size)})",
+                f"{medians.rss_max - medians.rss_min:.1f} MiB",
+                "",
+                "",
+            )
+        )
+
+
+def run_benchmark(args: argparse.Namespace, stack: ExitStack) -> None:
+    """Everything between setup and cleanup."""
+    raw_size = round(args.size_gib * GIB / MIB) * MIB
+    rss_sizes = [round(float(s) * GIB / MIB) * MIB for s in args.rss_sizes.split(",") if s]
+    workdir = make_workdir(args.tmp_dir, stack)
+    docroot = workdir / "docroot"
+    docroot.mkdir()
+    log = workdir / "children.log"
+    imagestream = args.imagestream or str(Path(sys.executable).parent / "imagestream")
+    code_at_start = code_state()
+    print_setup(args, workdir, imagestream, code_at_start, log)
+
+    image = make_image(docroot, raw_size, args.seed)
+    server = stack.enter_context(Nginx(docroot, workdir / "nginx"))
+    print(f"nginx     {server.url_for(image.path.name)}")
+    bench = Bench(
+        workdir=workdir,
+        docroot=docroot,
+        server=server,
+        imagestream=imagestream,
+        ours_extra=tuple(args.ours_arg),
+        cold=args.cache == "cold",
+        log=log,
+    )
+    runs = run_rounds(bench, image, origins_of(bench, image, args.oci, stack), args.runs)
+    medians = Medians.of(runs, raw_size, args.oci)
+    print_medians(runs, medians, args.oci, log)
+    rss_by_size = run_rss_sizes(bench, image, rss_sizes, args.seed)
+    print_summary(medians, rss_by_size, runs, args.oci)
     code_at_end = code_state()
     if code_at_end != code_at_start:
         print(f"WARNING: the code changed during the run; now {code_at_end}")

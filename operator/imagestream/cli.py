@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,8 @@ from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.signals import cancel_on_signals
+from imagestream.targets import target_from_argument
 
 EXIT_USAGE = 2
 _UNSAFE_FLAG = "--skip-verification-unsafe"
@@ -183,7 +184,13 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
     )
     return StreamRequest(
         source=args.source,
-        target=args.target,
+        target=target_from_argument(
+            args.target,
+            host=host,
+            force=args.force,
+            direct_io=not args.no_direct_io,
+            allowed_dirs=tuple(args.allowed_dir),
+        ),
         sha384=args.sha384,
         compression=Compression(args.compression),
         source_options=SourceOptions(
@@ -194,13 +201,9 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
             layer=args.layer,
             plain_http=args.plain_http,
         ),
-        host=host,
         verify_after_write=args.verify_after_write,
         allow_unverified=args.unverified,
         max_window_log=args.max_window_log,
-        direct_io=not args.no_direct_io,
-        skip_usage_checks=args.force,
-        allowed_file_dirs=tuple(args.allowed_dir),
         cancel=cancel,
     )
 
@@ -216,19 +219,6 @@ def stream_command(args: argparse.Namespace, console: Console) -> int:
         return report_failure(exc, args.progress, console)
     report_success(result, args.progress, console)
     return 0
-
-
-def cancel_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT stop the stream cleanly: the target is left invalid, never half-valid."""
-    cancel = threading.Event()
-
-    def handler(signum: int, _frame: object) -> None:
-        logging.getLogger(__name__).warning("signal %d: stopping the stream", signum)
-        cancel.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-    return cancel
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from rich.progress import (
 from imagestream.errors import ImageStreamError
 from imagestream.pipeline.pipeline import StreamResult
 from imagestream.pipeline.progress import Progress
+from imagestream.status_fields import progress_fields
 
 _PLAIN_INTERVAL = 2.0
 
@@ -128,18 +129,6 @@ class JsonDisplay(_ThrottledDisplay):
     def show(self, progress: Progress) -> None:
         """Print a JSON line."""
         emit_json(self._stream, {"event": "progress", **progress_fields(progress)})
-
-
-def progress_fields(progress: Progress) -> dict[str, object]:
-    """The snapshot as camelCase fields, as the ImageStream status spells them."""
-    return {
-        "phase": progress.phase,
-        "bytesFetched": progress.bytes_fetched,
-        "bytesTotal": progress.bytes_total,
-        "bytesWritten": progress.bytes_written,
-        "bytesPerSecond": round(progress.bytes_per_second),
-        "resumes": progress.resumes,
-    }
 
 
 def emit_json(stream: TextIO, record: dict[str, object]) -> None:

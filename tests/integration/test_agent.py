@@ -10,8 +10,12 @@ pointing at it is a real one, read by the real Kubernetes client.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import signal
+import stat
+import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,20 +24,24 @@ import pytest
 from tests.support.blockdev import LoopDeviceFactory
 from tests.support.cli import (
     CliRun,
+    imagestream_command,
     imagestream_env,
     imagestream_process,
     interrupt,
+    one_line,
     run_imagestream,
 )
 from tests.support.fake_status_api import ApiRequest, FakeStatusApi, Mode
-from tests.support.nginx import NginxFactory
+from tests.support.nginx import Nginx, NginxFactory
 from tests.support.oci_push import Layer, OciPusher
 from tests.support.registry import TEST_USER, HtpasswdAuth, Registry, write_htpasswd
+from tests.support.rss import run_measured
 from tests.support.targets import MIB, PATTERN, fill_pattern, read_device, sha384_of
-from tests.support.tools import wait_until
+from tests.support.tools import require_tool, wait_until
 
 from imagestream.agent.contract import AgentInstructions, AgentResult, env_name
-from imagestream.demo.image import SampleImage, write_sample_image
+from imagestream.controller.builders import agent_memory
+from imagestream.demo.image import SampleImage, iter_raw_data, write_sample_image
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
@@ -44,6 +52,8 @@ UID = "0b6c7d1e-4f0a-4c55-9d7e-2a1f3b4c5d6e"
 STATUS_PATH = f"/apis/imagestream.dev/v1alpha1/namespaces/{NAMESPACE}/imagestreams/{NAME}/status"
 INTERVAL = 0.5
 DEVICE_SIZE = 16 * MIB
+#: The backup GPT area of a whole loop disk (512-byte sectors), zeroed with the first write.
+BACKUP_GPT_BYTES = 33 * 512
 UPDATED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 
@@ -340,8 +350,10 @@ def test_sigterm_mid_stream_cancels_and_leaves_the_target_invalid(
     assert result.bytes_written >= 4 * MIB  # the last numbers seen, not zeros
     assert result.bytes_fetched < image.compressed_size
     assert read_device(dev, MIB) == bytes(MIB)
-    # The end of the device was never reached.
-    assert read_device(dev, MIB, DEVICE_SIZE - MIB) == PATTERN
+    # The end of the device was never reached, but its backup GPT area was zeroed up front.
+    end = read_device(dev, MIB, DEVICE_SIZE - MIB)
+    assert end[:-BACKUP_GPT_BYTES] == PATTERN[:-BACKUP_GPT_BYTES]
+    assert end[-BACKUP_GPT_BYTES:] == bytes(BACKUP_GPT_BYTES)
 
 
 def test_missing_instructions_fail_naming_the_variables(
@@ -361,3 +373,181 @@ def test_missing_instructions_fail_naming_the_variables(
     assert result.target == str(dev)
     assert api.requests == []  # it does not know whose status to patch
     assert read_device(dev, MIB) == PATTERN  # nothing written
+
+
+# -- long zstd windows: what the agent accepts, and the memory its Job gets for it -------------
+
+LONG_WINDOW_LOG = 30
+
+
+def zstd_long(dest: Path, window_log: int) -> SampleImage:
+    """Raw data 256 MiB longer than the window (so the decoder fills its whole window buffer)
+    through `zstd --long=N` from a pipe, as an image build makes it: no content size in the
+    header, so the frame declares the full 2^N window."""
+    zstd = require_tool("zstd")
+    raw_size = (1 << window_log) + 256 * MIB
+    raw_hash = hashlib.sha384()
+    with dest.open("wb") as out:
+        command = [zstd, "-q", "-T1", f"--long={window_log}", "-c", "-"]
+        with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out) as process:
+            assert process.stdin is not None
+            for chunk in iter_raw_data(raw_size, seed=31):
+                raw_hash.update(chunk)
+                process.stdin.write(chunk)
+            process.stdin.close()
+            assert process.wait() == 0
+    return SampleImage(
+        path=dest,
+        raw_size=raw_size,
+        compressed_size=dest.stat().st_size,
+        sha384=sha384_of(dest),
+        raw_sha384=raw_hash.hexdigest(),
+    )
+
+
+@pytest.fixture(scope="module")
+def long_window_images(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[int], SampleImage]:
+    """`images(N)`: the `zstd --long=N` image, made once per module."""
+    made: dict[int, SampleImage] = {}
+    directory = tmp_path_factory.mktemp("long-window")
+
+    def image(window_log: int) -> SampleImage:
+        if window_log not in made:
+            made[window_log] = zstd_long(directory / f"long{window_log}.img.zst", window_log)
+        return made[window_log]
+
+    return image
+
+
+@pytest.fixture
+def long_window_image(long_window_images: Callable[[int], SampleImage]) -> SampleImage:
+    """The `zstd --long=30` image: 1.25 GiB raw, about 0.5 GiB compressed."""
+    return long_window_images(LONG_WINDOW_LOG)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window_log", [27, LONG_WINDOW_LOG])
+def test_a_long_window_image_streams_within_the_memory_its_job_gets(
+    window_log: int,
+    long_window_images: Callable[[int], SampleImage],
+    loop_device_factory: LoopDeviceFactory,
+    nginx: Nginx,
+    tmp_path: Path,
+) -> None:
+    """maxWindowLog N, a `zstd --long=N` image from nginx: the stream succeeds, and the agent's
+    peak RSS (the kernel's count, as in test_memory.py) stays below the memory limit the Job
+    builder gives a 2^N window: the default 27 and a long 30."""
+    image = long_window_images(window_log)
+    os.link(image.path, nginx.docroot / image.path.name)
+    dev = loop_device_factory(image.raw_size)
+    instr = replace(
+        instructions(nginx.url_for(image.path.name), image, dev, tmp_path),
+        max_window_log=window_log,
+    )
+    with FakeStatusApi(uid=UID) as api:
+        env = agent_env(instr, tmp_path, api.kubeconfig(tmp_path / "kubeconfig", TOKEN))
+        with (tmp_path / "stdout").open("wb") as stdout, (tmp_path / "stderr").open("wb") as err:
+            peak = run_measured(
+                imagestream_command("agent"),
+                env=env,
+                stdout=stdout,
+                stderr=err,
+                report=tmp_path / "rusage.json",
+                timeout=280,
+            )
+    stderr = (tmp_path / "stderr").read_text()
+
+    assert peak.exit_code == 0, stderr
+    result = AgentResult.from_json(Path(instr.termination_log).read_text())
+    assert (result.outcome, result.sha384) == ("Succeeded", image.sha384), result
+    assert result.bytes_written == image.raw_size
+    assert sha384_of(dev, image.raw_size) == image.raw_sha384
+    assert_only_own_guarded_status_patches(api)
+    memory = agent_memory(window_log)
+    report = (
+        f"2^{window_log}: peak RSS {peak.peak_rss_mib:.1f} MiB; Job request "
+        f"{memory.request_mib} Mi, limit {memory.limit_mib} Mi"
+    )
+    print(report)
+    # The window really was filled (else the comparison below would prove nothing)...
+    assert peak.peak_rss_mib > (1 << window_log) / MIB, report
+    # ...and the limit holds it.
+    assert peak.peak_rss_mib < memory.limit_mib, report
+
+
+def test_the_default_window_log_refuses_a_long_window_image_before_writing(
+    long_window_image: SampleImage, dev: Path, tmp_path: Path
+) -> None:
+    """maxWindowLog left at 27: WindowTooLarge at the frame header, naming the value that
+    would do, and not one byte of the target changed."""
+    instr = instructions(str(long_window_image.path), long_window_image, dev, tmp_path)
+    assert instr.max_window_log == 27
+    with FakeStatusApi(uid=UID) as api:
+        run, result = run_agent(instr, tmp_path, api)
+
+    assert run.code == 4, run.stderr
+    assert (result.outcome, result.reason) == ("Failed", "WindowTooLarge")
+    assert "set spec.source.maxWindowLog: 30 " in result.message
+    assert "more than the allowed 2^27" in result.message
+    assert result.bytes_written == 0
+    assert result.seconds < 10  # the header, not 1.25 GiB of decoding, decided
+    assert read_device(dev, DEVICE_SIZE) == PATTERN * (DEVICE_SIZE // MIB)
+
+
+def test_the_cli_names_its_flag_for_a_long_window_image(
+    long_window_image: SampleImage, dev: Path
+) -> None:
+    run = run_imagestream(
+        "stream",
+        long_window_image.path,
+        dev,
+        "--sha384",
+        long_window_image.sha384,
+        "--max-window-log",
+        "27",
+        timeout=60,
+    )
+
+    assert run.code == 4, run.stderr
+    message = one_line(run.stderr)
+    assert "WindowTooLarge" in message
+    assert "raise --max-window-log to 30" in message, message
+    assert "maxWindowLog" not in message
+    assert read_device(dev, DEVICE_SIZE) == PATTERN * (DEVICE_SIZE // MIB)
+
+
+# -- the target is the one the controller named -----------------------------------------------
+
+
+def test_a_missing_device_fails_target_not_found_and_creates_nothing(
+    image: SampleImage, dev: Path, tmp_path: Path
+) -> None:
+    """In its Pod the agent sees the host's /dev at /host/dev: a typo'd device there is not a
+    new file in the host's devtmpfs, reported Succeeded, but TargetNotFound by the host path.
+
+    Stand-in: `host/dev` is a directory with a real device node of the loop device (as the
+    host's /dev holds them), not a bind mount of the host's /dev.
+    """
+    host = tmp_path / "host"
+    host_dev = host / "dev"
+    host_dev.mkdir(parents=True)
+    os.mknod(host_dev / dev.name, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+    base = replace(instructions(str(image.path), image, dev, tmp_path), host_prefix=str(host))
+
+    typo = replace(base, target=str(host_dev / "loop-typo"))
+    run, result = run_agent(typo, tmp_path, None)
+
+    assert run.code == 5, run.stderr
+    assert (result.outcome, result.reason) == ("Failed", "TargetNotFound")
+    assert "/dev/loop-typo" in result.message
+    assert str(host) not in result.message
+    assert result.target == "/dev/loop-typo"
+    assert sorted(p.name for p in host_dev.iterdir()) == [dev.name]
+
+    # The same instructions naming the node that exists write the device.
+    run, result = run_agent(replace(base, target=str(host_dev / dev.name)), tmp_path, None)
+    assert run.code == 0, run.stderr
+    assert (result.outcome, result.target) == ("Succeeded", f"/dev/{dev.name}")
+    assert sha384_of(dev, image.raw_size) == image.raw_sha384

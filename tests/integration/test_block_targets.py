@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,8 @@ from tests.support.cli import (
     run_imagestream,
 )
 from tests.support.nginx import NginxFactory
-from tests.support.targets import MIB, PATTERN, fill_pattern, read_device, sha384_of
+from tests.support.targets import MIB, PATTERN, device_plan, fill_pattern, read_device, sha384_of
+from tests.support.throttle import read_throttle
 from tests.support.tools import require_tool, wait_until
 
 from imagestream.demo.image import SampleImage, iter_raw_data, write_raw_image, write_sample_image
@@ -48,6 +50,9 @@ pytestmark = pytest.mark.usefixtures("require_root")
 
 #: `imagestream stream ARGS...`.
 stream = functools.partial(run_imagestream, "stream")
+
+#: The backup GPT area of a whole loop disk (512-byte sectors), held back like the first MiB.
+BACKUP_GPT_BYTES = 33 * 512
 
 
 def raw_data(size: int, seed: int = 0) -> bytes:
@@ -161,7 +166,9 @@ def test_verify_after_write_run_stream_over_http(
     url = served_by_nginx(image.path, "root.img.zst", nginx_factory, tmp_path)
 
     result = run_stream(
-        StreamRequest(source=url, target=dev, sha384=image.sha384, verify_after_write=True)
+        StreamRequest(
+            source=url, target=device_plan(dev), sha384=image.sha384, verify_after_write=True
+        )
     )
 
     assert result.read_back_verified
@@ -193,7 +200,7 @@ def test_run_stream_releases_the_device(
     image: SampleImage, loop_device_factory: LoopDeviceFactory
 ) -> None:
     dev = loop_device_factory(8 * MIB)
-    request = StreamRequest(source=str(image.path), target=dev, sha384=image.sha384)
+    request = StreamRequest(source=str(image.path), target=device_plan(dev), sha384=image.sha384)
     try:
         run_stream(request)
         leaked = descriptors_open_on(dev)
@@ -324,7 +331,10 @@ def test_image_without_content_size_runs_out_of_space(
     assert "full" in final["message"]
     # The writes reached the end of the device (so it really was ENOSPC mid-write) ...
     raw = raw_data(IMAGE_SIZE)
-    assert read_device(dev, MIB, MIB) == raw[MIB : 2 * MIB]
+    # (a loop device is a whole disk: its last 33 sectors, the backup GPT area, stay zeros) ...
+    tail = 2 * MIB - BACKUP_GPT_BYTES
+    assert read_device(dev, tail - MIB, MIB) == raw[MIB:tail]
+    assert read_device(dev, BACKUP_GPT_BYTES, tail) == bytes(BACKUP_GPT_BYTES)
     # ... and the first MiB is zeros: the device does not look like a valid image.
     assert_invalidated(dev)
 
@@ -442,5 +452,182 @@ def test_sigterm_stops_the_stream_and_invalidates(
     assert final["reason"] == "Cancelled"
     # The first 4 MiB buffer was written (past the first MiB), the first MiB is zeros.
     assert_invalidated(dev, written_from=raw_data(4 * MIB, seed=8))
-    # And the end of the device was never reached.
-    assert read_device(dev, MIB, size - MIB) == PATTERN
+    # The end of the device was never reached, but its backup GPT area was zeroed up front.
+    end = read_device(dev, MIB, size - MIB)
+    assert end[:-BACKUP_GPT_BYTES] == PATTERN[:-BACKUP_GPT_BYTES]
+    assert end[-BACKUP_GPT_BYTES:] == bytes(BACKUP_GPT_BYTES)
+
+
+# -- whole disks: the backup GPT ---------------------------------------------------------------
+
+GPT_DISK_SIZE = 16 * MIB
+
+
+def gpt_image(path: Path, size: int, label: str) -> Path:
+    """A raw disk image of `size` bytes holding a GPT with one partition named `label`."""
+    with path.open("wb") as file:
+        file.truncate(size)
+    run_command([require_tool("sgdisk"), "-o", "-n", "1:2048:+4M", "-c", f"1:{label}", path])
+    return path
+
+
+def gpt_disk(loop_device_factory: LoopDeviceFactory, tmp_path: Path) -> Path:
+    """A whole loop disk with an old GPT (partition `old-root`) that sfdisk reads."""
+    dev = loop_device_factory(GPT_DISK_SIZE)
+    old = gpt_image(tmp_path / "old.img", GPT_DISK_SIZE, "old-root")
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        os.pwrite(fd, old.read_bytes(), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert partition_names(dev) == ["old-root"]
+    return dev
+
+
+def partition_names(dev: Path) -> list[str] | None:
+    """The partition names sfdisk finds on `dev`; None when it finds no table at all."""
+    sfdisk = require_tool("sfdisk")
+    found = subprocess.run([sfdisk, "--json", dev], capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        assert "does not contain a recognized partition table" in found.stderr, found.stderr
+        return None
+    table = json.loads(found.stdout)["partitiontable"]
+    return [part.get("name", "") for part in table.get("partitions", [])]
+
+
+def sgdisk_verify(dev: Path) -> str:
+    """`sgdisk -v` of `dev`: what a tool (or firmware) would find and restore."""
+    checked = subprocess.run(
+        [require_tool("sgdisk"), "-v", dev], capture_output=True, text=True, check=False
+    )
+    return checked.stdout + checked.stderr
+
+
+def test_a_failed_stream_leaves_no_backup_gpt_to_restore(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    """Zeroing the first MiB alone leaves the old backup GPT at the disk's end, from which
+    sgdisk (and firmware) would restore the old table over the half-written disk."""
+    dev = gpt_disk(loop_device_factory, tmp_path)
+    img = write_sample_image(tmp_path / "image.zst", 4 * MIB, seed=21)
+    wrong = hashlib.sha384(b"another image").hexdigest()
+
+    run = stream(img.path, dev, "--sha384", wrong)
+
+    assert_exited(run, 4, "HashMismatch")
+    assert partition_names(dev) is None
+    report = sgdisk_verify(dev)
+    assert "backup" not in report.lower(), report
+    assert "Creating new GPT entries" in report, report  # sgdisk finds no table at all
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "read-back"])
+def test_an_image_reaching_the_disk_end_gets_its_backup_gpt_after_verifying(
+    verify: bool, loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    dev = gpt_disk(loop_device_factory, tmp_path)
+    img = gpt_image(tmp_path / "new.img", GPT_DISK_SIZE, "new-root")
+    sha384 = hashlib.sha384(img.read_bytes()).hexdigest()
+    extra = ["--verify-after-write"] if verify else []
+
+    run = stream(img, dev, "--sha384", sha384, "--compression", "none", *extra)
+
+    assert run.code == 0, run.stderr
+    assert sha384_of(dev, GPT_DISK_SIZE) == sha384
+    assert partition_names(dev) == ["new-root"]
+    assert "No problems found" in sgdisk_verify(dev)
+
+
+def test_an_image_smaller_than_the_disk_leaves_the_disk_end_zeroed(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    """The image's own backup GPT lies at the image's end, where its primary header points:
+    the disk's end keeps zeros, never the old table."""
+    dev = gpt_disk(loop_device_factory, tmp_path)
+    img = gpt_image(tmp_path / "new.img", GPT_DISK_SIZE // 2, "new-root")
+    sha384 = hashlib.sha384(img.read_bytes()).hexdigest()
+
+    run = stream(img, dev, "--sha384", sha384, "--compression", "none")
+
+    assert run.code == 0, run.stderr
+    assert partition_names(dev) == ["new-root"]
+    assert read_device(dev, BACKUP_GPT_BYTES, GPT_DISK_SIZE - BACKUP_GPT_BYTES) == bytes(
+        BACKUP_GPT_BYTES
+    )
+
+
+# -- read-back while the target is still invalid -------------------------------------------------
+
+READ_BACK_SIZE = 32 * MIB
+#: 32 MiB read back at 4 MiB/s: a read-back of about 8 s.
+READ_BACK_RATE = 4 * MIB
+
+
+def start_reading_back(process: subprocess.Popen[str]) -> None:
+    """Wait for the JSON progress line of the Verifying phase, then a second into the read-back."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line).get("phase") == "Verifying":
+            break
+    else:
+        pytest.fail(f"the stream ended before verifying: {process.communicate()}")
+    time.sleep(1.0)
+    assert process.poll() is None, "the read-back was not slow: the test proves nothing"
+
+
+def test_a_kill_during_a_long_read_back_leaves_the_target_invalid(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    dev = loop_device_factory(READ_BACK_SIZE)
+    fill_pattern(dev, 2 * MIB)
+    img = write_sample_image(tmp_path / "image.zst", READ_BACK_SIZE, seed=31)
+    args = ("stream", img.path, dev, "--sha384", img.sha384, "--verify-after-write")
+
+    with (
+        read_throttle(dev, READ_BACK_RATE) as admit,
+        imagestream_process(*args, "--progress", "json") as process,
+    ):
+        admit(process.pid)
+        start_reading_back(process)
+        process.kill()
+        process.wait()
+
+    assert read_device(dev, MIB) == bytes(MIB)  # the hash matched, the read-back had not
+    assert read_device(dev, MIB, MIB) == raw_data(2 * MIB, seed=31)[MIB:]
+
+
+def test_a_failed_invalidation_is_not_reported_as_an_invalid_target(
+    loop_device_factory: LoopDeviceFactory, tmp_path: Path
+) -> None:
+    """The device changes under the read-back (a read-back mismatch), then turns read-only, so
+    zeroing its first MiB fails: the message must say so, not claim an invalid target."""
+    dev = loop_device_factory(READ_BACK_SIZE)
+    img = write_sample_image(tmp_path / "image.zst", READ_BACK_SIZE, seed=32)
+    args = ("stream", img.path, dev, "--sha384", img.sha384, "--verify-after-write")
+    blockdev = require_tool("blockdev")
+
+    with (
+        read_throttle(dev, READ_BACK_RATE) as admit,
+        imagestream_process(*args, "--progress", "json") as process,
+    ):
+        admit(process.pid)
+        start_reading_back(process)
+        # Altered data near the end (not read back yet), then the device refuses writes.
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"altered!" * 512, READ_BACK_SIZE - 2 * MIB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        run_command([blockdev, "--setro", dev])
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            run_command([blockdev, "--setrw", dev])
+
+    assert process.returncode == 4, stderr
+    final = result_record(stdout, stderr)
+    assert final["reason"] == "ReadBackMismatch"
+    assert "could NOT be invalidated" in final["message"]
+    assert "left invalid" not in final["message"]

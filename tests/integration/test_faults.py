@@ -16,10 +16,7 @@ from pathlib import Path
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
 from tests.support.cli import CliRun, assert_failed, assert_succeeded, stream_fast_retries
-from tests.support.targets import MIB, assert_file_target_invalid, sha384_of
-
-from imagestream.demo.image import SampleImage, write_sample_image
-from imagestream.demo.range_server import (
+from tests.support.range_server import (
     AUTO_ETAG,
     Fault,
     FaultKind,
@@ -27,6 +24,9 @@ from imagestream.demo.range_server import (
     RangeServer,
     RequestRecord,
 )
+from tests.support.targets import MIB, assert_file_target_invalid, sha384_of
+
+from imagestream.demo.image import SampleImage, write_sample_image
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,10 +20,13 @@ import zstandard
 from tests.support.blockdev import small_tmpfs
 from tests.support.cli import assert_exited, run_imagestream
 from tests.support.nginx import Nginx
-from tests.support.targets import assert_file_target_invalid, sha384_of, staging_path
-from tests.support.tools import require_tool
+from tests.support.targets import assert_file_target_invalid, file_plan, sha384_of, staging_path
+from tests.support.tools import fail_or_skip, require_tool
 
 from imagestream.demo.image import SampleImage, write_raw_image, write_sample_image
+from imagestream.pipeline.pipeline import StreamRequest, run_stream
+from imagestream.pipeline.progress import Progress
+from imagestream.pipeline.sinks import open_sink
 
 MiB = 1 << 20
 IMAGE_SIZE = 4 * MiB
@@ -386,3 +389,124 @@ def test_allowed_dir_confines_file_targets(
     )
     assert inside.code == 0, inside.stderr
     assert sha384_of(allowed / "tools.raw") == image.raw_sha384
+
+
+# -- links never lead the write out of the directory ------------------------------------------
+
+
+def test_a_link_planted_at_the_staging_name_is_not_followed(
+    image: SampleImage, out_dir: Path, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"somebody else's file")
+    target = out_dir / "root.img"
+    staging_path(target).symlink_to(victim)
+
+    run = stream(image.path, target, "--sha384", image.sha384)
+
+    assert_exited(run, 5, "TargetInvalid", "symbolic link")
+    assert victim.read_bytes() == b"somebody else's file"
+    assert not target.exists()
+    assert staging_path(target).is_symlink()  # left for the user to look at, not followed
+
+
+def test_a_directory_swapped_for_a_link_does_not_move_the_write(tmp_path: Path) -> None:
+    """Once opened, the staging file, the rename and the fsync go through the directory's
+    descriptor: a directory replaced by a link to elsewhere meanwhile changes nothing."""
+    allowed = tmp_path / "extensions"
+    (allowed / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    data = os.urandom(2 * MiB)
+    # Through the page cache: `data` is not aligned for O_DIRECT as the pipeline's buffers are.
+    plan = file_plan(allowed / "sub/tools.raw", allowed_dirs=(allowed,), direct_io=False)
+
+    sink = open_sink(plan)
+    try:
+        sink.write(memoryview(data))
+        (allowed / "sub").rename(allowed / "sub.old")
+        (allowed / "sub").symlink_to(outside)
+        sink.flush()
+        sink.restore_header()
+        sink.publish()
+    except BaseException:
+        sink.invalidate()
+        raise
+
+    assert (allowed / "sub.old/tools.raw").read_bytes() == data
+    assert sorted(p.name for p in (allowed / "sub.old").iterdir()) == ["tools.raw"]
+    assert list(outside.iterdir()) == []
+
+
+def test_a_link_that_stays_inside_the_allowed_directory_is_resolved_once(
+    image: SampleImage, tmp_path: Path
+) -> None:
+    allowed = tmp_path / "extensions"
+    (allowed / "real").mkdir(parents=True)
+    (allowed / "link").symlink_to(allowed / "real")
+    # Resolved once, then walked without following links: inside the allowed directory.
+    inside = stream(
+        image.path, allowed / "link/x.img", "--sha384", image.sha384, "--allowed-dir", allowed
+    )
+    assert inside.code == 0, inside.stderr
+    assert sha384_of(allowed / "real/x.img") == image.raw_sha384
+
+
+def test_no_direct_io_is_honoured_for_files(image: SampleImage, tmp_path: Path) -> None:
+    """`--no-direct-io` (direct_io=False) writes a file through the page cache; without it
+    O_DIRECT is used where the file system takes it (the ext4 of the test's tmp dir)."""
+
+    def staging_flags(target: Path, direct_io: bool) -> list[int]:
+        seen: list[int] = []
+
+        def look(progress: Progress) -> None:
+            # "Verifying": every byte is written and the staging file is still open.
+            if progress.phase == "Verifying":
+                seen.extend(_open_flags(staging_path(target)))
+
+        plan = file_plan(target, direct_io=direct_io)
+        run_stream(StreamRequest(str(image.path), plan, image.sha384), look)
+        return seen
+
+    with_direct = staging_flags(tmp_path / "direct.img", direct_io=True)
+    if not with_direct or not with_direct[0] & os.O_DIRECT:
+        fail_or_skip(f"{tmp_path} does not take O_DIRECT, so the flag cannot show")
+    without = staging_flags(tmp_path / "cached.img", direct_io=False)
+    assert without, "the staging file was not open while verifying"
+    assert all(not flags & os.O_DIRECT for flags in without), without
+
+
+def _open_flags(path: Path) -> list[int]:
+    """The open flags of this process's descriptors on `path` (from /proc/self/fdinfo)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != str(path):
+                continue
+            info = Path(f"/proc/self/fdinfo/{name}").read_text()
+        except OSError:
+            continue
+        flags = next(line for line in info.splitlines() if line.startswith("flags:"))
+        found.append(int(flags.split()[1], 8))
+    return found
+
+
+def test_a_failed_writer_removes_only_its_own_staging_file(tmp_path: Path) -> None:
+    """The staging file is unlinked while its lock is held, and only if the name still is that
+    file: a writer whose staging file was replaced meanwhile leaves the new one alone."""
+    target = tmp_path / "tools.raw"
+    plan = file_plan(target, direct_io=False)
+    first = open_sink(plan)
+    staging_path(target).unlink()  # removed under the first writer (by hand, or a cleanup)
+    second = open_sink(plan)
+    try:
+        first.invalidate()
+        assert staging_path(target).exists(), "the first writer removed the second's file"
+        data = os.urandom(MiB)
+        second.write(memoryview(data))
+        second.restore_header()
+        second.publish()
+    except BaseException:
+        second.invalidate()
+        raise
+    assert target.read_bytes() == data

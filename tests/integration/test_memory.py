@@ -8,9 +8,6 @@ loop device; `--verify-after-write` makes the measured run read the whole device
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 from tests.support.blockdev import LoopDeviceFactory
 from tests.support.cli import imagestream_command, imagestream_env, json_records
 from tests.support.nginx import Nginx
+from tests.support.rss import run_measured
 from tests.support.targets import sha384_of
 
 from imagestream.demo.image import write_sample_image
@@ -41,53 +39,28 @@ class Measured:
     stderr: str
 
 
-# Linux folds the high-water RSS of the address space a process had before `exec` into its
-# `ru_maxrss` (fs/exec.c, exec_mmap), and a child made by fork/vfork starts from its parent's.
-# Spawned straight from pytest, the CLI would report pytest's own peak (over 150 MiB after the
-# other test files ran). So a small launcher process spawns the CLI and reports the child's
-# `wait4` usage, together with its own high-water mark: the floor the measurement cannot go below.
-_LAUNCHER = """
-import json, os, subprocess, sys
-report, argv = sys.argv[1], sys.argv[2:]
-with open("/proc/self/status") as status_file:
-    hwm = next(int(line.split()[1]) for line in status_file if line.startswith("VmHWM:"))
-child = subprocess.Popen(argv)
-_, status, usage = os.wait4(child.pid, 0)
-child.returncode = os.waitstatus_to_exitcode(status)
-with open(report, "w") as fh:
-    json.dump({"exit_code": child.returncode, "maxrss_kib": usage.ru_maxrss, "floor_kib": hwm}, fh)
-"""
-# The launcher's floor must stay well below the limit, or the measurement would mean nothing.
-_FLOOR_LIMIT_MIB = 40
-
-
 def stream_measured(url: str, dev: Path, sha384: str, workdir: Path) -> Measured:
     """Run `imagestream stream` as a grandchild; return exit code, peak RSS and JSON result."""
     stdout_path = workdir / "stdout.json"
     stderr_path = workdir / "stderr.txt"
-    report_path = workdir / "rusage.json"
-    report_path.unlink(missing_ok=True)
     command = imagestream_command(
         "stream", url, dev, "--sha384", sha384, "--verify-after-write", "--progress", "json"
     )
     started = time.monotonic()
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
-        subprocess.run(
-            [sys.executable, "-c", _LAUNCHER, str(report_path), *command],
+        peak = run_measured(
+            command,
+            env=imagestream_env(),
             stdout=stdout,
             stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            env=imagestream_env(),
-            check=True,
+            report=workdir / "rusage.json",
             timeout=300,
         )
     seconds = time.monotonic() - started
-    report = json.loads(report_path.read_text())
-    assert report["floor_kib"] / 1024 < _FLOOR_LIMIT_MIB, report
     records = json_records(stdout_path.read_text())
     return Measured(
-        exit_code=report["exit_code"],
-        peak_rss_mib=report["maxrss_kib"] / 1024,
+        exit_code=peak.exit_code,
+        peak_rss_mib=peak.peak_rss_mib,
         seconds=seconds,
         result=records[-1] if records else {},
         stderr=stderr_path.read_text(),

@@ -11,8 +11,21 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from imagestream.pipeline.target_plan import TargetPlan
+from imagestream.targets import TargetRequest, plan_target
+
 MIB = 1 << 20
 _CHUNK = 8 * MIB
+
+
+def file_plan(path: Path, **options: object) -> TargetPlan:
+    """The plan of a file target at `path`, as the CLI would make it for a non-device path."""
+    return plan_target(TargetRequest(kind="file", path=path, **options))  # type: ignore[arg-type]
+
+
+def device_plan(path: Path, **options: object) -> TargetPlan:
+    """The plan of a device target at `path`, as the agent makes it for `spec.target.device`."""
+    return plan_target(TargetRequest(kind="device", path=path, **options))  # type: ignore[arg-type]
 
 
 def staging_path(target: Path) -> Path:

@@ -26,9 +26,9 @@ from imagestream.agent.reporter import (
     ProgressReporter,
     StatusWriteError,
     progress_report,
-    rfc3339,
 )
 from imagestream.pipeline.progress import Progress
+from imagestream.timefmt import rfc3339
 
 MIB = 1 << 20
 INTERVAL = 0.1

@@ -37,6 +37,7 @@ from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.pipeline import StreamRequest, StreamResult
 from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.safety import HostView
+from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
 
 MIB = 1 << 20
@@ -64,6 +65,7 @@ def instructions(image: SampleImage, host: Path, **overrides: object) -> AgentIn
         source=str(image.path),
         sha384=image.sha384,
         target=str(host / "var/lib/extensions/tools.raw"),
+        target_kind="file",
         allowed_dir=str(host / "var/lib/extensions"),
         host_proc="/proc",
         host_prefix=str(host),
@@ -116,28 +118,33 @@ def test_request_from_instructions(image: SampleImage, host: Path) -> None:
         stall_timeout=7.5,
         verify_after_write=True,
         force=True,
+        max_window_log=30,
     )
 
     request = request_from_instructions(instr, cancel)
 
     assert request.source == instr.source
-    assert request.target == Path(instr.target)
+    assert request.target == TargetPlan(
+        kind="file",
+        path=Path(instr.target),
+        name="/var/lib/extensions/tools.raw",
+        allowed_dirs=(host / "var/lib/extensions",),
+        direct_io=True,
+        host=HostView(
+            mountinfo=Path("/host/proc/1/mountinfo"),
+            swaps=Path("/host/proc/swaps"),
+            sysfs=Path("/sys"),
+        ),
+    )
     assert request.sha384 == image.sha384
     assert request.compression is Compression.ZSTD
-    assert request.host == HostView(
-        mountinfo=Path("/host/proc/1/mountinfo"),
-        swaps=Path("/host/proc/swaps"),
-        sysfs=Path("/sys"),
-    )
-    assert request.allowed_file_dirs == (host / "var/lib/extensions",)
-    assert request.skip_usage_checks is True
-    assert request.direct_io is True
     assert request.verify_after_write is True
     assert request.allow_unverified is False
     assert request.cancel is cancel
     assert request.source_options.ca_file == Path("/etc/imagestream/ca/ca.crt")
     assert request.source_options.policy.max_retries == 3
     assert request.source_options.policy.stall_timeout == 7.5
+    assert request.max_window_log == 30
 
 
 def test_oci_options_and_the_mounted_secret(image: SampleImage, host: Path) -> None:
@@ -174,8 +181,8 @@ def test_defaults_keep_the_safety_checks(image: SampleImage, host: Path) -> None
     request = request_from_instructions(
         instructions(image, host, force=False, allowed_dir=None), threading.Event()
     )
-    assert request.skip_usage_checks is False
-    assert request.allowed_file_dirs == ()
+    assert request.target.usage_checks is True
+    assert request.target.allowed_dirs == ()
     assert request.source_options.ca_file is None
     assert request.source_options.credentials is None
 
@@ -185,10 +192,13 @@ def test_defaults_keep_the_safety_checks(image: SampleImage, host: Path) -> None
     [
         ("compression", "gzip", "IMAGESTREAM_COMPRESSION"),
         ("sha384", "abc123", "IMAGESTREAM_SHA384"),
+        ("max_window_log", 9, "IMAGESTREAM_MAX_WINDOW_LOG=9 is outside 10..31"),
+        ("max_window_log", 32, "IMAGESTREAM_MAX_WINDOW_LOG=32 is outside 10..31"),
+        ("target_kind", "disk", "IMAGESTREAM_TARGET_KIND"),
     ],
 )
 def test_bad_instruction_values_fail_naming_the_variable(
-    field: str, value: str, variable: str, image: SampleImage, host: Path
+    field: str, value: object, variable: str, image: SampleImage, host: Path
 ) -> None:
     instr = instructions(image, host, **{field: value})
 
@@ -232,6 +242,29 @@ def test_real_hash_mismatch_is_an_integrity_failure(image: SampleImage, host: Pa
     assert run.result.target == "/var/lib/extensions/tools.raw"
     assert run.result.bytes_fetched == image.compressed_size
     assert not (host / "var/lib/extensions/tools.raw").exists()
+
+
+def test_a_window_beyond_the_limit_is_refused_naming_the_spec_field(
+    host: Path, tmp_path: Path
+) -> None:
+    """The agent words the pipeline's refusal for an ImageStream: the field and the value."""
+    image = write_sample_image(
+        tmp_path / "long.zst", 2 * MIB, seed=6, content_size=False, long_window_log=21
+    )
+    instr = instructions(image, host, source=str(image.path), max_window_log=20)
+
+    run = run_agent(instr, threading.Event())
+
+    assert run.exit_code == 4
+    assert (run.result.outcome, run.result.reason) == ("Failed", "WindowTooLarge")
+    assert "needs 2^21), more than the allowed 2^20" in run.result.message
+    assert "set spec.source.maxWindowLog: 21 " in run.result.message
+    assert "--max-window-log" not in run.result.message
+    assert run.result.bytes_written == 0
+    assert not (host / "var/lib/extensions/tools.raw").exists()
+    assert list((host / "var/lib/extensions").iterdir()) == []  # no staging file left
+    # The same image with the limit it needs.
+    assert run_agent(replace(instr, max_window_log=21), threading.Event()).exit_code == 0
 
 
 def test_file_target_outside_the_allowed_dir_is_refused(image: SampleImage, host: Path) -> None:

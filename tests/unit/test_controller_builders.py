@@ -8,6 +8,7 @@ a real API server would additionally run admission (defaulting, Pod Security, qu
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -21,6 +22,7 @@ from imagestream.controller.builders import (
     LABEL_UID,
     JobSettings,
     agent_instructions,
+    agent_memory,
     build_job,
     condition_reason,
     conditions,
@@ -114,8 +116,8 @@ def test_job_shape_for_a_device_target() -> None:
     assert container["image"] == SETTINGS.agent_image
     assert container["command"] == ["imagestream", "agent"]
     assert container["securityContext"] == {"privileged": True}
-    assert container["resources"] == {
-        "requests": {"cpu": "250m", "memory": "96Mi"},
+    assert container["resources"] == {  # sized for the default maxWindowLog, 27
+        "requests": {"cpu": "250m", "memory": "216Mi"},
         "limits": {"memory": "256Mi"},
     }
     assert container["terminationMessagePath"] == "/dev/termination-log"
@@ -128,12 +130,61 @@ def test_job_shape_for_a_device_target() -> None:
     assert volumes["host-proc"]["hostPath"]["path"] == "/proc"
 
 
+#: The agent's peak RSS beside its window, measured (see `agent_memory`): 80 MiB.
+MEASURED_BESIDE_WINDOW_MIB = 80
+
+
+@pytest.mark.parametrize(
+    ("window_log", "low_mib", "high_mib"),
+    [(27, 240, 272), (30, 1024 + 128, 1280), (31, 2048 + 192, 2400)],
+)
+def test_the_agent_memory_covers_the_window(window_log: int, low_mib: int, high_mib: int) -> None:
+    """27 stays near the old 256 Mi; 30 and 31 add their 1 and 2 GiB windows on top of what the
+    agent measurably holds beside the window, with headroom past the request."""
+    memory = agent_memory(window_log)
+    assert low_mib <= memory.limit_mib <= high_mib
+    assert memory.request_mib >= (1 << window_log >> 20) + MEASURED_BESIDE_WINDOW_MIB
+    assert memory.limit_mib > memory.request_mib
+
+
+def test_the_agent_memory_grows_with_every_window_log() -> None:
+    limits = [agent_memory(log).limit_mib for log in range(10, 32)]
+    assert limits == sorted(limits)
+    assert agent_memory(10).limit_mib >= MEASURED_BESIDE_WINDOW_MIB
+
+
+def test_the_readme_table_is_the_formula() -> None:
+    """The README's memory table is what `agent_memory` computes, row by row."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    row = re.compile(r"^ *\| (\d+)(?: \(default\))? \| [^|]+ \| (\d+)Mi \| (\d+)Mi \|$", re.M)
+    rows = row.findall(readme)
+    assert [int(log) for log, _, _ in rows] == [27, 30, 31]
+    for log, request, limit in rows:
+        memory = agent_memory(int(log))
+        assert (memory.request_mib, memory.limit_mib) == (int(request), int(limit)), log
+
+
+def test_max_window_log_reaches_the_container_and_sizes_it() -> None:
+    source = {"url": "https://images.example/disk.raw.zst", "sha384": SHA384, "maxWindowLog": 30}
+    container = _container(build_job(parse_stream(stream_body(source=source)), SETTINGS))
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["IMAGESTREAM_MAX_WINDOW_LOG"] == "30"
+    memory = agent_memory(30)
+    assert container["resources"] == {
+        "requests": {"cpu": "250m", "memory": f"{memory.request_mib}Mi"},
+        "limits": {"memory": f"{memory.limit_mib}Mi"},
+    }
+    default = _container(build_job(parse_stream(stream_body()), SETTINGS))
+    assert {"name": "IMAGESTREAM_MAX_WINDOW_LOG", "value": "27"} in default["env"]
+
+
 def test_the_env_round_trips_to_the_instructions_the_agent_reads() -> None:
     stream = parse_stream(stream_body(uid=UID, verifyAfterWrite=True, maxRetries=3))
     env = {item["name"]: item["value"] for item in _container(build_job(stream, SETTINGS))["env"]}
     instructions = AgentInstructions.from_env(env)
     assert instructions == agent_instructions(stream)
     assert instructions.target == "/host/dev/disk/by-partlabel/root-b"
+    assert instructions.target_kind == "device"
     assert instructions.sha384 == SHA384
     assert instructions.host_proc == "/host/proc"
     assert instructions.host_prefix == "/host"
@@ -174,6 +225,7 @@ def test_extension_target_mounts_the_host_directory_as_the_allowed_dir() -> None
     env = {item["name"]: item["value"] for item in _container(job)["env"]}
     assert env["IMAGESTREAM_TARGET"] == "/host/var/lib/confexts/motd.raw"
     assert env["IMAGESTREAM_ALLOWED_DIR"] == "/host/var/lib/confexts"
+    assert env["IMAGESTREAM_TARGET_KIND"] == "file"
 
 
 def test_settings_reach_the_job() -> None:

@@ -22,6 +22,7 @@ def test_device_target_resolves_under_the_host_dev_mount() -> None:
     assert stream.target.host_path == "/dev/disk/by-partlabel/root-b"
     assert stream.target.agent_path == "/host/dev/disk/by-partlabel/root-b"
     assert stream.target.host_dir is None
+    assert stream.target.agent_kind == "device"  # must exist: never created as a file
     assert stream.target_key == ("node-7", "/dev/disk/by-partlabel/root-b")
 
 
@@ -41,6 +42,7 @@ def test_extension_targets_are_files_in_the_mounted_extension_dir(
     assert stream.target.host_dir == host_dir
     assert stream.target.agent_path == "/host" + host_path
     assert stream.target.agent_dir == "/host" + host_dir
+    assert stream.target.agent_kind == "file"
 
 
 @pytest.mark.parametrize(
@@ -66,6 +68,7 @@ def test_source_fields_and_defaults() -> None:
         "caConfigMapRef": {"name": "corp-ca"},
         "platform": "linux/arm64",
         "layer": "root.raw.zst",
+        "maxWindowLog": 30,
     }
     parsed = parse_stream(stream_body(source=source)).source
     assert parsed.sha384 == SHA384  # lower-cased: the agent reports lower-case hex
@@ -73,8 +76,10 @@ def test_source_fields_and_defaults() -> None:
     assert parsed.auth_secret == "creds"
     assert (parsed.ca_config_map, parsed.ca_key) == ("corp-ca", "ca.crt")
     assert (parsed.platform, parsed.layer) == ("linux/arm64", "root.raw.zst")
+    assert parsed.max_window_log == 30
     bare = parse_stream(stream_body()).source
     assert (bare.compression, bare.auth_secret, bare.ca_config_map) == ("auto", None, None)
+    assert bare.max_window_log == 27  # zstd's own default limit, as the CRD's default
 
 
 def test_knobs_default_as_the_crd_does_and_are_read_when_set() -> None:
@@ -108,6 +113,10 @@ def test_identity_comes_from_metadata() -> None:
         {"source": {"url": "ftp://images.example/x", "sha384": SHA384}},
         {"source": {"url": "https://images.example/x", "sha384": "ab" * 47}},
         {"source": {"url": "https://images.example/x", "sha384": SHA384, "compression": "xz"}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "maxWindowLog": 9}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "maxWindowLog": 32}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "maxWindowLog": "30"}},
+        {"source": {"url": "https://images.example/x", "sha384": SHA384, "maxWindowLog": True}},
         {"target": {}},
         {"target": {"device": "/dev/sda", "disk": "/dev/sdb"}},
         {"target": {"device": "/dev/../etc/shadow"}},

@@ -229,6 +229,7 @@ def test_examples_cover_every_target_and_source_kind() -> None:
         s["url"].startswith("oci://") and {"authSecretRef", "platform", "layer"} <= s.keys()
         for s in sources
     )
+    assert any("maxWindowLog" in s for s in sources)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +288,12 @@ def test_defaults_fill_the_knobs(crd: Crd) -> None:
     assert result.ok, result.describe()
     assert result.obj["spec"] == {
         "nodeName": "node-1",
-        "source": {"url": "https://h/i.raw", "sha384": "0" * 96, "compression": "auto"},
+        "source": {
+            "url": "https://h/i.raw",
+            "sha384": "0" * 96,
+            "compression": "auto",
+            "maxWindowLog": 27,
+        },
         "target": {"device": "/dev/sda"},
         "stallTimeoutSeconds": 30,
         "maxRetries": 8,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from support.crd import CRD_PATH, load_yaml_documents
+from tests.support.crd import CRD_PATH, load_yaml_documents
 
 from imagestream import defaults
 from imagestream.agent.contract import AgentInstructions
 from imagestream.cli import build_parser
-from imagestream.controller.spec import StreamOptions
+from imagestream.controller.spec import SourceSpec, StreamOptions
 from imagestream.pipeline.range_reader import RetryPolicy
 
 
@@ -27,6 +27,21 @@ def test_the_crd_defaults_are_the_code_defaults() -> None:
     assert knobs["stallTimeoutSeconds"]["default"] == options.stall_timeout_seconds
     assert knobs["maxRetries"]["default"] == defaults.MAX_RETRIES == options.max_retries
     assert knobs["activeDeadlineSeconds"]["default"] == options.active_deadline_seconds
+
+
+def test_the_crd_window_log_is_the_code_window_log() -> None:
+    """The CRD's default and bounds of maxWindowLog, the spec's and the agent's default agree."""
+    window = _spec_schema()["properties"]["source"]["properties"]["maxWindowLog"]
+    source = SourceSpec(url="u", sha384="h")
+    agent = AgentInstructions(
+        name="n", namespace="ns", uid="u", generation=1, source="s", sha384="h", target="t"
+    )
+    assert window["default"] == defaults.SPEC_MAX_WINDOW_LOG
+    assert window["default"] == source.max_window_log == agent.max_window_log
+    assert (window["minimum"], window["maximum"]) == (
+        defaults.MIN_WINDOW_LOG,
+        defaults.MAX_WINDOW_LOG,
+    )
 
 
 def test_cli_agent_and_pipeline_share_the_defaults() -> None:

@@ -8,20 +8,22 @@ import json
 import pytest
 
 from imagestream.errors import IntegrityError, SourceError, UsageError
-from imagestream.pipeline.oci import (
+from imagestream.pipeline.oci_refs import (
+    Platform,
+    Reference,
+    host_platform,
+    is_loopback,
+    parse_platform,
+    parse_reference,
+)
+from imagestream.pipeline.oci_select import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
     TITLE_ANNOTATION,
     Descriptor,
-    Platform,
-    Reference,
-    host_platform,
-    is_loopback,
     parse_manifest,
-    parse_platform,
-    parse_reference,
     select_layer,
     select_platform,
     verify_digest,
@@ -82,6 +84,9 @@ def test_the_host_drops_port_and_brackets(reference: Reference, host: str) -> No
         ("oci://r.example/os//x", "invalid repository"),
         ("oci://r.example/os-:v1", "invalid repository"),
         ("oci://r.example/os:-bad", "invalid tag"),
+        # The spec's tag alphabet is ASCII; Python's `\w` alone takes any Unicode letter or digit.
+        ("oci://h:5000/r:tägé", "invalid tag"),
+        ("oci://r.example/os:v\u0661", "invalid tag"),
         ("oci://r.example/os@sha256:abc", "invalid digest"),
         ("oci://r.example/os@md5:" + "0" * 32, "invalid digest"),
         ("https://r.example/os", "starts with oci://"),

@@ -28,7 +28,8 @@ from tests.support.http_fakes import Body, Unreadable, partial_response, range_s
 from imagestream.cli import build_parser, request_from_args
 from imagestream.errors import IntegrityError, SourceError, UsageError
 from imagestream.pipeline import sources
-from imagestream.pipeline.oci import (
+from imagestream.pipeline.interrupt import Interrupt
+from imagestream.pipeline.oci_select import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -39,6 +40,7 @@ from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_strea
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import OciSource, SourceOptions, open_source
 from imagestream.progress_display import report_success
+from imagestream.targets import TargetRequest, plan_target
 
 HOST = "registry.example"
 REALM = "https://auth.example/token"
@@ -203,7 +205,7 @@ def partial(
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Resume at once instead of sleeping through the retry backoff."""
-    monkeypatch.setattr("imagestream.pipeline.range_reader.time.sleep", lambda _seconds: None)
+    monkeypatch.setattr(Interrupt, "sleep", lambda _interrupt, _seconds: None)
 
 
 @pytest.fixture
@@ -226,7 +228,7 @@ def stream(
 ) -> StreamResult:
     request = StreamRequest(
         source=reference,
-        target=tmp_path / "disk.img",
+        target=plan_target(TargetRequest(kind="file", path=tmp_path / "disk.img")),
         sha384=expected_sha384 or sha384(data),
         source_options=options or SourceOptions(),
     )
@@ -566,8 +568,7 @@ def test_a_failing_manifest_digest_is_paced_from_its_first_failure(
     registry.registry = throttled  # type: ignore[method-assign]
     waits: list[tuple[float, int]] = []  # each wait, with how many requests went out before it
     monkeypatch.setattr(
-        "imagestream.pipeline.range_reader.time.sleep",
-        lambda seconds: waits.append((seconds, len(registry.sent))),
+        Interrupt, "sleep", lambda _interrupt, seconds: waits.append((seconds, len(registry.sent)))
     )
     policy = RetryPolicy(max_retries=2)
 

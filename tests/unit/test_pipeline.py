@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from tests.support.targets import file_plan
 
 from imagestream.demo.image import SampleImage, write_sample_image
 from imagestream.errors import Cancelled
@@ -43,7 +44,7 @@ def test_pipe_source_streams_without_a_known_size(image: SampleImage, tmp_path: 
     writer = _feed_fifo(fifo, image.path.read_bytes(), stop)
     seen: list[Progress] = []
     target = tmp_path / "out.img"
-    result = run_stream(StreamRequest(str(fifo), target, image.sha384), seen.append)
+    result = run_stream(StreamRequest(str(fifo), file_plan(target), image.sha384), seen.append)
     writer.join()
     assert result.verified
     assert result.bytes_written == image.raw_size
@@ -64,7 +65,7 @@ def test_cancel_mid_stream_leaves_no_target(image: SampleImage, tmp_path: Path) 
         if progress.bytes_written:
             cancel.set()
 
-    request = StreamRequest(str(fifo), target, image.sha384, cancel=cancel)
+    request = StreamRequest(str(fifo), file_plan(target), image.sha384, cancel=cancel)
     with pytest.raises(Cancelled) as excinfo:
         run_stream(request, cancel_once_writing)
     stop.set()
@@ -83,7 +84,7 @@ def test_failing_progress_consumer_stops_the_stream(image: SampleImage, tmp_path
 
     target = tmp_path / "out.img"
     with pytest.raises(ConsumerBroke):
-        run_stream(StreamRequest(str(image.path), target, image.sha384), broken)
+        run_stream(StreamRequest(str(image.path), file_plan(target), image.sha384), broken)
     assert not target.exists()
     assert not (tmp_path / ".out.img.partial").exists()
     alive = [t.name for t in threading.enumerate() if t.name.startswith("imagestream-")]

@@ -14,8 +14,8 @@ from imagestream.progress_display import (
     JsonDisplay,
     PlainDisplay,
     make_display,
-    progress_fields,
 )
+from imagestream.status_fields import progress_fields
 
 
 def _progress(phase: str = "Running", fetched: int = 1 << 20) -> Progress:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import threading
 import time
 from collections.abc import Callable
 
@@ -17,8 +18,9 @@ import httpx
 import pytest
 from tests.support.http_fakes import Body, partial_response, range_start
 
-from imagestream.errors import SourceError
+from imagestream.errors import Cancelled, SourceError
 from imagestream.pipeline import range_reader
+from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.range_reader import (
     HttpRangeReader,
     RetryPolicy,
@@ -109,7 +111,11 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Record the reader's backoff sleeps instead of sleeping."""
     recorded: list[float] = []
-    monkeypatch.setattr("imagestream.pipeline.range_reader.time.sleep", recorded.append)
+
+    def record(_interrupt: Interrupt, seconds: float) -> None:
+        recorded.append(seconds)
+
+    monkeypatch.setattr(Interrupt, "sleep", record)
     return recorded
 
 
@@ -189,6 +195,26 @@ def test_retry_after_is_honoured_and_capped(sleeps: list[float]) -> None:
     assert sleeps[3] == 2.0
     assert reader.resumes == 4
     assert server.ranges == ["bytes=0-", "bytes=0-", "bytes=0-", "bytes=3000-", "bytes=3000-"]
+
+
+@pytest.mark.timeout(30)
+def test_a_cancel_ends_a_retry_after_wait_at_once() -> None:
+    # A `Retry-After: 300` must not keep a cancelled agent alive past its Pod's grace period.
+    server = FakeServer()
+    server.script = [status(503, {"Retry-After": "300"})]
+    interrupt = Interrupt()
+    client = httpx.Client(transport=httpx.MockTransport(server))
+    policy = RetryPolicy(max_retry_after=300)
+    reader = HttpRangeReader(URL, client, policy, interrupt=interrupt)
+    timer = threading.Timer(0.3, interrupt.set)
+    timer.start()
+    started = time.monotonic()
+
+    with pytest.raises(Cancelled):
+        read_all(reader)
+    timer.join()
+    assert time.monotonic() - started < 1.5
+    assert len(server.requests) == 1  # and no request after the cancel
 
 
 @pytest.mark.parametrize("code", [408, 429, 500, 502, 503, 504])

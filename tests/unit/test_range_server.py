@@ -1,8 +1,10 @@
-"""Tests for the fault-injecting range server (imagestream.demo.range_server)."""
+"""The tests' fault injector (tests.support.range_server): its file origin, its plan, and the
+same faults through its proxy origin (tests.support.fault_proxy)."""
 
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -11,12 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from imagestream.demo.range_server import (
+from tests.support.fault_proxy import FaultProxy
+from tests.support.range_server import (
     Fault,
     FaultKind,
     FaultPlan,
     RangeServer,
+    Requests,
 )
 
 MIB = 1 << 20
@@ -424,6 +427,73 @@ def test_faults_are_consumed_in_order_by_gets_only(image: Path, client: httpx.Cl
         None,
     ]
     assert [r.method for r in records] == ["HEAD", "GET", "GET", "GET", "GET"]
+
+
+# -- one injector, two origins: a file, and a proxy in front of any HTTP server ----------------
+
+
+def test_a_header_modifier_combines_with_the_fault_that_answers(
+    image: Path, content: bytes, client: httpx.Client
+) -> None:
+    plan = FaultPlan([Fault.strip_accept_ranges(times=2), Fault.cut_before_end()])
+    with RangeServer(image, faults=plan) as server:
+        cut = fetch(client, server.url)
+        whole = fetch(client, server.url)
+        records = server.requests
+
+    assert cut.body == content  # every byte, but not the chunk that ends the message
+    assert isinstance(cut.error, httpx.RemoteProtocolError)
+    assert "Accept-Ranges" not in cut.headers
+    assert "Accept-Ranges" not in whole.headers
+    assert (whole.body, whole.error) == (content, None)
+    assert [r.faults for r in records] == [
+        [FaultKind.CUT_BEFORE_END, FaultKind.STRIP_ACCEPT_RANGES],
+        [FaultKind.STRIP_ACCEPT_RANGES],
+    ]
+    assert len(plan) == 0
+
+
+def test_a_fault_waits_for_the_requests_it_is_for(image: Path, client: httpx.Client) -> None:
+    elsewhere = Requests(frozenset({"GET"}), re.compile(r"/elsewhere"))
+    plan = FaultPlan([Fault.reset(after=0, on=elsewhere), Fault.tamper()])
+    with RangeServer(image, faults=plan) as server:
+        tampered = fetch(client, server.url, {"Range": "bytes=0-9"})
+
+    assert tampered.body[-1:] == b"\n"
+    assert len(tampered.body) == 11
+    assert [f.kind for f in plan.pending] == [FaultKind.RESET]
+
+
+def test_the_proxy_applies_the_same_faults_to_its_upstream(
+    image: Path, content: bytes, client: httpx.Client
+) -> None:
+    with (
+        RangeServer(image) as origin,
+        FaultProxy(origin.url.rsplit("/", 1)[0], [Fault.short(after=5000)]) as proxy,
+    ):
+        url = origin.url.replace(origin.address, proxy.address)
+        short = fetch(client, url, {"Range": "bytes=100-"})
+        proxy.add(Fault.status(503, retry_after="2"), Fault.wrong_range_start(7))
+        refused = fetch(client, url)
+        moved = fetch(client, url, {"Range": "bytes=100-199"})
+        records = proxy.requests
+
+    assert short.status == 206
+    assert short.body == content[100:5100]
+    assert isinstance(short.error, httpx.RemoteProtocolError)
+    assert (refused.status, refused.headers["Retry-After"]) == (503, "2")
+    assert moved.headers["Content-Range"] == f"bytes 107-206/{SIZE}"
+    assert moved.body == content[107:207]
+    assert [r.fault for r in records] == [
+        FaultKind.SHORT,
+        FaultKind.STATUS,
+        FaultKind.WRONG_RANGE_START,
+    ]
+
+
+def test_a_proxy_cannot_change_its_upstreams_object() -> None:
+    with pytest.raises(ValueError, match="cannot change"):
+        FaultProxy("http://127.0.0.1:1", [Fault.change()])
 
 
 def test_fault_arguments_are_checked() -> None:

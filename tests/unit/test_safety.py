@@ -7,17 +7,16 @@ about it — mount table, swap list, sysfs holders and partitions — comes from
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory, mounted_ext4
 
 from imagestream.errors import TargetError
-from imagestream.pipeline.safety import HostView, check_block_device, classify, device_number
+from imagestream.pipeline.safety import HostView, check_block_device, device_number
 
 MiB = 1 << 20
+_SWAPS_HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
 
 # A realistic table: root, proc, a bind mount with optional fields, a tmpfs.
 _BASE_MOUNTINFO = """\
@@ -38,9 +37,13 @@ def _host(tmp_path: Path, mountinfo: str = _BASE_MOUNTINFO, swaps: str | None = 
     host_dir.mkdir(exist_ok=True)
     (host_dir / "mountinfo").write_text(mountinfo, encoding="utf-8")
     swaps_file = host_dir / "swaps"
-    if swaps is not None:
-        swaps_file.write_text(swaps, encoding="utf-8")
+    swaps_file.write_text(_SWAPS_HEADER if swaps is None else swaps, encoding="utf-8")
     return HostView(mountinfo=host_dir / "mountinfo", swaps=swaps_file, sysfs=Path("/sys"))
+
+
+def _check(dev: Path, host: HostView) -> None:
+    """The checks for `dev`, by its device number, as the sink runs them on what it opened."""
+    check_block_device(device_number(dev), str(dev), host)
 
 
 def _number(dev: Path) -> str:
@@ -60,14 +63,14 @@ def test_unmounted_device_passes_with_fake_and_real_tables(dev: Path, tmp_path: 
     major, minor = device_number(dev)
     # Another loop device's minor and a source that merely looks similar must not match.
     neighbour = _mount_line(f"{major}:{minor + 100}", "/mnt/other", f"{dev}0")
-    check_block_device(dev, _host(tmp_path, _BASE_MOUNTINFO + neighbour))
-    check_block_device(dev, HostView())  # the real host: the fresh loop device is unused
+    _check(dev, _host(tmp_path, _BASE_MOUNTINFO + neighbour))
+    _check(dev, HostView())  # the real host: the fresh loop device is unused
 
 
 def test_mounted_by_device_number(dev: Path, tmp_path: Path) -> None:
     table = _BASE_MOUNTINFO + _mount_line(_number(dev), "/var/lib/images", "/dev/gone")
     with pytest.raises(TargetError) as excinfo:
-        check_block_device(dev, _host(tmp_path, table))
+        _check(dev, _host(tmp_path, table))
     assert excinfo.value.reason == "TargetMounted"
     assert excinfo.value.exit_code == 5
     assert "/var/lib/images" in excinfo.value.message
@@ -82,7 +85,7 @@ def test_mounted_by_source_path(dev: Path, tmp_path: Path) -> None:
     for source in (str(dev), str(link)):
         table = _BASE_MOUNTINFO + _mount_line("0:77", "/data", source, fs_type="btrfs")
         with pytest.raises(TargetError, match="mounted at /data") as excinfo:
-            check_block_device(dev, _host(tmp_path, table))
+            _check(dev, _host(tmp_path, table))
         assert excinfo.value.reason == "TargetMounted"
 
 
@@ -91,7 +94,7 @@ def test_device_named_through_a_symlink_is_still_checked(dev: Path, tmp_path: Pa
     link.symlink_to(dev)
     table = _BASE_MOUNTINFO + _mount_line(_number(dev), "/boot", str(dev))
     with pytest.raises(TargetError, match="/boot"):
-        check_block_device(link, _host(tmp_path, table))
+        _check(link, _host(tmp_path, table))
 
 
 @pytest.mark.parametrize(
@@ -108,14 +111,14 @@ def test_escaped_mount_point_is_unescaped_in_the_message(
 ) -> None:
     table = _BASE_MOUNTINFO + _mount_line(_number(dev), escaped, str(dev))
     with pytest.raises(TargetError) as excinfo:
-        check_block_device(dev, _host(tmp_path, table))
+        _check(dev, _host(tmp_path, table))
     assert mount_point in excinfo.value.message
 
 
 def test_unreadable_mount_table_refuses(dev: Path, tmp_path: Path) -> None:
     host = HostView(mountinfo=tmp_path / "absent", swaps=tmp_path / "absent", sysfs=Path("/sys"))
     with pytest.raises(TargetError) as excinfo:
-        check_block_device(dev, host)
+        _check(dev, host)
     assert excinfo.value.reason == "TargetCheckFailed"
     assert "--force" in excinfo.value.message
 
@@ -129,27 +132,25 @@ def test_host_root_view_reads_pid1_mountinfo(dev: Path, tmp_path: Path) -> None:
     host = HostView.from_host_root(root)
     assert host.mountinfo == root / "proc/1/mountinfo"
     with pytest.raises(TargetError, match="/host/var/data") as excinfo:
-        check_block_device(dev, host)
+        _check(dev, host)
     assert excinfo.value.reason == "TargetMounted"
 
 
 def test_real_mount_is_refused(dev: Path, tmp_path: Path) -> None:
     with mounted_ext4(dev, tmp_path / "mnt") as mount_point:
         with pytest.raises(TargetError) as excinfo:
-            check_block_device(dev, HostView())
+            _check(dev, HostView())
         assert excinfo.value.reason == "TargetMounted"
         assert str(mount_point.resolve()) in excinfo.value.message
 
 
 # -- swap -------------------------------------------------------------------------------------
 
-_SWAPS_HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
-
 
 def test_swap_device_is_refused(dev: Path, tmp_path: Path) -> None:
     swaps = _SWAPS_HEADER + f"{dev}                               partition\t4092\t\t0\t\t-2\n"
     with pytest.raises(TargetError) as excinfo:
-        check_block_device(dev, _host(tmp_path, swaps=swaps))
+        _check(dev, _host(tmp_path, swaps=swaps))
     assert excinfo.value.reason == "TargetInUse"
     assert "swap" in excinfo.value.message
 
@@ -162,9 +163,20 @@ def test_other_swaps_pass(dev: Path, tmp_path: Path) -> None:
         + f"{swapfile}                     file\t\t4\t\t0\t\t-2\n"
         + "/dev/zram0                              partition\t4092\t\t0\t\t100\n"
     )
-    check_block_device(dev, _host(tmp_path, swaps=swaps))
-    check_block_device(dev, _host(tmp_path, swaps=_SWAPS_HEADER))  # header only: no swap
-    check_block_device(dev, _host(tmp_path))  # no swaps file at all (no swap support)
+    _check(dev, _host(tmp_path, swaps=swaps))
+    _check(dev, _host(tmp_path, swaps=_SWAPS_HEADER))  # header only: no swap
+
+
+@pytest.mark.parametrize("unreadable", ["missing", "directory"])
+def test_unreadable_swap_list_refuses(unreadable: str, dev: Path, tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    host.swaps.unlink()
+    if unreadable == "directory":
+        host.swaps.mkdir()
+    with pytest.raises(TargetError) as excinfo:
+        _check(dev, host)
+    assert excinfo.value.reason == "TargetCheckFailed"
+    assert str(host.swaps) in excinfo.value.message
 
 
 # -- sysfs: holders and partitions ------------------------------------------------------------
@@ -174,17 +186,18 @@ def _fake_sysfs(tmp_path: Path, dev: Path) -> tuple[HostView, Path]:
     sysfs = tmp_path / "sys"
     node = sysfs / "dev/block" / _number(dev)
     (node / "holders").mkdir(parents=True)
-    host = HostView(mountinfo=_host(tmp_path).mountinfo, swaps=tmp_path / "no-swaps", sysfs=sysfs)
+    base = _host(tmp_path)
+    host = HostView(mountinfo=base.mountinfo, swaps=base.swaps, sysfs=sysfs)
     return host, node
 
 
 def test_holders_refuse(dev: Path, tmp_path: Path) -> None:
     host, node = _fake_sysfs(tmp_path, dev)
-    check_block_device(dev, host)  # an empty holders directory is fine
+    _check(dev, host)  # an empty holders directory is fine
     (node / "holders/dm-3").mkdir()
     (node / "holders/md127").mkdir()
     with pytest.raises(TargetError) as excinfo:
-        check_block_device(dev, host)
+        _check(dev, host)
     assert excinfo.value.reason == "TargetInUse"
     assert "dm-3, md127" in excinfo.value.message
 
@@ -204,17 +217,17 @@ def _fake_partition(sysfs: Path, node: Path, dev: Path, number: str) -> Path:
 def test_whole_disk_with_a_mounted_partition_is_refused(dev: Path, tmp_path: Path) -> None:
     host, node = _fake_sysfs(tmp_path, dev)
     _fake_partition(host.sysfs, node, dev, "259:7")
-    check_block_device(dev, host)  # the partition is not used yet
+    _check(dev, host)  # the partition is not used yet
     table = _BASE_MOUNTINFO + _mount_line("259:7", "/var/lib/containerd", "/dev/vdb1")
     host_mounted = HostView(
         mountinfo=_host(tmp_path, table).mountinfo, swaps=host.swaps, sysfs=host.sysfs
     )
     with pytest.raises(TargetError, match="/var/lib/containerd") as excinfo:
-        check_block_device(dev, host_mounted)
+        _check(dev, host_mounted)
     assert excinfo.value.reason == "TargetMounted"
     # ... but "1:1" (the non-partition child's dev) mounted is not ours.
     table = _BASE_MOUNTINFO + _mount_line("1:1", "/ramdisk", "/dev/ram1")
-    check_block_device(dev, HostView(_host(tmp_path, table).mountinfo, host.swaps, host.sysfs))
+    _check(dev, HostView(_host(tmp_path, table).mountinfo, host.swaps, host.sysfs))
 
 
 def test_whole_disk_with_a_held_partition_is_refused(dev: Path, tmp_path: Path) -> None:
@@ -222,49 +235,5 @@ def test_whole_disk_with_a_held_partition_is_refused(dev: Path, tmp_path: Path) 
     part = _fake_partition(host.sysfs, node, dev, "259:8")
     (part / "holders/dm-0").mkdir()
     with pytest.raises(TargetError, match="dm-0") as excinfo:
-        check_block_device(dev, host)
+        _check(dev, host)
     assert excinfo.value.reason == "TargetInUse"
-
-
-# -- classify ---------------------------------------------------------------------------------
-
-
-def test_classify_block_and_file(dev: Path, tmp_path: Path) -> None:
-    assert classify(dev) == "block"
-    link = tmp_path / "by-partlabel-root"
-    link.symlink_to(dev)
-    assert classify(link) == "block"
-    regular = tmp_path / "existing.img"
-    regular.write_bytes(b"x")
-    assert classify(regular) == "file"
-    assert classify(tmp_path / "new.img") == "file"
-
-
-@pytest.mark.parametrize(
-    ("make", "reason", "words"),
-    [
-        (lambda tmp: tmp, "TargetInvalid", "is a directory"),
-        (lambda tmp: Path("/dev/null"), "TargetInvalid", "neither a block device"),
-        (lambda tmp: Path("/dev/imagestream-no-such-disk"), "TargetNotFound", "does not exist"),
-        (lambda tmp: Path("/dev/disk/by-partlabel/nope-x"), "TargetNotFound", "does not exist"),
-        (lambda tmp: tmp / "no-such-dir" / "out.img", "TargetNotFound", "does not exist"),
-    ],
-    ids=["directory", "char-device", "missing-under-dev", "missing-by-partlabel", "no-parent"],
-)
-def test_classify_refuses(
-    make: Callable[[Path], Path], reason: str, words: str, tmp_path: Path
-) -> None:
-    path = make(tmp_path)
-    with pytest.raises(TargetError) as excinfo:
-        classify(path)
-    assert excinfo.value.reason == reason
-    assert words in excinfo.value.message
-    assert excinfo.value.exit_code == 5
-
-
-def test_classify_refuses_a_fifo(tmp_path: Path) -> None:
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-    with pytest.raises(TargetError) as excinfo:
-        classify(fifo)
-    assert excinfo.value.reason == "TargetInvalid"

@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 from imagestream.errors import IntegrityError
-from imagestream.pipeline.zstd_frames import ZSTD_MAGIC, FrameWalker, is_zstd
+from imagestream.pipeline.zstd_frames import ZSTD_MAGIC, FrameWalker, WindowTooLarge, is_zstd
 
 KiB = 1024
 
@@ -145,8 +145,12 @@ FEEDS: dict[str, Callable[[bytes], Iterator[bytes | memoryview]]] = {
 }
 
 
-def _walk(stream: bytes, feed: Callable[[bytes], Iterator[bytes | memoryview]]) -> FrameWalker:
-    walker = FrameWalker()
+def _walk(
+    stream: bytes,
+    feed: Callable[[bytes], Iterator[bytes | memoryview]],
+    max_window_log: int | None = None,
+) -> FrameWalker:
+    walker = FrameWalker(max_window_log)
     for piece in feed(stream):
         walker.feed(piece)
     walker.finish()
@@ -413,3 +417,97 @@ def test_is_zstd_on_real_frames() -> None:
     assert is_zstd(_compress(b"hello"))
     assert is_zstd(_compress(b"hello", content_size=False))
     assert not is_zstd(b"hello, raw image data")
+
+
+# -- the window limit -------------------------------------------------------------------------
+
+
+def _one_byte_frame(window_descriptor: int) -> bytes:
+    """A frame with no content size whose window is `window_descriptor`'s, holding one raw
+    byte: the windows zstd can declare, without compressing gigabytes."""
+    last_raw_block = (1 << 3 | 1).to_bytes(3, "little")
+    return ZSTD_MAGIC + bytes([0x00, window_descriptor]) + last_raw_block + b"x"
+
+
+def _libzstd_accepts(stream: bytes, max_window_log: int) -> bool:
+    """Whether libzstd decodes `stream` within the window limit. Read in pieces smaller than a
+    frame's content, as the pipeline reads a large frame: given room for a whole small frame
+    at once, libzstd decodes it without checking its window."""
+    dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
+    reader = dctx.stream_reader(io.BytesIO(stream), read_across_frames=True)
+    try:
+        while reader.read(512):
+            pass
+    except zstandard.ZstdError:
+        return False
+    return True
+
+
+def _walker_accepts(stream: bytes, max_window_log: int) -> bool:
+    try:
+        FrameWalker(max_window_log).feed(stream)
+    except WindowTooLarge:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "descriptor",
+    [0x00, 0x07, 10 << 3, 17 << 3, 17 << 3 | 3, 17 << 3 | 7, 20 << 3, 20 << 3 | 1, 21 << 3],
+    ids=lambda d: f"exponent{d >> 3}-mantissa{d & 7}",
+)
+def test_the_window_limit_is_libzstds(descriptor: int) -> None:
+    """For every allowed window log, the walker refuses exactly the frames libzstd refuses,
+    and names the smallest log that decodes the frame."""
+    frame = _one_byte_frame(descriptor)
+    window = zstandard.get_frame_parameters(frame).window_size
+    for log in range(10, 32):
+        assert _walker_accepts(frame, log) == _libzstd_accepts(frame, log), (log, window)
+    with pytest.raises(WindowTooLarge) as excinfo:
+        FrameWalker(9).feed(frame)
+    needed = excinfo.value.needed_log
+    if needed <= 31:  # 2^31 + 1/8 is beyond any decoder
+        assert _libzstd_accepts(frame, needed)
+    if needed > 10:
+        assert not _libzstd_accepts(frame, needed - 1)
+
+
+def test_a_long_window_frame_names_the_log_it_needs() -> None:
+    """A `zstd --long=30` frame without a content size, as a pipe makes it."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=30, enable_ldm=True, write_content_size=False
+    )
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(
+        out, size=-1, closefd=False
+    ) as writer:
+        writer.write(_data(64 * KiB))
+    stream = out.getvalue()
+    assert zstandard.get_frame_parameters(stream).window_size == 1 << 30
+    with pytest.raises(WindowTooLarge) as excinfo:
+        _walk(stream, _feeds_bytewise, max_window_log=27)
+    error = excinfo.value
+    assert (error.needed_log, error.allowed_log, error.reason) == (30, 27, "WindowTooLarge")
+    assert "2^30" in error.message
+    assert "--max-window-log to 30" in error.message
+    assert "--max-window-log" not in error.detail  # a front end words its own hint
+    assert _walk(stream, _feeds_random, max_window_log=30).frames == 1
+
+
+def test_a_single_segment_frames_window_is_its_content() -> None:
+    data = _data(3000)
+    frame = _compress(data)
+    assert zstandard.get_frame_parameters(frame).window_size == 3000
+    with pytest.raises(WindowTooLarge) as excinfo:
+        FrameWalker(11).feed(frame)
+    assert excinfo.value.needed_log == 12
+    assert not _libzstd_accepts(frame, 11)
+    assert _walker_accepts(frame, 12)
+    assert _libzstd_accepts(frame, 12)
+
+
+def test_a_later_frame_with_a_larger_window_is_named() -> None:
+    stream = _compress(_data(1000)) + _one_byte_frame(20 << 3)
+    with pytest.raises(WindowTooLarge, match="zstd frame 2 ") as excinfo:
+        _walk(stream, _feeds_whole, max_window_log=27)
+    assert excinfo.value.needed_log == 30

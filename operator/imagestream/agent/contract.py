@@ -33,7 +33,8 @@ class AgentInstructions:
     Paths are as the agent's container sees them. The host's /dev is mounted at `/host/dev`,
     not over the container's own /dev (where the kubelet puts the termination-log file), so a
     device target reads `/host/dev/disk/by-partlabel/root-b`; udev's relative symlinks still
-    resolve inside that mount. File targets lie under `allowed_dir` (also a host mount).
+    resolve inside that mount. `target_kind` says what the target is: `device` (it must exist;
+    never created) or `file` (created under `allowed_dir`, also a host mount).
     `auth_dir` is a mounted Secret, `ca_file` a file of a mounted ConfigMap, and `host_proc` the
     host's /proc, whose `1/mountinfo` and `swaps` the safety checks read. `host_prefix` is cut
     from the paths the agent reports, so the status names the device as the host knows it.
@@ -46,7 +47,10 @@ class AgentInstructions:
     source: str
     sha384: str
     target: str
+    target_kind: str = "device"
     compression: str = "auto"
+    #: The largest zstd window accepted, as a power of two; the Job's memory is sized for it.
+    max_window_log: int = defaults.SPEC_MAX_WINDOW_LOG
     allowed_dir: str | None = None
     platform: str | None = None
     layer: str | None = None

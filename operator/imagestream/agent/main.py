@@ -25,9 +25,9 @@ from imagestream.agent.runner import (
     termination_log_path,
     write_termination_log,
 )
-from imagestream.cli import cancel_on_signals
 from imagestream.errors import UsageError
 from imagestream.pipeline.progress import ProgressCallback
+from imagestream.signals import cancel_on_signals
 
 log = logging.getLogger(__name__)
 

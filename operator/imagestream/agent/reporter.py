@@ -14,12 +14,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 from imagestream.pipeline.progress import Progress
-from imagestream.progress_display import progress_fields
+from imagestream.status_fields import progress_fields
+from imagestream.timefmt import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,6 @@ def progress_report(progress: Progress, at: float) -> dict[str, Any]:
         fields["percent"] = min(100, max(0, int(fraction * 100)))
     fields["updatedAt"] = rfc3339(at)
     return fields
-
-
-def rfc3339(epoch: float) -> str:
-    """`2026-11-26T14:00:00Z`: whole seconds in UTC, as Kubernetes timestamps are written."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ProgressReporter:

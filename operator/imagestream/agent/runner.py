@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagestream import defaults
 from imagestream.agent.contract import (
     TERMINATION_LOG,
     AgentInstructions,
@@ -29,7 +30,9 @@ from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
+from imagestream.pipeline.zstd_frames import WindowTooLarge
 from imagestream.reasons import Reason
+from imagestream.targets import TargetPlan, TargetRequest, plan_target
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +61,14 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
         raise UsageError(
             f"{env_name('compression')}={instr.compression!r} is not one of {choices}"
         ) from None
-    host_proc = Path(instr.host_proc)
+    if not defaults.MIN_WINDOW_LOG <= instr.max_window_log <= defaults.MAX_WINDOW_LOG:
+        raise UsageError(
+            f"{env_name('max_window_log')}={instr.max_window_log} is outside "
+            f"{defaults.MIN_WINDOW_LOG}..{defaults.MAX_WINDOW_LOG}"
+        )
     return StreamRequest(
         source=instr.source,
-        target=Path(instr.target),
+        target=_target_plan(instr),
         sha384=instr.sha384,
         compression=compression,
         source_options=SourceOptions(
@@ -71,15 +78,31 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
             platform=instr.platform,
             layer=instr.layer,
         ),
-        # PID 1's mounts: the node's own table, not this container's.
-        host=HostView(
-            mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
-        ),
         verify_after_write=instr.verify_after_write,
-        direct_io=True,
-        skip_usage_checks=instr.force,
-        allowed_file_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),
+        max_window_log=instr.max_window_log,
         cancel=cancel,
+    )
+
+
+def _target_plan(instr: AgentInstructions) -> TargetPlan:
+    """The controller said which kind of target this is; the agent never guesses it."""
+    if instr.target_kind not in ("device", "file"):
+        raise UsageError(
+            f"{env_name('target_kind')}={instr.target_kind!r} is not one of device, file"
+        )
+    host_proc = Path(instr.host_proc)
+    return plan_target(
+        TargetRequest(
+            kind="device" if instr.target_kind == "device" else "file",
+            path=Path(instr.target),
+            name=host_path(instr.target, instr.host_prefix),
+            allowed_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),
+            force=instr.force,
+            # PID 1's mounts: the node's own table, not this container's.
+            host=HostView(
+                mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
+            ),
+        )
     )
 
 
@@ -124,6 +147,8 @@ def run_agent(
 
     try:
         result = stream(request_from_instructions(instr, cancel), track)
+    except WindowTooLarge as exc:
+        return failed(window_refusal(exc))
     except ImageStreamError as exc:
         return failed(exc)
     except Exception as exc:
@@ -142,6 +167,15 @@ def run_agent(
         )
         return failed(refused)
     return AgentRun(succeeded(instr, result), 0)
+
+
+def window_refusal(exc: WindowTooLarge) -> IntegrityError:
+    """The refusal worded for an ImageStream: its knob, not the CLI's flag."""
+    return IntegrityError(
+        f"{exc.detail}; set spec.source.maxWindowLog: {exc.needed_log} if the image is trusted "
+        "(the agent's memory limit is sized from it)",
+        reason=exc.reason,
+    )
 
 
 def succeeded(instr: AgentInstructions, result: StreamResult) -> AgentResult:
@@ -190,6 +224,15 @@ def reported_path(path: Path | str, host_prefix: str) -> str:
         if real.is_relative_to(prefix) and prefix != Path("/"):
             return str(Path("/") / real.relative_to(prefix))
     return str(real)
+
+
+def host_path(path: str, host_prefix: str) -> str:
+    """`path` as the host names it: `host_prefix` cut from the front, nothing resolved (the
+    path may not exist: a missing device is reported by the name the user wrote)."""
+    prefix = host_prefix.rstrip("/")
+    if prefix and path.startswith(prefix + "/"):
+        return path[len(prefix) :]
+    return path
 
 
 def write_termination_log(path: Path, result: AgentResult) -> None:

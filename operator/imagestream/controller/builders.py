@@ -40,6 +40,13 @@ CA_DIR = "/etc/imagestream/ca"
 HOST_DEV = HOST_PREFIX + "/dev"
 HOST_PROC = HOST_PREFIX + "/proc"
 
+#: What the agent holds besides the zstd window, in MiB (measured; see `agent_memory`).
+AGENT_INTERPRETER_MIB = 56
+AGENT_BUFFERS_MIB = 32
+AGENT_HEADROOM_MIB = 32
+#: The headroom's share that grows with the window: 1/16 of it.
+AGENT_WINDOW_HEADROOM_SHIFT = 4
+
 #: A Job name is also a label value on its Pods: a DNS-1123 label of at most 63 characters.
 MAX_JOB_NAME = 63
 MAX_CONDITION_MESSAGE = 4096
@@ -57,6 +64,49 @@ class JobSettings:
     ttl_seconds_after_finished: int = 3600
     image_pull_policy: str = "IfNotPresent"
     termination_grace_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class AgentMemory:
+    """The agent container's memory request and limit, in MiB."""
+
+    request_mib: int
+    limit_mib: int
+
+    def resources(self) -> dict[str, dict[str, str]]:
+        """As a container's `resources` (the CPU request rides along)."""
+        return {
+            "requests": {"cpu": "250m", "memory": f"{self.request_mib}Mi"},
+            "limits": {"memory": f"{self.limit_mib}Mi"},
+        }
+
+
+def agent_memory(max_window_log: int) -> AgentMemory:
+    """The memory an agent needs to decode windows up to `2^max_window_log` bytes.
+
+    request = window + buffers + interpreter, the working set of an image longer than its
+    window (zstd's decoder fills its whole window buffer then); limit = request + headroom.
+
+    - window: `1 << max_window_log`, zstd's window buffer (plus 256 KiB of block margins).
+    - buffers, 32 MiB: the pool of 4 x 4 MiB write buffers (16), the held and zero first MiB of
+      the sink (2), the fetch queues of 4 chunks of 1 MiB and the chunks in flight in each stage
+      (about 8), the 4 MiB read-back buffer, and zstd's decoder state (under 1 MiB).
+    - interpreter, 56 MiB: the agent process with its imports, before streaming (54.4 MiB).
+    - headroom, 32 MiB + window/16: glibc's arenas (5-9 MiB of growth over a long stream, see
+      tests/integration/test_memory.py), the status reporter's TLS, and what the kernel
+      charges the container beyond RSS that grows with the mapping (page tables).
+
+    Measured peak RSS of `imagestream agent` (wait4's ru_maxrss) on images longer than the
+    window, against this formula's request / limit: from a file, without status patches,
+    window 2^20, 64 MiB image: 80.2 MiB (81.0 with verifyAfterWrite); 2^27, 256 MiB: 208.0
+    MiB (216 / 256 Mi); 2^30, 1.25 GiB: 1104.0 MiB (1112 / 1208 Mi). Over HTTP from nginx
+    with status patches (tests/integration/test_agent.py, which checks them against the
+    limits): 2^27, 384 MiB: 215.0 MiB; 2^30, 1.25 GiB: 1111.4 MiB.
+    """
+    window_mib = (1 << max_window_log) >> 20
+    request = window_mib + AGENT_BUFFERS_MIB + AGENT_INTERPRETER_MIB
+    headroom = AGENT_HEADROOM_MIB + (window_mib >> AGENT_WINDOW_HEADROOM_SHIFT)
+    return AgentMemory(request_mib=request, limit_mib=request + headroom)
 
 
 def job_name(name: str, uid: str, generation: int) -> str:
@@ -91,7 +141,9 @@ def agent_instructions(stream: StreamSpec) -> AgentInstructions:
         source=source.url,
         sha384=source.sha384,
         target=stream.target.agent_path,
+        target_kind=stream.target.agent_kind,
         compression=source.compression,
+        max_window_log=source.max_window_log,
         allowed_dir=stream.target.agent_dir,
         platform=source.platform,
         layer=source.layer,
@@ -176,10 +228,7 @@ def _pod_spec(stream: StreamSpec, settings: JobSettings) -> dict[str, Any]:
         "command": ["imagestream", "agent"],
         "env": env,
         "securityContext": {"privileged": True},
-        "resources": {
-            "requests": {"cpu": "250m", "memory": "96Mi"},
-            "limits": {"memory": "256Mi"},
-        },
+        "resources": agent_memory(stream.source.max_window_log).resources(),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 from imagestream import defaults
 from imagestream.agent.contract import AgentResult
-from imagestream.agent.reporter import rfc3339
 from imagestream.controller.builders import (
     CONTAINER_NAME,
     FINAL_PHASES,
@@ -37,6 +36,7 @@ from imagestream.controller.builders import (
 from imagestream.controller.spec import StreamSpec, generation_of, parse_stream
 from imagestream.errors import UsageError
 from imagestream.reasons import Reason
+from imagestream.timefmt import rfc3339
 
 #: A Job the status says was created but the watch has not shown yet is given this long
 #: before it counts as lost (the watch lags the create by milliseconds, not seconds).

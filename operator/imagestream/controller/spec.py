@@ -40,6 +40,8 @@ class SourceSpec:
     url: str
     sha384: str
     compression: str = "auto"
+    #: The largest zstd window accepted, as a power of two; sizes the agent's memory.
+    max_window_log: int = defaults.SPEC_MAX_WINDOW_LOG
     auth_secret: str | None = None
     ca_config_map: str | None = None
     ca_key: str = "ca.crt"
@@ -58,6 +60,11 @@ class TargetSpec:
     kind: TargetKind
     host_path: str
     host_dir: str | None = None
+
+    @property
+    def agent_kind(self) -> str:
+        """What the agent opens: an existing `device`, or a `file` it creates (extensions)."""
+        return "device" if self.kind == "device" else "file"
 
     @property
     def agent_path(self) -> str:
@@ -143,12 +150,23 @@ def parse_source(source: Mapping[str, Any]) -> SourceSpec:
     compression = str(source.get("compression") or "auto")
     if compression not in _COMPRESSIONS:
         raise _invalid(f"spec.source.compression must be one of {', '.join(_COMPRESSIONS)}")
+    max_window_log = source.get("maxWindowLog", defaults.SPEC_MAX_WINDOW_LOG)
+    if (
+        isinstance(max_window_log, bool)
+        or not isinstance(max_window_log, int)
+        or not defaults.MIN_WINDOW_LOG <= max_window_log <= defaults.MAX_WINDOW_LOG
+    ):
+        raise _invalid(
+            f"spec.source.maxWindowLog must be an integer from {defaults.MIN_WINDOW_LOG} "
+            f"to {defaults.MAX_WINDOW_LOG}"
+        )
     auth = _optional_mapping(source.get("authSecretRef"), "spec.source.authSecretRef")
     ca = _optional_mapping(source.get("caConfigMapRef"), "spec.source.caConfigMapRef")
     return SourceSpec(
         url=url,
         sha384=sha384.lower(),
         compression=compression,
+        max_window_log=max_window_log,
         auth_secret=_string(auth, "name", "spec.source.authSecretRef") if auth else None,
         ca_config_map=_string(ca, "name", "spec.source.caConfigMapRef") if ca else None,
         ca_key=str(ca.get("key") or "ca.crt") if ca else "ca.crt",

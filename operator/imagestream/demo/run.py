@@ -15,12 +15,13 @@ from pathlib import Path
 from rich.console import Console
 
 from imagestream.demo.image import SampleImage, write_sample_image
-from imagestream.demo.range_server import Fault, FaultPlan, RangeServer
+from imagestream.demo.range_server import RangeServer
 from imagestream.errors import ImageStreamError
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.targets import TargetRequest, plan_target
 
 _FAULTS = 3
 
@@ -33,13 +34,13 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
         image = write_sample_image(workdir / "demo.img.zst", args.size_mib << 20, seed=7)
         console.print(f"  {image.compressed_size} bytes compressed, SHA-384 {image.sha384[:16]}...")
         target = args.keep or workdir / "demo-target.img"
-        with RangeServer(image.path, faults=_fault_plan(image, args.faults)) as server:
+        with RangeServer(image.path, _reset_offsets(image, args.faults)) as server:
             if args.faults:
                 console.print(f"The server will reset the connection {_FAULTS} times.")
             console.print(f"Streaming {server.url} -> {target}")
             request = StreamRequest(
                 source=server.url,
-                target=target,
+                target=plan_target(TargetRequest(kind="file", path=target)),
                 sha384=image.sha384,
                 source_options=SourceOptions(policy=RetryPolicy(backoff_base=0.2)),
             )
@@ -56,11 +57,11 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
         return 0
 
 
-def _fault_plan(image: SampleImage, enabled: bool) -> FaultPlan | None:
+def _reset_offsets(image: SampleImage, enabled: bool) -> list[int]:
     if not enabled:
-        return None
+        return []
     step = image.compressed_size // (_FAULTS + 1)
-    return FaultPlan(Fault.reset_at(step * k) for k in range(1, _FAULTS + 1))
+    return [step * k for k in range(1, _FAULTS + 1)]
 
 
 def _sha384_of(path: Path) -> str:

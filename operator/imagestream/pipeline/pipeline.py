@@ -3,6 +3,11 @@
 hashlib and zstandard release the GIL on large buffers, and writes block in the kernel, so the
 threads overlap the stages on separate cores. Bounded channels and a fixed buffer pool cap the
 memory whatever the image size; one abort event stops every stage when any of them fails.
+
+A cancel (the request's event, set by a signal) is honoured at every step until the commit:
+while the source opens (manifest resolution, token requests), while the stages run (reads,
+stalls, retry sleeps, cut through the run's `Interrupt`) and while the output is verified and
+read back. The stage threads are always joined before the source and the target are closed.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 import zstandard
 
 from imagestream import defaults
-from imagestream.errors import Cancelled, IntegrityError, TargetError, UsageError
+from imagestream.errors import Cancelled, ImageStreamError, IntegrityError, TargetError, UsageError
 from imagestream.pipeline.buffers import WRITE_BUFFER, BufferPool, Filled
 from imagestream.pipeline.channel import Aborted, Channel
 from imagestream.pipeline.decompress import (
@@ -26,35 +31,38 @@ from imagestream.pipeline.decompress import (
     decompress_stage,
     resolve_compression,
 )
-from imagestream.pipeline.oci import digest_of, new_hash
+from imagestream.pipeline.interrupt import Interrupt, join_all, watching
+from imagestream.pipeline.oci_select import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
-from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sinks import Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
+from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
 
 _REPORT_INTERVAL = 0.1
 _FETCH_QUEUE = 4
 _POOL_BUFFERS = 4
 _ZSTD_HEADER_PEEK = 18
+#: What a failure's message claims about the target once the sink invalidated it.
+LEFT_INVALID = "the target was left invalid"
+_INVALID_CLAIMS = (f"; {LEFT_INVALID}", "; the target is invalid")
 
 
 @dataclass(frozen=True)
 class StreamRequest:
-    """Everything one stream needs; `sha384=None` is only accepted with `allow_unverified`."""
+    """Everything one stream needs; `sha384=None` is only accepted with `allow_unverified`.
+
+    `target` is planned by `imagestream.targets` (device or file, checks, allowed directory).
+    """
 
     source: str
-    target: Path
+    target: TargetPlan
     sha384: str | None
     compression: Compression = Compression.AUTO
     source_options: SourceOptions = field(default_factory=SourceOptions)
-    host: HostView = field(default_factory=HostView)
     verify_after_write: bool = False
     allow_unverified: bool = False
     max_window_log: int = defaults.CLI_MAX_WINDOW_LOG
-    direct_io: bool = True
-    skip_usage_checks: bool = False
-    allowed_file_dirs: tuple[Path, ...] = ()
     cancel: threading.Event | None = None
 
 
@@ -92,23 +100,70 @@ def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
 
 
 def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = None) -> StreamResult:
-    """Stream the source onto the target; return only once the output verified and is durable."""
+    """Stream the source onto the target; return only once the output verified and is durable.
+
+    A cancel raises `Cancelled`, and so does a KeyboardInterrupt (a second Ctrl-C), whose message
+    says whether the target was left invalid or nothing was written to it.
+    """
     expected = validate_sha384(request.sha384, request.allow_unverified)
-    sink = open_sink(
-        request.target,
-        None if request.skip_usage_checks else request.host,
-        direct=request.direct_io,
-        allowed_dirs=request.allowed_file_dirs,
-    )
+    sink = open_sink(request.target)
+    stream: _Stream | None = None
     try:
-        source = open_source(request.source, request.source_options)
+        with watching(request.cancel) as interrupt:
+            source = open_source(request.source, request.source_options, interrupt)
+            try:
+                stream = _Stream(request, source, sink, on_progress, interrupt)
+                return stream.run(expected)
+            finally:
+                source.close()
+    except BaseException as exc:
+        stopped = exc
         try:
-            return _Stream(request, source, sink, on_progress).run(expected)
-        finally:
-            source.close()
-    except BaseException:
-        sink.invalidate()
-        raise
+            failure = sink.invalidate()
+        except KeyboardInterrupt as again:
+            stopped = again  # Ctrl-C again while invalidating: stop now, as asked
+            failure = None
+        if isinstance(stopped, Cancelled | KeyboardInterrupt):
+            error: ImageStreamError = _cancelled(stopped, stream.counters if stream else None)
+        elif isinstance(exc, ImageStreamError):
+            error = exc
+        else:
+            raise
+        if failure is not None:
+            raise _not_invalidated(error, request.target.name, failure) from exc
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _cancelled(exc: BaseException, counters: Counters | None) -> Cancelled:
+    """The cancel as the user sees it: when it came, and what it left on the target."""
+    how = (
+        "stopped at once (interrupted again)" if isinstance(exc, KeyboardInterrupt) else "cancelled"
+    )
+    if counters is None:
+        when = "while opening the source"
+    elif counters.phase == "Verifying":
+        when = "while verifying"
+    else:
+        when = "while streaming"
+    if counters is None or not counters.bytes_written:
+        return Cancelled(
+            f"the stream was {how} {when}; nothing was written, the target is unchanged"
+        )
+    return Cancelled(f"the stream was {how} {when}; {LEFT_INVALID}")
+
+
+def _not_invalidated(exc: ImageStreamError, name: str, failure: str) -> ImageStreamError:
+    """`exc` with its message no longer claiming an invalid target: it could not be made so."""
+    message = exc.message
+    for claim in _INVALID_CLAIMS:
+        message = message.removesuffix(claim)
+    return type(exc)(
+        f"{message}; the target {name} could NOT be invalidated ({failure}): it may still "
+        "look valid, do not boot from it",
+        reason=exc.reason,
+    )
 
 
 class _Stream:
@@ -120,8 +175,10 @@ class _Stream:
         source: Source,
         sink: Sink,
         on_progress: ProgressCallback | None,
+        interrupt: Interrupt,
     ) -> None:
         self.request = request
+        self.interrupt = interrupt
         self.source = source
         self.sink = sink
         self.on_progress = on_progress
@@ -140,13 +197,23 @@ class _Stream:
         self.pool = BufferPool(_POOL_BUFFERS, WRITE_BUFFER, self.abort)
 
     def run(self, expected: str | None) -> StreamResult:
-        threads = [
-            self._thread("fetch", self._fetch),
-            self._thread("hash", self._hash),
-            self._thread("decompress", self._decompress),
-            self._thread("write", self._write),
-        ]
-        self._supervise(threads)
+        threads: list[threading.Thread] = []
+        try:
+            for name, body in (
+                ("fetch", self._fetch),
+                ("hash", self._hash),
+                ("decompress", self._decompress),
+                ("write", self._write),
+            ):
+                threads.append(self._thread(name, body))
+            self._supervise(threads)
+        except BaseException:
+            # A failing progress consumer or an interrupt: stop the stages before the caller
+            # closes the source and invalidates the target, so no late write lands after it.
+            self.abort.set()
+            self.interrupt.set()
+            join_all(threads)
+            raise
         if self.errors:
             raise self.errors[0]
         return self._verify_and_commit(expected)
@@ -166,25 +233,20 @@ class _Stream:
         return thread
 
     def _supervise(self, threads: list[threading.Thread]) -> None:
-        """Report progress until the stages end; turn a cancel request into an abort."""
+        """Report progress until every stage ended; turn a cancel request into an abort.
+
+        An abort also sets the interrupt, which cuts the fetch out of a network read or a retry
+        sleep, so that every stage ends and is joined before the source and the target close.
+        """
         cancel = self.request.cancel
-        fetch, *rest = threads
-        try:
-            while any(t.is_alive() for t in rest):
-                rest[-1].join(_REPORT_INTERVAL)
-                if cancel is not None and cancel.is_set() and not self.abort.is_set():
-                    self.errors.append(Cancelled("the stream was cancelled; the target is invalid"))
-                    self.abort.set()
-                self._report()
-        except BaseException:
-            # A failing progress consumer or an interrupt: stop the stages before the caller
-            # invalidates the target, so no late write lands after the invalidation.
-            self.abort.set()
-            for thread in rest:
-                thread.join()
-            raise
-        # The fetch thread may sit in a network read after an abort; the stall timeout ends it.
-        fetch.join(None if not self.abort.is_set() else 1.0)
+        while alive := [t for t in threads if t.is_alive()]:
+            alive[-1].join(_REPORT_INTERVAL)
+            if cancel is not None and cancel.is_set() and not self.abort.is_set():
+                self.errors.append(Cancelled("the stream was cancelled"))
+                self.abort.set()
+            if self.abort.is_set() and not self.interrupt.is_set():
+                self.interrupt.set()
+            self._report()
 
     def _report(self) -> None:
         # The source keeps its own size and resume count; copy them in at report time.
@@ -239,7 +301,7 @@ class _Stream:
         capacity = self.sink.capacity
         if size is not None and capacity is not None and size > capacity:
             raise TargetError(
-                f"target {self.request.target} holds {capacity} bytes but the image needs at "
+                f"target {self.request.target.name} holds {capacity} bytes but the image needs at "
                 f"least {size}",
                 reason=Reason.TARGET_TOO_SMALL,
             )
@@ -264,20 +326,24 @@ class _Stream:
         if expected is not None and actual != expected:
             raise IntegrityError(
                 f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}; "
-                "the target was left invalid",
+                f"{LEFT_INVALID}",
                 reason=Reason.HASH_MISMATCH,
             )
-        self.sink.restore_header()
+        self._checkpoint()
         read_back = False
         if self.output_hash is not None:
-            on_disk = self.sink.sha384_on_disk(self.counters.bytes_written)
+            # Read back while the held bytes are still zeros on the target: a kill during a
+            # long read-back leaves it invalid. The held bytes are hashed from memory.
+            on_disk = self.sink.sha384_on_disk(self.counters.bytes_written, self._checkpoint)
             if on_disk != self.output_hash.hexdigest():
                 raise IntegrityError(
-                    f"read-back of {self.request.target} does not match what was written "
-                    "(the device lost or altered data); the target was left invalid",
+                    f"read-back of {self.request.target.name} does not match what was written "
+                    f"(the device lost or altered data); {LEFT_INVALID}",
                     reason=Reason.READ_BACK_MISMATCH,
                 )
             read_back = True
+        self._checkpoint()
+        self.sink.restore_header()
         self.sink.publish()
         self.counters.phase = "Succeeded"
         self._report()
@@ -294,6 +360,13 @@ class _Stream:
             digest=digest,
         )
 
+    def _checkpoint(self) -> None:
+        """Raise `Cancelled` if a cancel came: called between the steps up to the commit."""
+        cancel = self.request.cancel
+        if cancel is not None and cancel.is_set():
+            self.interrupt.set()
+        self.interrupt.check()
+
     def _verify_blob_digest(self) -> str | None:
         expected = self.source.digest
         if expected is None or self.blob_hash is None:
@@ -302,7 +375,7 @@ class _Stream:
         if actual != expected:
             raise IntegrityError(
                 f"blob digest mismatch: {self.source.name} promised {expected}, the fetched "
-                f"bytes have {actual}; the target was left invalid",
+                f"bytes have {actual}; {LEFT_INVALID}",
                 reason=Reason.DIGEST_MISMATCH,
             )
         return expected

@@ -14,7 +14,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,6 +22,7 @@ import httpx
 
 from imagestream import defaults
 from imagestream.errors import ImageStreamError, IntegrityError, SourceError
+from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.redact import redact_url
 from imagestream.reasons import Reason
 
@@ -98,22 +99,36 @@ class _Validators:
         return False
 
 
-Refusal = Callable[[httpx.Response], ImageStreamError]
-"""Turns a final error answer (not retryable) into the error to raise; may read the body."""
+class ReadHooks:
+    """How a caller of `HttpRangeReader` takes part in failed attempts; by default it does not.
 
-BeforeRetry = Callable[[Exception, int], None]
-"""Sees an attempt that failed retryably and its number (from 1, over the whole read) before
-the reader backs off or gives up; may raise an `ImageStreamError` to stop the read there."""
+    A subclass may explain a final error answer in its own terms (a registry's error codes), or
+    look into a retryable failure (a registry's 5xx may have a cause no retry will fix) and stop
+    the read there, without changing how the reader counts and paces its attempts.
+    """
+
+    def refusal(self, name: str, response: httpx.Response) -> ImageStreamError:
+        """The error to raise for a final (not retryable) error answer from `name`.
+
+        May read the body. By default, the status with a hint.
+        """
+        return SourceError(_status_message(name, response), reason=Reason.HTTP_ERROR)
+
+    def before_retry(self, error: Exception, attempt: int) -> None:
+        """See a retryable failure and its number (from 1, over the whole read).
+
+        Called before the reader backs off or gives up; may raise an `ImageStreamError` to stop
+        the read there. By default, nothing.
+        """
 
 
 class HttpRangeReader:
     """Reads one URL from the first to the last byte with ranged, resumable GETs.
 
     `size`, when the caller knows it in advance (an OCI descriptor), is held against what the
-    server says. `refusal` lets the caller explain a final error answer in its own terms (a
-    registry's error codes); by default the status is reported. `before_retry` lets the caller
-    look into a retryable failure (a registry's 5xx may have a cause no retry will fix) and stop
-    the read, without changing how the reader counts and paces its attempts.
+    server says. `hooks` let the caller explain and vet failed attempts (see `ReadHooks`).
+    `interrupt` ends the read with `Cancelled`, during a request or a backoff (a `Retry-After`
+    of minutes too).
     """
 
     def __init__(
@@ -124,8 +139,8 @@ class HttpRangeReader:
         headers: dict[str, str] | None = None,
         *,
         size: int | None = None,
-        refusal: Refusal | None = None,
-        before_retry: BeforeRetry | None = None,
+        hooks: ReadHooks | None = None,
+        interrupt: Interrupt | None = None,
     ) -> None:
         self.url = url
         self.total: int | None = size
@@ -137,8 +152,8 @@ class HttpRangeReader:
         self._validators: _Validators | None = None
         self._name = redact_url(url)
         self._expected_size = size
-        self._refusal = refusal
-        self._before_retry = before_retry
+        self._hooks = hooks or ReadHooks()
+        self._interrupt = interrupt or Interrupt()
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the object's bytes in order; raises `SourceError` when it cannot go on."""
@@ -146,6 +161,7 @@ class HttpRangeReader:
         failures = 0
         while True:
             delivered_before = offset
+            self._interrupt.check()
             try:
                 for chunk in self._attempt(offset):
                     offset += len(chunk)
@@ -164,9 +180,8 @@ class HttpRangeReader:
                     failures = 0
                 failures += 1
                 what = exc.what if isinstance(exc, RetryableError) else _describe_transport(exc)
-                if self._before_retry is not None:
-                    # Before the budget check, so a caller with no retries still gets its look.
-                    self._before_retry(exc, self.resumes + 1)
+                # Before the budget check, so a caller with no retries still gets its look.
+                self._hooks.before_retry(exc, self.resumes + 1)
                 if failures > self._policy.max_retries:
                     raise SourceError(
                         f"giving up on {self._name} after {failures} attempts without progress "
@@ -183,7 +198,7 @@ class HttpRangeReader:
                     failures,
                     self._policy.max_retries,
                 )
-                time.sleep(delay)
+                self._interrupt.sleep(delay)
                 self.resumes += 1
 
     def _delay(self, failures: int, exc: Exception) -> float:
@@ -229,9 +244,7 @@ class HttpRangeReader:
             )
         if status in (408, 429) or status >= 500:
             raise RetryableError.from_response(f"HTTP {status} {response.reason_phrase}", response)
-        if self._refusal is not None:
-            raise self._refusal(response)
-        raise SourceError(_status_message(self._name, response), reason=Reason.HTTP_ERROR)
+        raise self._hooks.refusal(self._name, response)
 
     def _past_the_end(self, response: httpx.Response, offset: int) -> bool:
         """Whether a 416 only says that every byte was already received.

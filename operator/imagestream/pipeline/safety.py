@@ -43,23 +43,26 @@ def device_number(path: Path) -> tuple[int, int]:
     return os.major(rdev), os.minor(rdev)
 
 
-def check_block_device(path: Path, host: HostView) -> None:
-    """Refuse a block device that is mounted, used as swap, or held by dm/md/LVM.
+def check_block_device(device: tuple[int, int], name: str, host: HostView) -> None:
+    """Refuse the block device `device` (major, minor) if it is mounted, used as swap, or
+    held by dm/md/LVM; `name` is how messages call it.
 
-    A whole disk counts as busy when any of its partitions is.
+    The caller passes the device number of the descriptor it opened, so what is checked is
+    what gets written, whatever a link pointed to a moment earlier. A whole disk counts as
+    busy when any of its partitions is.
     """
-    devices = [device_number(path), *_partitions(device_number(path), host)]
+    devices = [device, *_partitions(device, host)]
     names = {f"{major}:{minor}" for major, minor in devices}
     for mount_point, source, number in _mounts(host):
         if number in names or _same_device(source, devices):
             raise TargetError(
-                f"target {path} is mounted at {mount_point} (as {source}); unmount it first",
+                f"target {name} is mounted at {mount_point} (as {source}); unmount it first",
                 reason=Reason.TARGET_MOUNTED,
             )
     for swap in _swaps(host):
         if _same_device(swap, devices):
             raise TargetError(
-                f"target {path} is in use as swap ({swap}); swapoff it first",
+                f"target {name} is in use as swap ({swap}); swapoff it first",
                 reason=Reason.TARGET_IN_USE,
             )
     for major, minor in devices:
@@ -67,26 +70,24 @@ def check_block_device(path: Path, host: HostView) -> None:
         holders = sorted(p.name for p in holders_dir.iterdir()) if holders_dir.is_dir() else []
         if holders:
             raise TargetError(
-                f"target {path} is held by {', '.join(holders)} (device-mapper, md RAID or LVM); "
+                f"target {name} is held by {', '.join(holders)} (device-mapper, md RAID or LVM); "
                 "release it first",
                 reason=Reason.TARGET_IN_USE,
             )
 
 
-def classify(path: Path) -> str:
-    """'block' for a block device, 'file' for a regular file or a new path; else refuse."""
+def is_whole_disk(device: tuple[int, int], host: HostView) -> bool:
+    """True for a disk, False for a partition of one (sysfs gives partitions a `partition`)."""
+    return not (host.sysfs / f"dev/block/{device[0]}:{device[1]}/partition").exists()
+
+
+def logical_block_size(device: tuple[int, int], host: HostView) -> int:
+    """The disk's logical sector size (the unit GPT counts in); 512 when sysfs does not say."""
+    size_file = host.sysfs / f"dev/block/{device[0]}:{device[1]}/queue/logical_block_size"
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        if path.parent.is_dir() and not str(path).startswith("/dev/"):
-            return "file"
-        raise TargetError(f"target {path} does not exist", reason=Reason.TARGET_NOT_FOUND) from None
-    if stat.S_ISBLK(mode):
-        return "block"
-    if stat.S_ISREG(mode):
-        return "file"
-    kind = "a directory" if stat.S_ISDIR(mode) else "neither a block device nor a regular file"
-    raise TargetError(f"target {path} is {kind}", reason=Reason.TARGET_INVALID)
+        return int(size_file.read_text().strip())
+    except (OSError, ValueError):
+        return 512
 
 
 def _partitions(number: tuple[int, int], host: HostView) -> list[tuple[int, int]]:
@@ -124,9 +125,15 @@ def _mounts(host: HostView) -> list[tuple[str, str, str]]:
 
 
 def _swaps(host: HostView) -> list[str]:
-    if not host.swaps.is_file():
-        return []
-    return [line.split()[0] for line in host.swaps.read_text().splitlines()[1:] if line.strip()]
+    try:
+        table = host.swaps.read_text()
+    except OSError as exc:
+        raise TargetError(
+            f"cannot read the swap list {host.swaps}: {exc.strerror}; without it the target "
+            "cannot be checked (--force skips this check)",
+            reason=Reason.TARGET_CHECK_FAILED,
+        ) from exc
+    return [line.split()[0] for line in table.splitlines()[1:] if line.strip()]
 
 
 def _same_device(source: str, devices: list[tuple[int, int]]) -> bool:

@@ -1,8 +1,12 @@
-"""Where the output goes: a block device or a regular file, never left looking valid early.
+"""Where the output goes: the planned block device or regular file, never left looking valid early.
 
 The first MiB is held back and written as zeros until the image verified (the coreos-installer
 approach), so an interrupted or failed write leaves a target no bootloader or blkid mistakes for
-a good one. A file target is written under a staging name and renamed into place only at the end.
+a good one; on a whole disk the backup GPT area at its end is held back the same way. A file
+target is written under a staging name and renamed into place only at the end.
+
+Opening executes a `TargetPlan` and verifies, on the descriptor it opened, that the target is
+of the planned kind: a planned device is never created and a planned file never opens a device.
 """
 
 from __future__ import annotations
@@ -14,19 +18,26 @@ import hashlib
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from imagestream.errors import TargetError
-from imagestream.pipeline.safety import HostView, check_block_device, classify
+from imagestream.pipeline.safety import check_block_device, is_whole_disk, logical_block_size
+from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
 
 log = logging.getLogger(__name__)
 
 HEADER_SIZE = 1 << 20
+#: A GPT's backup copy: its header in the disk's last sector, its 128 entries in the 32 before.
+BACKUP_GPT_SECTORS = 33
 _ALIGN = 4096
 _READ_BACK = 4 << 20
+#: Attempts at replacing a stale staging file before giving up (each race means a live writer).
+_STAGING_ATTEMPTS = 3
 
 
 class Sink(Protocol):
@@ -44,45 +55,96 @@ class Sink(Protocol):
         ...
 
     def restore_header(self) -> None:
-        """Write the held-back first MiB for real and make it durable."""
+        """Write the held-back bytes (first MiB, backup GPT area) for real and make them durable."""
         ...
 
-    def sha384_on_disk(self, length: int) -> str:
-        """Read the target back, bypassing the page cache where possible, and hash it."""
+    def sha384_on_disk(self, length: int, checkpoint: Callable[[], None]) -> str:
+        """Hash what the target will hold once the held bytes are written: those from memory,
+        the rest read back from the target, bypassing the page cache.
+
+        `checkpoint` runs before each chunk; it raises to stop the read (a cancel).
+        """
         ...
 
     def publish(self) -> None:
         """Make a verified target visible (rename for files)."""
         ...
 
-    def invalidate(self) -> None:
-        """Leave the target unmistakably invalid; never raises."""
+    def invalidate(self) -> str | None:
+        """Leave the target unmistakably invalid; never raises. None when it is (or was never
+        touched), otherwise why it could not be invalidated."""
         ...
+
+
+@dataclass
+class _Held:
+    """Output bytes of [start, start + size) kept in memory, and on the target as zeros, until
+    the image verified."""
+
+    start: int
+    size: int
+    data: mmap.mmap
+    #: Bytes of the range the output has reached so far.
+    filled: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
 
 
 class _FdSink:
     """Sequential writes to one descriptor, with O_DIRECT where it is accepted."""
 
-    def __init__(self, path: Path, fd: int, capacity: int | None, direct: bool) -> None:
+    def __init__(
+        self, plan: TargetPlan, path: Path, fd: int, capacity: int | None, held: list[_Held]
+    ) -> None:
+        self.plan = plan
         self.path = path
         self.capacity = capacity
         self.written = 0
         self._fd = fd
-        self._direct = direct and _try_direct(fd, path)
-        self._header = mmap.mmap(-1, HEADER_SIZE)
-        self._header_length = 0
-        self._zeros = mmap.mmap(-1, HEADER_SIZE)
+        self._direct = plan.direct_io and _try_direct(fd, plan.name)
+        self._held = held
+        self._zeros = mmap.mmap(-1, max(r.size for r in held))
 
     def write(self, data: memoryview) -> None:
-        """Write at the current end; the part inside the first MiB goes to the held header."""
-        if self.written < HEADER_SIZE:
-            held = min(len(data), HEADER_SIZE - self.written)
-            self._header[self.written : self.written + held] = data[:held]
-            self._header_length = self.written + held
-            data = data[held:]
-            self._write_all(memoryview(self._zeros)[:held])
-        if len(data):
-            self._write_all(data)
+        """Write at the current end; bytes inside a held range go to memory, zeros to the target."""
+        if self.written == 0 and len(data):
+            self._begin()
+        while len(data):
+            held = self._held_at(self.written)
+            if held is not None:
+                n = min(len(data), held.end - self.written)
+                offset = self.written - held.start
+                held.data[offset : offset + n] = data[:n]
+                held.filled = offset + n
+                self._write_all(memoryview(self._zeros)[:n])
+            else:
+                n = min(len(data), self._next_held(self.written) - self.written)
+                self._write_all(data[:n])
+            data = data[n:]
+
+    def _begin(self) -> None:
+        """Before the first byte: invalidate whatever lies in the held ranges beyond the first
+        write (the backup GPT area of a whole disk)."""
+        later = [r for r in self._held if r.start > 0]
+        if not later:
+            return
+        direct = self._direct
+        with _target_io(f"zeroing the backup GPT area of {self.plan.name}"):
+            self._set_direct(False)
+            for held in later:
+                _pwrite_all(self._fd, memoryview(self._zeros)[: held.size], held.start)
+            # Durable before any image byte lands: the old backup table must not outlive it.
+            os.fsync(self._fd)
+            self._set_direct(direct)
+
+    def _held_at(self, offset: int) -> _Held | None:
+        return next((r for r in self._held if r.start <= offset < r.end), None)
+
+    def _next_held(self, offset: int) -> int:
+        starts = [r.start for r in self._held if r.start > offset]
+        return min(starts, default=1 << 62)
 
     def _write_all(self, data: memoryview) -> None:
         if self._direct and (len(data) % _ALIGN or self.written % _ALIGN):
@@ -101,12 +163,12 @@ class _FdSink:
     def _write_error(self, exc: OSError) -> TargetError:
         if exc.errno in (errno.ENOSPC, errno.EFBIG):
             return TargetError(
-                f"target {self.path} is full after {self.written} bytes: the image is larger "
-                f"than the target",
+                f"target {self.plan.name} is full after {self.written} bytes: the image is "
+                "larger than the target",
                 reason=Reason.TARGET_TOO_SMALL,
             )
         return TargetError(
-            f"writing {self.path} failed at byte {self.written}: {exc.strerror}",
+            f"writing {self.plan.name} failed at byte {self.written}: {exc.strerror}",
             reason=Reason.WRITE_FAILED,
         )
 
@@ -117,47 +179,60 @@ class _FdSink:
 
     def flush(self) -> None:
         """fsync the descriptor."""
-        with _target_io(f"fsync of {self.path}"):
+        with _target_io(f"fsync of {self.plan.name}"):
             os.fsync(self._fd)
 
     def restore_header(self) -> None:
-        """Write the real first MiB at offset 0, then fsync."""
-        with _target_io(f"writing the first MiB of {self.path}"):
+        """Write the held bytes where they belong, then fsync."""
+        with _target_io(f"writing the held-back bytes (first MiB) of {self.plan.name}"):
             self._set_direct(False)
-            header = memoryview(self._header)[: self._header_length]
-            done = 0
-            while done < len(header):
-                done += os.pwrite(self._fd, header[done:], done)
+            for held in self._held:
+                _pwrite_all(self._fd, memoryview(held.data)[: held.filled], held.start)
         self.flush()
 
-    def sha384_on_disk(self, length: int) -> str:
-        """Hash the first `length` bytes as the device returns them, not as the cache holds them."""
+    def sha384_on_disk(self, length: int, checkpoint: Callable[[], None]) -> str:
+        """Hash the first `length` bytes as they will be: held ones from memory, the rest as
+        the target returns them (not as the page cache holds them).
+
+        The held bytes stay zeros on the target meanwhile, so a kill during a long read-back
+        leaves it invalid. `checkpoint` runs before each chunk (a cancel raises there).
+        """
         self.flush()
         digest = hashlib.sha384()
-        with _target_io(f"reading back {self.path}"):
-            fd = os.open(self.path_on_disk, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                remaining = length
-                while remaining and (chunk := os.read(fd, min(_READ_BACK, remaining))):
+        with _target_io(f"reading back {self.plan.name}"):
+            self._set_direct(False)
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            offset = 0
+            while offset < length:
+                checkpoint()
+                held = self._held_at(offset)
+                if held is not None:
+                    n = min(length, held.end) - offset
+                    digest.update(memoryview(held.data)[offset - held.start :][:n])
+                else:
+                    n = min(length, self._next_held(offset), offset + _READ_BACK) - offset
+                    chunk = os.pread(self._fd, n, offset)
+                    if not chunk:
+                        break  # shorter than written: the digest will not match
+                    n = len(chunk)
                     digest.update(chunk)
-                    remaining -= len(chunk)
-            finally:
-                os.close(fd)
+                offset += n
         return digest.hexdigest()
 
-    @property
-    def path_on_disk(self) -> Path:
-        """The path the bytes are written under right now."""
-        return self.path
-
-    def _zero_header(self) -> None:
+    def _zero_held(self) -> str | None:
+        """Zero what of the held ranges the output reached; why not, when that fails."""
+        if self.written == 0:
+            return None  # untouched
         try:
             self._set_direct(False)
-            os.pwrite(self._fd, memoryview(self._zeros)[: self._header_length], 0)
+            for held in self._held:
+                size = held.size if held.start else held.filled
+                _pwrite_all(self._fd, memoryview(self._zeros)[:size], held.start)
             os.fsync(self._fd)
         except OSError as exc:
-            log.error("could not zero the first MiB of %s: %s", self.path, exc.strerror)
+            log.error("could not zero the first MiB of %s: %s", self.plan.name, exc.strerror)
+            return f"zeroing its first MiB failed: {exc.strerror}"
+        return None
 
     def close(self) -> None:
         """Close the descriptor (which drops the lock)."""
@@ -170,117 +245,308 @@ class BlockDeviceSink(_FdSink):
     """A whole disk or a partition, opened exclusively and flock'ed."""
 
     def publish(self) -> None:
-        """The header was restored in place: release the device (and its lock)."""
+        """The held bytes were restored in place: release the device (and its lock)."""
         self.close()
 
-    def invalidate(self) -> None:
-        """Zero the first MiB again (it may have been restored before a read-back failed)."""
-        self._zero_header()
+    def invalidate(self) -> str | None:
+        """Zero the held ranges again (they may have been restored before a later step failed)."""
+        failure = self._zero_held()
         self.close()
+        return failure
 
 
 class FileSink(_FdSink):
-    """A regular file written as `.NAME.partial` beside it and renamed into place."""
+    """A regular file written as `.NAME.partial` beside it and renamed into place.
 
-    def __init__(self, path: Path, staging: Path, fd: int, capacity: int | None) -> None:
-        super().__init__(path, fd, capacity, direct=True)
+    Every name is looked up relative to the directory descriptor opened at the start, so a
+    directory swapped for a link meanwhile does not move the write.
+    """
+
+    def __init__(
+        self,
+        plan: TargetPlan,
+        location: tuple[int, Path, str, str],
+        fd: int,
+        capacity: int | None,
+    ) -> None:
+        dir_fd, directory, name, staging = location
+        super().__init__(plan, directory / name, fd, capacity, [_held_header()])
+        self._dir_fd = dir_fd
+        self._name = name
         self._staging = staging
-
-    @property
-    def path_on_disk(self) -> Path:
-        """The staging file until `publish`."""
-        return self._staging
 
     def publish(self) -> None:
         """Rename the staging file over the target and make the rename durable."""
-        with _target_io(f"renaming {self._staging} to {self.path}"):
-            os.rename(self._staging, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        self.close()
+        with _target_io(f"renaming {self._staging} to {self.plan.name}"):
+            os.rename(self._staging, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            os.fsync(self._dir_fd)
+        self._close_all()
 
-    def invalidate(self) -> None:
-        """Remove the staging file; the previous target, if any, is untouched."""
-        self.close()
+    def invalidate(self) -> str | None:
+        """Remove the staging file, still holding its lock; a previous target is untouched."""
         try:
-            self._staging.unlink()
-        except FileNotFoundError:
-            pass
+            if _same_file(self._fd, self._dir_fd, self._staging):
+                os.unlink(self._staging, dir_fd=self._dir_fd)
         except OSError as exc:
             log.error("could not remove %s: %s", self._staging, exc.strerror)
+        self._close_all()
+        return None
+
+    def _close_all(self) -> None:
+        self.close()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
 
-def open_sink(
-    path: Path,
-    host: HostView | None,
-    direct: bool = True,
-    allowed_dirs: tuple[Path, ...] = (),
-) -> BlockDeviceSink | FileSink:
-    """Run the safety checks and open the target for writing, locked against other writers.
-
-    `host=None` skips the mount-table, swap and holder checks (`--force`); the kernel's
-    exclusive open and the writer lock apply regardless. A non-empty `allowed_dirs` confines
-    file targets to those directories (symlinks resolved).
-    """
-    if classify(path) == "block":
-        return _open_block(path, host, direct)
-    if allowed_dirs:
-        _check_allowed(path, allowed_dirs)
-    return _open_file(path)
+def open_sink(plan: TargetPlan) -> BlockDeviceSink | FileSink:
+    """Open the planned target for writing, locked against other writers, and check it."""
+    if plan.kind == "device":
+        return _open_device(plan)
+    return _open_file(plan)
 
 
-def _check_allowed(path: Path, allowed_dirs: tuple[Path, ...]) -> None:
-    resolved = path.parent.resolve() / path.name
-    if not any(resolved.is_relative_to(d.resolve()) for d in allowed_dirs):
-        allowed = ", ".join(str(d) for d in allowed_dirs)
+# -- devices ----------------------------------------------------------------------------------
+
+
+def _open_device(plan: TargetPlan) -> BlockDeviceSink:
+    # A look before the open, only so that nothing but a block device is ever opened (opening
+    # some character devices has effects); the descriptor's own fstat below is what counts.
+    looked = _expect_block_device(_stat_target(plan), plan)
+    try:
+        # O_EXCL on a block device makes the kernel refuse it while mounted or claimed.
+        fd = os.open(plan.path, os.O_RDWR | os.O_EXCL | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY and plan.usage_checks:
+            # Refused either way; the checks only say by whom (mounted where, held by what).
+            rdev = looked.st_rdev
+            check_block_device((os.major(rdev), os.minor(rdev)), plan.name, plan.host)
+        raise _open_error(exc, plan) from exc
+    try:
+        rdev = _expect_block_device(os.fstat(fd), plan).st_rdev
+        device = (os.major(rdev), os.minor(rdev))
+        if plan.usage_checks:
+            check_block_device(device, plan.name, plan.host)
+        _lock(fd, plan.name)
+        capacity = os.lseek(fd, 0, os.SEEK_END)
+        os.lseek(fd, 0, os.SEEK_SET)
+        held = [_held_header()]
+        if is_whole_disk(device, plan.host) and capacity > HEADER_SIZE:
+            held.append(_held_backup_gpt(capacity, logical_block_size(device, plan.host)))
+        opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except BaseException:
+        os.close(fd)
+        raise
+    return BlockDeviceSink(plan, opened, fd, capacity, held)
+
+
+def _held_backup_gpt(capacity: int, sector: int) -> _Held:
+    # The disk's own backup GPT sits in its last sectors, where an image smaller than the disk
+    # never writes: zeroed at the start, those sectors stay zeros after the commit (the
+    # image's backup table lies at the image's end, where its primary header points to). Only
+    # an image reaching the disk's end gets its own bytes there, and only once it verified.
+    start = max(capacity - BACKUP_GPT_SECTORS * sector, HEADER_SIZE)
+    return _Held(start=start, size=capacity - start, data=mmap.mmap(-1, capacity - start))
+
+
+def _stat_target(plan: TargetPlan) -> os.stat_result:
+    try:
+        return os.stat(plan.path)
+    except FileNotFoundError:
         raise TargetError(
-            f"file target {path} is outside the allowed directories ({allowed})",
+            f"target device {plan.name} does not exist", reason=Reason.TARGET_NOT_FOUND
+        ) from None
+    except OSError as exc:
+        raise TargetError(
+            f"cannot look at target {plan.name}: {exc.strerror}", reason=Reason.TARGET_INVALID
+        ) from exc
+
+
+def _expect_block_device(st: os.stat_result, plan: TargetPlan) -> os.stat_result:
+    if not stat.S_ISBLK(st.st_mode):
+        raise TargetError(
+            f"target {plan.name} is {_kind_of(st.st_mode)}, not a block device",
+            reason=Reason.TARGET_INVALID,
+        )
+    return st
+
+
+def _open_error(exc: OSError, plan: TargetPlan) -> TargetError:
+    if exc.errno == errno.EBUSY:
+        return TargetError(
+            f"target {plan.name} is in use by the system (mounted or claimed by another device)",
+            reason=Reason.TARGET_IN_USE,
+        )
+    if exc.errno == errno.ENOENT:
+        return TargetError(f"target {plan.name} does not exist", reason=Reason.TARGET_NOT_FOUND)
+    return TargetError(f"cannot open target {plan.name}: {exc.strerror}")
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def _open_file(plan: TargetPlan) -> FileSink:
+    name = plan.path.name
+    directory = Path(os.path.realpath(plan.path.parent))  # resolved once, then by descriptor
+    dir_fd = _open_directory(directory, plan)
+    try:
+        _check_existing(dir_fd, name, plan)
+        staging = f".{name}.partial"
+        fd = _create_staging(dir_fd, staging, plan)
+        try:
+            vfs = os.fstatvfs(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    location = (dir_fd, directory, name, staging)
+    return FileSink(plan, location, fd, capacity=vfs.f_bavail * vfs.f_frsize)
+
+
+def _open_directory(directory: Path, plan: TargetPlan) -> int:
+    """A descriptor of the file's directory, reached inside an allowed directory without
+    following a link (a component swapped for one since it was resolved is refused)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if not plan.allowed_dirs:
+        return _open_dir_path(directory, plan)
+    for allowed in plan.allowed_dirs:
+        root = Path(os.path.realpath(allowed))
+        if directory.is_relative_to(root):
+            break
+    else:
+        allowed_list = ", ".join(str(d) for d in plan.allowed_dirs)
+        raise TargetError(
+            f"file target {plan.name} is outside the allowed directories ({allowed_list})",
             reason=Reason.TARGET_NOT_ALLOWED,
+        )
+    fd = _open_dir_path(root, plan)
+    try:
+        for part in directory.relative_to(root).parts:
+            inner = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except OSError as exc:
+        os.close(fd)
+        raise TargetError(
+            f"the directory of file target {plan.name} changed while it was opened "
+            f"({exc.strerror}): refusing to follow it",
+            reason=Reason.TARGET_NOT_ALLOWED,
+        ) from exc
+    return fd
+
+
+def _open_dir_path(directory: Path, plan: TargetPlan) -> int:
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TargetError(
+            f"the directory of file target {plan.name} does not exist",
+            reason=Reason.TARGET_NOT_FOUND,
+        ) from None
+    except OSError as exc:
+        raise TargetError(
+            f"cannot open the directory of file target {plan.name}: {exc.strerror}",
+            reason=Reason.TARGET_INVALID,
+        ) from exc
+
+
+def _check_existing(dir_fd: int, name: str, plan: TargetPlan) -> None:
+    """A file target replaces a regular file (or a link, itself, not what it points to)."""
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise TargetError(
+            f"file target {plan.name} is {_kind_of(mode)}", reason=Reason.TARGET_INVALID
         )
 
 
-def _open_block(path: Path, host: HostView | None, direct: bool) -> BlockDeviceSink:
-    if host is not None:
-        check_block_device(path, host)
-    real = Path(os.path.realpath(path))
-    try:
-        # O_EXCL on a block device makes the kernel refuse it while mounted or claimed.
-        fd = os.open(real, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
+def _create_staging(dir_fd: int, staging: str, plan: TargetPlan) -> int:
+    """Create the staging file afresh (never through a link) and lock it."""
+    create = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(_STAGING_ATTEMPTS):
+        try:
+            fd = os.open(staging, create, 0o644, dir_fd=dir_fd)
+        except FileExistsError:
+            _remove_stale(dir_fd, staging, plan)
+            continue
+        except OSError as exc:
             raise TargetError(
-                f"target {path} is in use by the system (mounted or claimed by another device)",
-                reason=Reason.TARGET_IN_USE,
+                f"cannot create {staging} beside {plan.name}: {exc.strerror}"
             ) from exc
-        raise TargetError(f"cannot open target {path}: {exc.strerror}") from exc
-    try:
-        _lock(fd, path)
-        capacity = os.lseek(fd, 0, os.SEEK_END)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except BaseException:
-        os.close(fd)
-        raise
-    return BlockDeviceSink(real, fd, capacity, direct=direct)
+        try:
+            _lock(fd, plan.name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise _locked(plan.name)
 
 
-def _open_file(path: Path) -> FileSink:
-    staging = path.with_name(f".{path.name}.partial")
+def _remove_stale(dir_fd: int, staging: str, plan: TargetPlan) -> None:
+    """Remove a staging file left by an earlier run, unless a live writer holds its lock."""
     try:
-        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(
+            staging, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except FileNotFoundError:
+        return  # gone meanwhile: try creating it again
     except OSError as exc:
-        raise TargetError(f"cannot create {staging}: {exc.strerror}") from exc
+        kind = "a symbolic link" if exc.errno == errno.ELOOP else f"unusable ({exc.strerror})"
+        raise TargetError(
+            f"the staging name {staging} beside {plan.name} is {kind}; remove it",
+            reason=Reason.TARGET_INVALID,
+        ) from exc
     try:
-        # Lock before truncating, so a second writer cannot wipe the first one's data.
-        _lock(fd, path)
-        os.ftruncate(fd, 0)
-        vfs = os.fstatvfs(fd)
-    except BaseException:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise TargetError(
+                f"the staging name {staging} beside {plan.name} is {_kind_of(mode)}; remove it",
+                reason=Reason.TARGET_INVALID,
+            )
+        _lock(fd, plan.name)
+        # Unlinked while its lock is held, and only if the name still is this very file.
+        if _same_file(fd, dir_fd, staging):
+            os.unlink(staging, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    finally:
         os.close(fd)
-        raise
-    return FileSink(path, staging, fd, capacity=vfs.f_bavail * vfs.f_frsize)
+
+
+def _same_file(fd: int, dir_fd: int, name: str) -> bool:
+    try:
+        named = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+# -- shared -----------------------------------------------------------------------------------
+
+
+def _held_header() -> _Held:
+    return _Held(start=0, size=HEADER_SIZE, data=mmap.mmap(-1, HEADER_SIZE))
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "neither a block device nor a regular file"
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 @contextlib.contextmanager
@@ -292,22 +558,26 @@ def _target_io(what: str) -> Iterator[None]:
         raise TargetError(f"{what} failed: {exc.strerror}", reason=Reason.WRITE_FAILED) from exc
 
 
-def _lock(fd: int, path: Path) -> None:
+def _lock(fd: int, name: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
-        raise TargetError(
-            f"target {path} is locked by another writer; wait for it to finish",
-            reason=Reason.TARGET_LOCKED,
-        ) from exc
+        raise _locked(name) from exc
 
 
-def _try_direct(fd: int, path: Path) -> bool:
+def _locked(name: str) -> TargetError:
+    return TargetError(
+        f"target {name} is locked by another writer; wait for it to finish",
+        reason=Reason.TARGET_LOCKED,
+    )
+
+
+def _try_direct(fd: int, name: str) -> bool:
     """Turn O_DIRECT on; some filesystems (tmpfs) refuse it, then plain writes it is."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
     except OSError:
-        log.info("O_DIRECT refused for %s; writing through the page cache", path)
+        log.info("O_DIRECT refused for %s; writing through the page cache", name)
         return False
     return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import ssl
 import stat
 from collections.abc import Iterator
@@ -17,20 +18,15 @@ import httpx
 from imagestream import __version__
 from imagestream.errors import SourceError, UsageError
 from imagestream.pipeline.credentials import Credentials
-from imagestream.pipeline.oci import (
-    OCI_SCHEME,
-    Registry,
-    host_platform,
-    parse_platform,
-    parse_reference,
-    registry_scheme,
-    resolve_layer,
-)
+from imagestream.pipeline.interrupt import Interrupt
+from imagestream.pipeline.oci import Registry, registry_scheme, resolve_layer
+from imagestream.pipeline.oci_refs import OCI_SCHEME, host_platform, parse_platform, parse_reference
 from imagestream.pipeline.range_reader import HttpRangeReader, RetryPolicy
 from imagestream.pipeline.redact import redact_url
 from imagestream.pipeline.registry_auth import RegistryAuth
 
 _FILE_CHUNK = 1 << 20
+_PIPE_POLL = 0.1
 
 
 class Source(Protocol):
@@ -80,12 +76,13 @@ class SourceOptions:
 
 
 class FileSource:
-    """A local file, read in 1 MiB chunks."""
+    """A local file, read in 1 MiB chunks; a pipe is waited on in slices the interrupt can end."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, interrupt: Interrupt | None = None) -> None:
         self.name = str(path)
         self.digest: str | None = None
         self.resumes = 0
+        self._interrupt = interrupt or Interrupt()
         try:
             self._file = path.open("rb", buffering=0)
         except OSError as exc:
@@ -93,10 +90,17 @@ class FileSource:
         status = os.fstat(self._file.fileno())
         # A pipe or a character device (`/dev/stdin`) has no size to promise.
         self.total: int | None = status.st_size if stat.S_ISREG(status.st_mode) else None
+        self._waits = not stat.S_ISREG(status.st_mode)
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the file's bytes."""
-        while chunk := self._file.read(_FILE_CHUNK):
+        while True:
+            # A read from a pipe whose writer went quiet would block past any cancel.
+            while self._waits and not select.select([self._file], [], [], _PIPE_POLL)[0]:
+                self._interrupt.check()
+            chunk = self._file.read(_FILE_CHUNK)
+            if not chunk:
+                return
             yield chunk
 
     def close(self) -> None:
@@ -137,16 +141,18 @@ class _RangeReaderSource:
 class HttpSource(_RangeReaderSource):
     """An HTTP(S) object read with `HttpRangeReader` over one httpx client."""
 
-    def __init__(self, url: str, options: SourceOptions) -> None:
+    def __init__(self, url: str, options: SourceOptions, interrupt: Interrupt) -> None:
         self.name = redact_url(url)
         self.digest = None
-        self._client = make_client(options)
+        self._client = make_client(options, interrupt=interrupt)
         headers = {}
         if options.credentials is not None:
             authorization = options.credentials.authorization_for(httpx.URL(url).netloc.decode())
             if authorization:
                 headers["Authorization"] = authorization
-        self._reader = HttpRangeReader(url, self._client, options.policy, headers)
+        self._reader = HttpRangeReader(
+            url, self._client, options.policy, headers, interrupt=interrupt
+        )
 
 
 class OciSource(_RangeReaderSource):
@@ -156,19 +162,19 @@ class OciSource(_RangeReaderSource):
     platform fails before any byte is written. The blob's size is known from its descriptor.
     """
 
-    def __init__(self, location: str, options: SourceOptions) -> None:
+    def __init__(self, location: str, options: SourceOptions, interrupt: Interrupt) -> None:
         reference = parse_reference(location)
         wanted = parse_platform(options.platform) if options.platform else host_platform()
         credentials = options.credentials or Credentials()
         self.name = str(reference)
-        self._client = make_client(options)
+        self._client = make_client(options, interrupt=interrupt)
         try:
             base = f"{registry_scheme(self._client, reference, options.plain_http)}://"
             base += reference.registry
             self._client.auth = RegistryAuth(
                 credentials.login_for(reference.registry), httpx.URL(base)
             )
-            registry = Registry(self._client, base, reference, options.policy)
+            registry = Registry(self._client, base, reference, options.policy, interrupt)
             layer = resolve_layer(registry, wanted, options.layer)
             self.digest = layer.digest
             self._reader = HttpRangeReader(
@@ -176,17 +182,25 @@ class OciSource(_RangeReaderSource):
                 self._client,
                 options.policy,
                 size=layer.size,
-                refusal=registry.refusal(f"blob {layer.digest}"),
+                hooks=registry.hooks(f"blob {layer.digest}"),
+                interrupt=interrupt,
             )
         except BaseException:
             self._client.close()
             raise
 
 
-def open_source(location: str, options: SourceOptions) -> Source:
-    """Open a URL (http://, https://, oci://) or a local path (plain or file://)."""
+def open_source(
+    location: str, options: SourceOptions, interrupt: Interrupt | None = None
+) -> Source:
+    """Open a URL (http://, https://, oci://) or a local path (plain or file://).
+
+    Setting `interrupt` ends whatever the source waits for with `Cancelled`: the manifest
+    resolution and token requests while it opens, then reads, stalls and retry sleeps.
+    """
+    interrupt = interrupt or Interrupt()
     if location.startswith(OCI_SCHEME):
-        return OciSource(location, options)
+        return OciSource(location, options, interrupt)
     if location.startswith(("http://", "https://")):
         try:
             # Both parsers, so a URL either would reject fails here as a usage error.
@@ -194,15 +208,15 @@ def open_source(location: str, options: SourceOptions) -> Source:
             urlsplit(location).port  # noqa: B018 - raises on a port out of range
         except (httpx.InvalidURL, ValueError) as exc:
             raise UsageError(f"invalid source URL {redact_url(location)}: {exc}") from exc
-        return HttpSource(location, options)
+        return HttpSource(location, options, interrupt)
     if location.startswith("file://"):
-        return FileSource(Path(location.removeprefix("file://")))
+        return FileSource(Path(location.removeprefix("file://")), interrupt)
     if "://" in location:
         scheme = location.split("://", 1)[0]
         raise UsageError(
             f"unsupported source scheme {scheme}://: use http://, https://, oci:// or a path"
         )
-    return FileSource(Path(location))
+    return FileSource(Path(location), interrupt)
 
 
 # httpcore reads the socket 64 KiB at a time, and each read costs a pass through h11 with the
@@ -214,11 +228,14 @@ if hasattr(httpcore_http11.HTTP11Connection, "READ_NUM_BYTES"):
 
 
 def make_client(
-    options: SourceOptions, transport: httpx.BaseTransport | None = None
+    options: SourceOptions,
+    transport: httpx.BaseTransport | None = None,
+    interrupt: Interrupt | None = None,
 ) -> httpx.Client:
     """An httpx client: system trust plus the extra CA, proxies from the environment.
 
-    `transport` replaces the network (tests hand in an `httpx.MockTransport`).
+    `transport` replaces the network (tests hand in an `httpx.MockTransport`); `interrupt`, when
+    set, cuts every connection of the client.
     """
     policy = options.policy
     timeout = httpx.Timeout(
@@ -228,7 +245,7 @@ def make_client(
         pool=policy.connect_timeout,
     )
     # trust_env picks up HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE like curl does.
-    return httpx.Client(
+    client = httpx.Client(
         verify=ssl_context(options.ca_file),
         timeout=timeout,
         follow_redirects=True,
@@ -236,6 +253,9 @@ def make_client(
         transport=transport,
         headers={"User-Agent": f"imagestream/{__version__}"},
     )
+    if interrupt is not None:
+        interrupt.adopt(client)
+    return client
 
 
 def ssl_context(ca_file: Path | None) -> ssl.SSLContext:

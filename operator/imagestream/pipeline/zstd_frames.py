@@ -3,13 +3,16 @@
 libzstd (through python-zstandard's stream reader) treats input that ends mid-frame as a clean
 end of stream, so a truncated image would decompress to a short "success". Walking the headers
 costs a few operations per 128 KiB block and tells, at the end, whether the stream stopped on a
-frame boundary, how many frames it had, and the sum of their declared content sizes.
+frame boundary, how many frames it had, and the sum of their declared content sizes. It also
+refuses a frame whose window exceeds the allowed one before the decoder sees a byte of it, so
+the user learns the window the image needs (libzstd only says it needs "too much memory").
 """
 
 from __future__ import annotations
 
 import enum
 
+from imagestream import defaults
 from imagestream.errors import IntegrityError
 from imagestream.reasons import Reason
 
@@ -36,10 +39,36 @@ def is_zstd(head: bytes) -> bool:
     return head[:4] == ZSTD_MAGIC or (magic & _SKIPPABLE_MASK) == _SKIPPABLE_MAGIC
 
 
-class FrameWalker:
-    """Follows frame boundaries in a zstd stream fed in arbitrary chunks."""
+class WindowTooLarge(IntegrityError):
+    """A zstd frame needs a larger window than the stream allows.
 
-    def __init__(self) -> None:
+    `detail` names the frame and both windows without saying which knob raises the limit; the
+    message adds the CLI's flag, and a front end with another knob words its own hint from
+    `detail` and `needed_log`.
+    """
+
+    def __init__(self, frame: int, window_size: int, allowed_log: int) -> None:
+        # zstd never uses a window below its minimum, whatever a header declares.
+        self.needed_log = max(defaults.MIN_WINDOW_LOG, (window_size - 1).bit_length())
+        self.allowed_log = allowed_log
+        self.detail = (
+            f"zstd frame {frame} declares a window of {window_size} bytes (needs "
+            f"2^{self.needed_log}), more than the allowed 2^{allowed_log}"
+        )
+        super().__init__(
+            f"{self.detail}; raise --max-window-log to {self.needed_log} if the image is trusted",
+            reason=Reason.WINDOW_TOO_LARGE,
+        )
+
+
+class FrameWalker:
+    """Follows frame boundaries in a zstd stream fed in arbitrary chunks.
+
+    With `max_window_log`, a frame header declaring a larger window raises `WindowTooLarge`.
+    """
+
+    def __init__(self, max_window_log: int | None = None) -> None:
+        self.max_window_log = max_window_log
         self.frames = 0
         self.content_size: int | None = 0
         self._state = _State.MAGIC
@@ -127,8 +156,22 @@ class FrameWalker:
         value = int.from_bytes(header[len(header) - fcs_len :], "little") if fcs_len else None
         if value is not None and fcs_len == 2:
             value += 256
+        self._check_window(header, value)
         self._frame_size(value)
         self._expect(_State.BLOCK_HEADER, 3)
+
+    def _check_window(self, header: bytes, content_size: int | None) -> None:
+        if self.max_window_log is None:
+            return
+        if self._descriptor & 0x20:
+            # A single-segment frame's window is its content (which then is always declared).
+            window = content_size or 0
+        else:
+            exponent, mantissa = header[0] >> 3, header[0] & 0x07
+            base = 1 << (defaults.MIN_WINDOW_LOG + exponent)
+            window = base + (base >> 3) * mantissa
+        if window > 1 << self.max_window_log:
+            raise WindowTooLarge(self.frames, window, self.max_window_log)
 
     def _frame_size(self, size: int | None) -> None:
         if size is None or self.content_size is None:

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 import trustme
-from tests.support.fault_proxy import FaultProxy, FaultProxyFactory, ProxyFault
+from tests.support.fault_proxy import FaultProxy, FaultProxyFactory
 from tests.support.nginx import NginxFactory
 from tests.support.oci_push import LiveRegistry, OciPusher, RedirectingRegistry
+from tests.support.range_server import Fault
 from tests.support.registry import (
     TEST_USER,
     HtpasswdAuth,
@@ -152,7 +153,7 @@ def fault_proxy_factory() -> Iterator[FaultProxyFactory]:
     """``fault_proxy_factory(registry, *faults)``: a started proxy in front of ``registry``."""
     proxies: list[FaultProxy] = []
 
-    def start(registry: Registry, *faults: ProxyFault) -> FaultProxy:
+    def start(registry: Registry, *faults: Fault) -> FaultProxy:
         proxy = FaultProxy(registry.base_url, faults).start()
         proxies.append(proxy)
         return proxy

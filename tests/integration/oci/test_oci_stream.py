@@ -21,7 +21,13 @@ import httpx
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
 from tests.support.cli import CliRun, assert_failed, assert_succeeded, stream_fast_retries
-from tests.support.fault_proxy import FaultKind, FaultProxy, FaultProxyFactory, ProxyFault
+from tests.support.fault_proxy import (
+    BLOB_GETS,
+    BLOB_REQUESTS,
+    MANIFEST_GETS,
+    FaultProxy,
+    FaultProxyFactory,
+)
 from tests.support.oci_push import (
     RAW_LAYER,
     Layer,
@@ -31,6 +37,7 @@ from tests.support.oci_push import (
     RedirectingRegistry,
     titled,
 )
+from tests.support.range_server import Fault, FaultKind
 from tests.support.registry import TEST_USER, write_docker_config
 from tests.support.targets import (
     MIB,
@@ -336,7 +343,7 @@ def test_tampered_manifest_is_refused(
     # The intermediary keeps the registry's Docker-Content-Digest header but changes the bytes:
     # only hashing the manifest against the digest asked for can tell.
     pushed = push(registry, sample_image)
-    fault_proxy.add(ProxyFault.tamper_manifest())
+    fault_proxy.add(Fault.tamper(on=MANIFEST_GETS))
     reference = f"oci://{fault_proxy.address}/{REPO}@{pushed.manifest.digest}"
     target = file_target(tmp_path)
 
@@ -346,7 +353,7 @@ def test_tampered_manifest_is_refused(
     assert result["reason"] == "DigestMismatch"
     assert_file_target_invalid(target)
     assert [r.faults for r in fault_proxy.requests if "/manifests/" in r.path][:1] == [
-        [FaultKind.TAMPER_MANIFEST]
+        [FaultKind.TAMPER]
     ]
     assert fault_proxy.blob_gets() == [], "no blob may be fetched for an unverified manifest"
 
@@ -534,7 +541,7 @@ def test_token_expires_mid_stream(
     pushed = push(registry_token, image)
     server.ttl = 2
     proxy = fault_proxy_factory(
-        registry_token.registry, ProxyFault.reset(after=MIB, pause=server.ttl + 1.5)
+        registry_token.registry, Fault.reset(after=MIB, pause=server.ttl + 1.5, on=BLOB_GETS)
     )
     before = len(server.requests)
     target = file_target(tmp_path)
@@ -575,7 +582,7 @@ def test_resets_during_the_blob(
     """
     image = write_sample_image(tmp_path / "root.raw.zst", 6 * MIB, seed=51)
     pushed = push(registry, image)
-    fault_proxy.add(ProxyFault.reset(after=700_000, times=2))
+    fault_proxy.add(Fault.reset(after=700_000, times=2, on=BLOB_GETS))
     target = file_target(tmp_path)
 
     run = stream(f"oci://{fault_proxy.address}/{REPO}:{TAG}", target, image)
@@ -603,7 +610,7 @@ def test_cut_after_the_last_byte_ends_at_the_registrys_416(
     # read that body would fail on the missing bytes and retry until it gives up.
     pushed = push(registry, sample_image)
     size = sample_image.compressed_size
-    fault_proxy.add(ProxyFault.cut_before_end())
+    fault_proxy.add(Fault.cut_before_end(on=BLOB_GETS))
     target = file_target(tmp_path)
 
     run = stream(f"oci://{fault_proxy.address}/{REPO}:{TAG}", target, sample_image)
@@ -626,7 +633,9 @@ def test_resume_without_accept_ranges(
     Stand-in: the fault proxy plays the CDN; a real one would also cut at a random point.
     """
     pushed = push(registry, sample_image)
-    fault_proxy.add(ProxyFault.strip_accept_ranges(), ProxyFault.reset(after=500_000))
+    fault_proxy.add(
+        Fault.strip_accept_ranges(on=BLOB_REQUESTS), Fault.reset(after=500_000, on=BLOB_GETS)
+    )
     target = file_target(tmp_path)
 
     run = stream(f"oci://{fault_proxy.address}/{REPO}:{TAG}", target, sample_image)

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.support.fault_proxy import FaultKind, FaultProxy, FaultProxyFactory, ProxyFault
+from tests.support.fault_proxy import (
+    BLOB_GETS,
+    BLOB_REQUESTS,
+    MANIFEST_GETS,
+    FaultProxy,
+    FaultProxyFactory,
+)
 from tests.support.oci_push import (
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
@@ -25,6 +31,7 @@ from tests.support.oci_push import (
     RedirectingRegistry,
     titled,
 )
+from tests.support.range_server import Fault, FaultKind
 from tests.support.registry import TEST_USER
 from tests.support.token_server import Access, TokenServer
 from tests.support.tools import wait_until
@@ -288,7 +295,7 @@ def test_fault_proxy_resets_then_serves_the_rest(
     pushed = registry.pusher.push_artifact("os/root", "v1", [Layer(sample_image.path)])
     digest = pushed.layers[sample_image.path.name].digest
     url = blob_url(registry, "os/root", digest, address=fault_proxy.address)
-    fault_proxy.add(ProxyFault.reset(after=300_000))
+    fault_proxy.add(Fault.reset(after=300_000, on=BLOB_GETS))
     received = bytearray()
 
     with pytest.raises(httpx.TransportError), httpx.stream("GET", url) as response:  # noqa: PT012
@@ -313,7 +320,9 @@ def test_fault_proxy_tampers_manifests_and_strips_accept_ranges(
 ) -> None:
     pushed = registry.pusher.push_artifact("os/root", "v1", [Layer(sample_image.path)])
     proxy = fault_proxy_factory(
-        registry.registry, ProxyFault.tamper_manifest(), ProxyFault.strip_accept_ranges()
+        registry.registry,
+        Fault.tamper(on=MANIFEST_GETS),
+        Fault.strip_accept_ranges(on=BLOB_REQUESTS),
     )
     base = f"http://{proxy.address}/v2/os/root"
     digest = pushed.manifest.digest

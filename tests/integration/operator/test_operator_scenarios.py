@@ -713,3 +713,27 @@ def test_api_outage_during_progress_reporting(stand: Stand) -> None:
     assert any(patch["phase"] == "Running" for patch in after), "no progress after the outage"
     assert after[0]["bytesFetched"] > before[-1]["bytesFetched"]
     assert "status progress update failed" in run.log_text()
+
+
+def test_missing_device_fails_target_not_found(stand: Stand) -> None:
+    """A `spec.target.device` the node does not have ends Failed/TargetNotFound, naming the
+    device as the host knows it; nothing is created in the node's /dev.
+
+    Stand-in: the kubelet stand-in translates the agent's `/host/dev/...` back to `/dev/...`,
+    so this agent opens the path without the `/host` prefix a real Pod sees; the prefixed
+    case (where a missing device used to become a new regular file) is covered by
+    `tests/integration/test_agent.py::test_a_missing_device_fails_target_not_found_and_creates_nothing`.
+    """
+    image = stand.image(seed=1)
+    missing = Path(f"/dev/disk/by-partlabel/imagestream-missing-{os.getpid()}")
+    stand.apply("root-b", image, missing)
+
+    status = assert_outcome(
+        stand, "root-b", phase="Failed", reason="TargetNotFound", device=missing
+    )
+    assert str(missing) in status["message"]
+    assert "/host" not in status["message"]
+    assert status.get("sha384") is None
+    run = only_run(stand.kubelet, status["jobName"])
+    assert run.exit_code == 5, run.log_text()
+    assert not missing.exists()

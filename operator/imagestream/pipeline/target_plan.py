@@ -1,0 +1,37 @@
+"""A target as planned: what to open, as which kind, under which rules and checks.
+
+`imagestream.targets` builds a plan from the caller's words (a CLI argument, an ImageStream's
+`spec.target`); the sinks execute it and verify, on what they opened, that it is what was
+planned. The type lives here, in the pipeline, so the pipeline never imports the layer above it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from imagestream.pipeline.safety import HostView
+
+#: A device is opened as an existing block device and never created; a file is created under
+#: a staging name in its directory and renamed into place.
+TargetKind = Literal["device", "file"]
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """One target, decided before anything is opened.
+
+    `path` is what this process opens; `name` is the target as the user named it (the host's
+    path for the agent), used in every message. `allowed_dirs` confines a file target (empty:
+    anywhere). `usage_checks` runs the mount, swap and holder checks on a device (`--force`
+    turns them off; the kernel's exclusive open and the writer lock apply regardless).
+    """
+
+    kind: TargetKind
+    path: Path
+    name: str
+    allowed_dirs: tuple[Path, ...] = ()
+    usage_checks: bool = True
+    direct_io: bool = True
+    host: HostView = field(default_factory=HostView)

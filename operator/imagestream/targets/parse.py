@@ -1,0 +1,55 @@
+"""The entry of the targets layer: a request (or a CLI argument) to a plan."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from imagestream.pipeline.safety import HostView
+from imagestream.pipeline.target_plan import TargetKind, TargetPlan
+from imagestream.targets import device, file
+from imagestream.targets.request import TargetRequest
+
+
+def plan_target(request: TargetRequest) -> TargetPlan:
+    """Decide, without touching the system, how the target `request` names is opened and
+    checked; a TargetError or UsageError when it cannot be a target of its kind."""
+    if request.kind == "device":
+        return device.plan(request)
+    return file.plan(request)
+
+
+def target_from_argument(
+    argument: Path,
+    *,
+    host: HostView,
+    force: bool = False,
+    direct_io: bool = True,
+    allowed_dirs: tuple[Path, ...] = (),
+) -> TargetPlan:
+    """The plan for the CLI's TARGET: a path under /dev/ or to a block device is a device
+    (it must exist), anything else a file path."""
+    return plan_target(
+        TargetRequest(
+            kind=argument_kind(argument),
+            path=Path(os.path.abspath(argument)),
+            name=str(argument),
+            allowed_dirs=allowed_dirs,
+            force=force,
+            direct_io=direct_io,
+            host=host,
+        )
+    )
+
+
+def argument_kind(argument: Path) -> TargetKind:
+    """What the CLI's TARGET names by its form: /dev/... or an existing block device."""
+    if os.path.abspath(argument).startswith("/dev/"):
+        return "device"
+    try:
+        # A link to a device (a by-label link copied elsewhere) is still that device.
+        is_block = stat.S_ISBLK(os.stat(argument).st_mode)
+    except OSError:
+        is_block = False
+    return "device" if is_block else "file"
