@@ -31,10 +31,14 @@ from tests.support.chart import (
     rules_of,
 )
 from tests.support.crd import CRD_PATH
+from tests.support.streams import stream_body
 
 from imagestream.cli import build_parser
 from imagestream.controller import kube, rbac
+from imagestream.controller.builders import build_job
+from imagestream.controller.main import job_settings
 from imagestream.controller.metrics import Metrics
+from imagestream.controller.spec import parse_stream
 
 #: The chart's minimum (Chart.yaml kubeVersion) and the newest schemas kubernetes-validate has.
 KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -213,6 +217,37 @@ def test_images_default_to_app_version_and_pin_by_digest(rendered: dict[str, Ren
     assert pinned.deployment_args()[1] == "--verbose"
     for account in pinned.of_kind("ServiceAccount"):
         assert account["imagePullSecrets"] == [{"name": "registry-creds"}]
+
+
+def test_agent_values_reach_the_agent_job() -> None:
+    """Proxies, extra env and the pull policy go through the controller's flags into every
+    agent Job it builds."""
+    values = {
+        "images": {"agent": {"pullPolicy": "Always"}},
+        "agent": {
+            "proxy": {"httpsProxy": "http://proxy.corp:3128", "noProxy": "10.0.0.0/8,.svc"},
+            "extraEnv": {"TZ": "UTC: +0"},
+        },
+    }
+    args = build_parser().parse_args(render(values).deployment_args()[1:])
+    job = build_job(parse_stream(stream_body()), job_settings(args))
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["HTTPS_PROXY"] == "http://proxy.corp:3128"
+    assert env["NO_PROXY"] == "10.0.0.0/8,.svc"
+    assert env["TZ"] == "UTC: +0"
+    assert "HTTP_PROXY" not in env
+    assert env["IMAGESTREAM_TARGET"]
+    assert container["imagePullPolicy"] == "Always"
+
+
+def test_agent_env_may_not_override_the_contract() -> None:
+    with pytest.raises(helm.HelmValuesError, match="IMAGESTREAM_TARGET"):
+        render({"agent": {"extraEnv": {"IMAGESTREAM_TARGET": "/dev/sda"}}})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["controller", "-n", "x", "--agent-env", "IMAGESTREAM_TARGET=/dev/sda"]
+        )
 
 
 # -- namespaces, Pod Security --------------------------------------------------------------------

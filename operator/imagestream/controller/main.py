@@ -60,6 +60,8 @@ def job_settings(args: argparse.Namespace) -> JobSettings:
         agent_image=args.agent_image,
         service_account=args.agent_service_account,
         ttl_seconds_after_finished=args.job_ttl_seconds,
+        image_pull_policy=args.agent_image_pull_policy,
+        extra_env=tuple(args.agent_env),
     )
 
 
