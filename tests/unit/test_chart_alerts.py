@@ -43,7 +43,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def annotations(rules_file: Path, alert: str, value: str = "") -> dict[str, str]:
+def alert_annotations(rules_file: Path, alert: str, value: str = "") -> dict[str, str]:
     """The alert's annotations as Prometheus expands them (`$value` only)."""
     groups = yaml.safe_load(rules_file.read_text())["groups"]
     (rule,) = [rule for group in groups for rule in group["rules"] if rule.get("alert") == alert]
@@ -74,7 +74,9 @@ def test_alerts_fire_when_they_should(rules_file: Path, tmp_path: Path) -> None:
                     "exp_alerts": [
                         {
                             "exp_labels": {"severity": "warning"},
-                            "exp_annotations": annotations(rules_file, "ImageStreamFailed", "1"),
+                            "exp_annotations": alert_annotations(
+                                rules_file, "ImageStreamFailed", "1"
+                            ),
                         }
                     ],
                 },
@@ -99,7 +101,7 @@ def test_alerts_fire_when_they_should(rules_file: Path, tmp_path: Path) -> None:
                     "exp_alerts": [
                         {
                             "exp_labels": stalled,
-                            "exp_annotations": annotations(rules_file, "ImageStreamStalled"),
+                            "exp_annotations": alert_annotations(rules_file, "ImageStreamStalled"),
                         }
                     ],
                 },
@@ -122,7 +124,9 @@ def test_alerts_fire_when_they_should(rules_file: Path, tmp_path: Path) -> None:
                                 "job": JOB,
                                 "namespace": NAMESPACE,
                             },
-                            "exp_annotations": annotations(rules_file, "ImageStreamControllerDown"),
+                            "exp_annotations": alert_annotations(
+                                rules_file, "ImageStreamControllerDown"
+                            ),
                         }
                     ],
                 },
@@ -136,7 +140,9 @@ def test_alerts_fire_when_they_should(rules_file: Path, tmp_path: Path) -> None:
                                 "job": JOB,
                                 "namespace": NAMESPACE,
                             },
-                            "exp_annotations": annotations(rules_file, "ImageStreamControllerDown"),
+                            "exp_annotations": alert_annotations(
+                                rules_file, "ImageStreamControllerDown"
+                            ),
                         }
                     ],
                 },
