@@ -102,6 +102,12 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
         help="how long a finished agent Job (and its logs) is kept (default 3600)",
     )
     controller.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as plain text or one JSON object each (default text)",
+    )
+    controller.add_argument(
         "--agent-image-pull-policy",
         choices=("Always", "IfNotPresent", "Never"),
         default="IfNotPresent",

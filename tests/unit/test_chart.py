@@ -10,6 +10,7 @@ import ast
 import copy
 import inspect
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tests.support.streams import stream_body
 from imagestream.cli import build_parser
 from imagestream.controller import kube, rbac
 from imagestream.controller.builders import build_job
-from imagestream.controller.main import job_settings
+from imagestream.controller.main import configure_logging, job_settings
 from imagestream.controller.metrics import Metrics
 from imagestream.controller.spec import parse_stream
 
@@ -240,6 +241,32 @@ def test_agent_values_reach_the_agent_job() -> None:
     assert "HTTP_PROXY" not in env
     assert env["IMAGESTREAM_TARGET"]
     assert container["imagePullPolicy"] == "Always"
+
+
+def test_json_logs(capsys: pytest.CaptureFixture[str]) -> None:
+    """`controller.logFormat: json` makes the controller log one JSON object a line."""
+    args = build_parser().parse_args(
+        render({"controller": {"logFormat": "json"}}).deployment_args()[1:]
+    )
+    assert args.log_format == "json"
+    configure_logging(verbose=False, log_format=args.log_format)
+    try:
+        logging.getLogger("imagestream.test").warning("watching %s", "ns-a")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("imagestream.test").exception("failed")
+    finally:
+        configure_logging(verbose=False)
+    first, second = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    assert first | {"time": ""} == {
+        "time": "",
+        "level": "WARNING",
+        "logger": "imagestream.test",
+        "message": "watching ns-a",
+    }
+    assert "ValueError: boom" in second["exception"]
+    assert render().deployment_args().count("--log-format=text") == 1
 
 
 def test_agent_env_may_not_override_the_contract() -> None:
