@@ -34,6 +34,7 @@ from tests.support.chart import (
 from tests.support.crd import CRD_PATH
 from tests.support.streams import stream_body
 
+import imagestream
 from imagestream.cli import build_parser
 from imagestream.controller import kube, rbac
 from imagestream.controller.builders import build_job
@@ -201,6 +202,12 @@ def test_deployment_runs_one_standalone_controller_the_cli_accepts(
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_app_version_is_the_package_version() -> None:
+    """The default image tag is the chart's appVersion: it must be the version it packages."""
+    with helm.Chart.load(CHART_DIR) as chart:
+        assert chart.metadata["appVersion"] == imagestream.__version__
 
 
 def test_images_default_to_app_version_and_pin_by_digest(rendered: dict[str, Rendered]) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from tests.integration.operator.test_operator_scenarios import (
@@ -46,7 +47,7 @@ from tests.support.kube_store import ResourceType
 from tests.support.kubectl import Kubectl
 from tests.support.kubelet import KubeletFactory
 from tests.support.nginx import NginxFactory
-from tests.support.tools import free_port
+from tests.support.tools import free_port, wait_until
 
 from imagestream.controller import rbac
 
@@ -194,6 +195,13 @@ def stand(
     assert stand.kubelet.errors == [], "the kubelet stand-in could not do what a Pod asked"
 
 
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def requests_of(api: KubeApi, token: str) -> set[tuple[str | None, tuple[str, str, str]]]:
     """(namespace, rule) of every resource request made with `token`."""
     found = set()
@@ -226,6 +234,13 @@ def test_installed_manifest_runs_a_stream_within_its_rbac(
     namespace = site.api.get("", "namespaces", None, NAMESPACE)
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     assert site.api.find("", "serviceaccounts", NAMESPACE, AGENT_SA) is not None
+
+    # The probes' endpoint, as the kubelet would ask it (on the moved port).
+    assert isinstance(site.controller, DeployedController)
+    (container,) = chart.one("Deployment")["spec"]["template"]["spec"]["containers"]
+    probe = container["livenessProbe"]["httpGet"]
+    health = f"http://{site.controller.host}:{site.controller.health_port}{probe['path']}"
+    wait_until(lambda: _answers(health), 30, what=f"{health} to answer 200")
 
     image = site.image(seed=11)
     device = site.device()
