@@ -3,8 +3,9 @@
 The Helm chart renders exactly these rules (tests/unit/test_chart.py compares them), and the
 tests check the table against what the code calls: the kubernetes client methods `kube.py`
 calls, and the requests each ServiceAccount made to the API stand-in during the operator's
-success scenario (tests/integration/chart/). A new API call without a row here fails a test,
-and so does a row nothing needs.
+success scenario (tests/integration/chart/). A new API call without a row here fails a test;
+the rows of `kube.py` must equal its calls, and the watch rows the resources kopf watches for
+the handlers (plus Events).
 
 Who makes which calls:
 
@@ -32,15 +33,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from imagestream.kube_config import GROUP
+
 Scope = Literal["namespace", "cluster"]
 
-GROUP = "imagestream.dev"
 BATCH = "batch"
 CORE = ""
 APIEXTENSIONS = "apiextensions.k8s.io"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Permission:
     """One verb on one resource of one API group, and who needs it."""
 
