@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ from tests.support.cli import run_imagestream
 from tests.support.targets import MIB, fill_pattern, read_device
 from tests.support.tools import fail_or_skip, require_tool
 
+from imagestream.agent.contract import AgentInstructions
+from imagestream.agent.runner import run_agent
 from imagestream.demo.image import SampleImage, iter_raw_data, write_sample_image
 from imagestream.errors import TargetError
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
@@ -371,3 +374,54 @@ def test_dm_linear_device_on_a_volume(
         run_command([dmsetup, "remove", name])
     assert run.code == 0, run.text
     assert f"Wrote {b}: verified" in run.text
+
+
+# -- the agent: instructions with both volumes, the host's /proc, a verdict naming the volume ------
+
+
+def agent_instructions(
+    image: SampleImage, volumes: tuple[Path, Path], host: Path
+) -> AgentInstructions:
+    return AgentInstructions(
+        name="root",
+        namespace="imagestream-system",
+        uid="u",
+        generation=1,
+        source=str(image.path),
+        sha384=image.sha384,
+        target=str(volumes[0]),
+        target_b=str(volumes[1]),
+        target_kind="abUpdate",
+        host_proc=str(host / "proc"),
+        host_prefix="",
+    )
+
+
+def test_the_agent_writes_the_inactive_volume_and_names_both(
+    image: SampleImage, volumes: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = volumes
+    with mounted([b], tmp_path) as (point,):
+        root = host_root(tmp_path, [presented_as(point, "/")])
+        before = read_device(b, CHECKED)
+        run = run_agent(agent_instructions(image, volumes, root), threading.Event())
+        assert read_device(b, CHECKED) == before
+    assert (run.exit_code, run.result.outcome) == (0, "Succeeded"), run.result
+    assert run.result.target == str(a)
+    assert run.result.message == (
+        f"wrote {a}, the inactive A/B volume ({b} runs the node): SHA-384 verified"
+    )
+    assert read_device(a, IMAGE_SIZE) == raw_data(IMAGE_SIZE, seed=11)
+
+
+def test_the_agent_refuses_when_neither_volume_is_active(
+    image: SampleImage, volumes: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root = host_root(tmp_path, ["21 1 254:3 / / rw - ext4 /dev/vda3 rw"])
+    before = [read_device(volume, CHECKED) for volume in volumes]
+    run = run_agent(agent_instructions(image, volumes, root), threading.Event())
+    assert run.exit_code == EXIT_TARGET
+    assert run.result.reason == Reason.ACTIVE_VOLUME_UNKNOWN
+    assert run.result.target == ""  # no volume was chosen: the status names none
+    assert "neither volume backs the running system" in run.result.message
+    assert [read_device(volume, CHECKED) for volume in volumes] == before
