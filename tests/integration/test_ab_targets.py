@@ -100,10 +100,11 @@ def host_view(root: Path, sysfs: Path = Path("/sys")) -> HostView:
 
 @contextmanager
 def mounted(volumes: list[Path], tmp_path: Path) -> Iterator[list[Path]]:
-    """Each of `volumes` with a real ext4 file system, mounted; yields the mount points."""
+    """Each of `volumes` with a real ext4 file system, mounted read-only (so that the kernel
+    writes nothing to it either); yields the mount points."""
     with ExitStack() as stack:
         points = [
-            stack.enter_context(mounted_ext4(volume, tmp_path / f"mnt-{index}"))
+            stack.enter_context(mounted_ext4(volume, tmp_path / f"mnt-{index}", read_only=True))
             for index, volume in enumerate(volumes)
         ]
         yield points
