@@ -226,7 +226,7 @@ def test_neither_volume_active_is_refused(
     number_a = os.stat(a).st_rdev
     assert f"{a} is {a.name} ({os.major(number_a)}:{os.minor(number_a)})" in message
     assert f"{a.name} ({os.major(number_a)}:{os.minor(number_a)}), with no partitions" in message
-    assert f"mounted at {elsewhere} (as {b}" in message
+    assert f"mounted at {elsewhere} (as {b}, {os.major(os.stat(b).st_rdev)}:" in message
     assert "/ is tmpfs" in message
 
 
@@ -264,6 +264,21 @@ def test_an_unreadable_host_mount_table_is_refused(
     assert "error (ActiveVolumeUnknown)" in run.text
     assert f"{tmp_path}/proc/1/mountinfo" in run.text
     assert [read_device(volume, CHECKED) for volume in volumes] == before
+
+
+def test_two_names_of_one_device_are_no_pair(
+    image: SampleImage, volumes: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, _ = volumes
+    link = tmp_path / "by-partlabel-root-b"
+    link.symlink_to(a)
+    root = host_root(tmp_path, ["21 1 254:3 / / rw - ext4 /dev/vda3 rw"])
+    before = read_device(a, CHECKED)
+    run = stream(image.path, ab_target(a, link), "--sha384", image.sha384, "--host-root", root)
+    assert run.code == EXIT_TARGET, run.text
+    assert "error (TargetInvalid)" in run.text
+    assert f"the A/B volumes {a} and {link} are the same device" in run.text
+    assert read_device(a, CHECKED) == before
 
 
 # -- stacked devices: dm-verity, LVM --------------------------------------------------------------
@@ -345,7 +360,10 @@ def test_a_held_volume_that_is_not_the_root_is_no_answer(
     assert refused.value.reason == Reason.ACTIVE_VOLUME_UNKNOWN
     assert refused.value.exit_code == EXIT_TARGET
     message = refused.value.message
-    assert "with dm-0 (253:0) on top, mounted at /srv (as /dev/mapper/data, 253:0" in message
+    assert (
+        "with dm-0 (253:0) on top, mounted at /srv (as /dev/mapper/data, 253:0, through dm-0)"
+        in message
+    )
     assert "/ is /dev/vda3 (254:3)" in message
 
 

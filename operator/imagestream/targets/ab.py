@@ -75,7 +75,9 @@ class _Seen:
         """One clause of the refusal: the volume, the devices on top of it, their mounts."""
         on_top = ", ".join(dev.label for dev in self.stacked)
         mounted = ", ".join(
-            f"{mount.point} (as {mount.source or '?'}, {mount.number}, from {dev.kernel_name})"
+            f"{mount.point} (as {mount.source or '?'}, {mount.number}"
+            + ("" if dev is self.base else f", through {dev.kernel_name}")
+            + ")"
             for mount, dev in self.mounts
         )
         return (
