@@ -20,6 +20,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,18 @@ def test_the_agent_refuses_when_neither_volume_is_active(
     assert run.result.target == ""  # no volume was chosen: the status names none
     assert "neither volume backs the running system" in run.result.message
     assert [read_device(volume, CHECKED) for volume in volumes] == before
+
+
+def test_a_failed_agent_stream_names_the_volume_it_left_invalid(
+    image: SampleImage, volumes: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = volumes
+    with mounted([a], tmp_path) as (point,):
+        root = host_root(tmp_path, [presented_as(point, "/")])
+        before = read_device(a, CHECKED)
+        wrong = replace(agent_instructions(image, volumes, root), sha384="0" * 96)
+        run = run_agent(wrong, threading.Event())
+        assert read_device(a, CHECKED) == before
+    assert run.result.reason == Reason.HASH_MISMATCH
+    assert run.result.target == str(b)
+    assert read_device(b, MIB) == bytes(MIB), "the volume written must not look valid"
