@@ -28,7 +28,7 @@ from tests.support.blockdev import LoopDeviceFactory, mounted_ext4, small_tmpfs
 from tests.support.blockdev import run as run_command
 from tests.support.cli import run_imagestream
 from tests.support.targets import MIB, fill_pattern, read_device
-from tests.support.tools import fail_or_skip, require_tool
+from tests.support.tools import require_tool
 
 from imagestream.agent.contract import AgentInstructions
 from imagestream.agent.runner import run_agent
@@ -366,34 +366,6 @@ def test_a_held_volume_that_is_not_the_root_is_no_answer(
         in message
     )
     assert "/ is /dev/vda3 (254:3)" in message
-
-
-def test_dm_linear_device_on_a_volume(
-    image: SampleImage, volumes: tuple[Path, Path], tmp_path: Path
-) -> None:
-    """The real thing: `dmsetup create` a linear device on A, its ext4 mounted as `/`."""
-    a, b = volumes
-    dmsetup = require_tool("dmsetup")
-    name = f"imagestream-ab-{os.getpid()}"
-    sectors = VOLUME_SIZE // 512
-    created = subprocess.run(
-        [dmsetup, "create", name, "--table", f"0 {sectors} linear {a} 0"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if created.returncode != 0:
-        fail_or_skip(f"this kernel has no device-mapper: {created.stderr.strip()}")
-    try:
-        with mounted([Path(f"/dev/mapper/{name}")], tmp_path) as (point,):
-            root = host_root(tmp_path, [presented_as(point, "/")])
-            before = read_device(a, CHECKED)
-            run = stream(image.path, ab_target(a, b), "--sha384", image.sha384, "--host-root", root)
-            assert read_device(a, CHECKED) == before
-    finally:
-        run_command([dmsetup, "remove", name])
-    assert run.code == 0, run.text
-    assert f"Wrote {b}: verified" in run.text
 
 
 # -- the agent: instructions with both volumes, the host's /proc, a verdict naming the volume ------
