@@ -21,7 +21,13 @@ from imagestream.errors import ImageStreamError
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import SourceOptions
-from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.progress_display import (
+    format_rate,
+    make_display,
+    report_failure,
+    report_success,
+    stream_header,
+)
 from imagestream.targets import TargetRequest, plan_target
 
 _FAULTS = 3
@@ -35,10 +41,12 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
         image = write_sample_image(workdir / "demo.img.zst", args.size_mib << 20, seed=7)
         console.print(f"  {image.compressed_size} bytes compressed, SHA-384 {image.sha384[:16]}...")
         target = args.keep or workdir / "demo-target.img"
-        with RangeServer(image.path, _reset_offsets(image, args.faults)) as server:
+        rate = args.rate * 2**20 if args.rate else None
+        with RangeServer(image.path, _reset_offsets(image, args.faults), rate) as server:
             if args.faults:
                 console.print(f"The server will reset the connection {_FAULTS} times.")
-            console.print(f"Streaming {server.url} -> {target}", markup=False)
+            if rate is not None:
+                console.print(f"The server sends at most {format_rate(rate)}.")
             request = StreamRequest(
                 source=server.url,
                 target=plan_target(TargetRequest(kind="file", path=target)),
@@ -46,7 +54,8 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
                 source_options=SourceOptions(policy=RetryPolicy(backoff_base=0.2)),
             )
             try:
-                with make_display(args.progress, console) as display:
+                header = stream_header(server.url, target)
+                with make_display(args.progress, console, header) as display:
                     result = run_stream(request, display.update)
             except ImageStreamError as exc:
                 return report_failure(exc, args.progress, console)
