@@ -80,6 +80,9 @@ class RangeServer:
             connection.sendfile(image, offset, count)
             return
         piece = max(_MIN_PACED_PIECE, int(self._rate / _PACED_SENDS_PER_SECOND))
+        # A small send buffer: the kernel would otherwise take megabytes ahead of the pace, and
+        # the client would see bursts instead of the rate.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, piece)
         end = offset + count
         while offset < end:
             size = min(piece, end - offset)
