@@ -281,21 +281,22 @@ def render_rows(rows: Sequence[Row]) -> RenderableType:
         label = Text(row.label.ljust(width), style=row.style)
         grid = Table.grid(padding=(0, 1), expand=True)
         grid.add_column(no_wrap=True)
+        details = list(row.details)
         if row.fraction is None:
-            # No total (a pipe): a spinner while it runs, the details on the same line.
-            grid.add_column(no_wrap=True)
+            # No total (a pipe): no bar to fill; a spinner while it runs, then the sizes.
+            cells: list[RenderableType] = [label]
+            if row.active:
+                grid.add_column(no_wrap=True)
+                cells.append(Spinner("dots"))
             grid.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
-            spinner: RenderableType = Spinner("dots") if row.active else Text(" ")
-            grid.add_row(label, spinner, Text(" · ".join(row.details)))
-            parts.append(grid)
-            continue
-        grid.add_column(ratio=1)
-        grid.add_column(no_wrap=True, justify="right", width=6)
-        grid.add_row(label, ProgressBar(total=1.0, completed=row.fraction), Text(row.percent()))
+            cells.append(Text(details.pop(0) if details else ""))
+            grid.add_row(*cells)
+        else:
+            grid.add_column(ratio=1)
+            grid.add_column(no_wrap=True, justify="right", width=6)
+            grid.add_row(label, ProgressBar(total=1.0, completed=row.fraction), Text(row.percent()))
         parts.append(grid)
-        parts.extend(
-            Text(f"  {detail}", no_wrap=True, overflow="ellipsis") for detail in row.details
-        )
+        parts.extend(Text(f"  {detail}", no_wrap=True, overflow="ellipsis") for detail in details)
     return Group(*parts)
 
 

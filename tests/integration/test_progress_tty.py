@@ -244,17 +244,18 @@ def test_a_pipe_source_shows_a_spinner_with_bytes_and_rate(
         tmp_path / "out.img",
         "--sha384",
         image.sha384,
-        until=lambda lines: any(line.startswith("Streaming") and "MiB/s" in line for line in lines),
+        until=_shows("Streaming", "MiB/s"),
     )
     writer.join(10)
     assert run.code == 0, "\n".join(run.screen)
-    streaming = next(line for line in run.seen if line.startswith("Streaming"))
+    seen = TtyRun(run.code, run.seen, [])
+    streaming = seen.line("Streaming")
     assert re.fullmatch(
-        rf"Streaming {SPINNER.pattern} fetched [\d.]+ MiB · written [\d.]+ [KM]?i?B of 32\.0 MiB · "
-        r"[\d.]+ MiB/s · "
-        r"elapsed 0:00:\d\d · resumes 0",
+        rf"Streaming {SPINNER.pattern} fetched [\d.]+ MiB · written [\d.]+ [KM]?i?B of 32\.0 MiB",
         streaming,
     ), streaming
+    (timing,) = seen.below("Streaming", 1)
+    assert re.fullmatch(r"  [\d.]+ MiB/s · elapsed 0:00:\d\d · resumes 0", timing), timing
     assert not any("━" in line or "%" in line for line in run.seen)
     succeeded = run.line("Succeeded")
     assert "%" not in succeeded
