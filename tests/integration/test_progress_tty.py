@@ -309,3 +309,21 @@ def test_the_demo_rate_really_throttles_the_stream() -> None:
     seconds = run.result()["seconds"]
     expected = fetched / (4 * MiB)
     assert expected / 1.5 <= seconds <= expected * 2, (seconds, expected)
+
+
+def test_ctrl_c_stops_the_demo_cleanly_too(tmp_path: Path) -> None:
+    run = run_on_tty(
+        "demo",
+        "--size-mib",
+        "32",
+        "--rate",
+        "2",
+        "--keep",
+        tmp_path / "kept.img",
+        until=_shows("Streaming", "%"),
+        then=lambda process: process.send_signal(signal.SIGINT),
+    )
+    assert run.code == 130, "\n".join(run.screen)
+    assert re.fullmatch(r"Cancelled [━╸╺ ]+ \d+\.\d%", run.line("Cancelled"))
+    # One Ctrl-C is a clean stop, not the "at once" of a second one.
+    assert "the stream was cancelled while streaming" in " ".join(run.screen)
