@@ -288,16 +288,22 @@ def render_rows(rows: Sequence[Row]) -> RenderableType:
             if row.active:
                 grid.add_column(no_wrap=True)
                 cells.append(Spinner("dots"))
-            grid.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
-            cells.append(Text(details.pop(0) if details else ""))
+            grid.add_column(ratio=1)
+            cells.append(_wrapping(details.pop(0) if details else ""))
             grid.add_row(*cells)
         else:
             grid.add_column(ratio=1)
             grid.add_column(no_wrap=True, justify="right", width=6)
             grid.add_row(label, ProgressBar(total=1.0, completed=row.fraction), Text(row.percent()))
         parts.append(grid)
-        parts.extend(Text(f"  {detail}", no_wrap=True, overflow="ellipsis") for detail in details)
+        parts.extend(_wrapping(f"  {detail}") for detail in details)
     return Group(*parts)
+
+
+def _wrapping(text: str) -> Text:
+    # Details wrap on a narrow terminal rather than lose their end (elapsed, resumes), even on
+    # the CLI's soft-wrapping console (which leaves printed lines whole for copying).
+    return Text(text, no_wrap=False, overflow="fold")
 
 
 class _ThrottledDisplay(ProgressDisplay):

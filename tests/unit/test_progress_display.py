@@ -318,3 +318,12 @@ def test_make_display_picks_by_mode_and_terminal(
 ) -> None:
     console = Console(file=io.StringIO(), force_terminal=terminal)
     assert isinstance(make_display(mode, console), kind)
+
+
+def test_a_narrow_terminal_wraps_the_details_rather_than_cut_them() -> None:
+    # The CLI's console soft-wraps (printed lines stay whole); the bar's details must still fit.
+    console = Console(file=io.StringIO(), width=40, record=True, soft_wrap=True)
+    console.print(render_rows(_tracked(_progress()).rows()))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 40 for line in lines)
+    assert "elapsed 0:00:01 · resumes 2" in " ".join(line.strip() for line in lines)
