@@ -80,7 +80,7 @@ class Outcome:
 
     @property
     def label(self) -> str:
-        """ "Succeeded", "Cancelled" or "Failed (Reason)"."""
+        """The outcome as the display names it: Succeeded, Cancelled or Failed (REASON)."""
         return f"{self.phase} ({self.reason})" if self.reason else self.phase
 
 
@@ -112,7 +112,7 @@ class Row:
     style: str = "bold"
 
     def percent(self) -> str:
-        """ "37.5%", or "" while the total is unknown."""
+        """The share done, as 37.5%; empty while the total is unknown."""
         return "" if self.fraction is None else f"{self.fraction * 100:.1f}%"
 
 
@@ -358,7 +358,7 @@ class PlainDisplay(_ThrottledDisplay):
 
 
 def plain_line(row: Row) -> str:
-    """ "Label: 37.5% detail, detail, ..." on one line."""
+    """The row as one line of a log: its label, percent and details, comma-separated."""
     shown = " ".join(part for part in (row.percent(), ", ".join(row.details)) if part)
     return f"{row.label}: {shown.replace(' · ', ', ')}" if shown else row.label
 
