@@ -327,3 +327,12 @@ def test_ctrl_c_stops_the_demo_cleanly_too(tmp_path: Path) -> None:
     assert re.fullmatch(r"Cancelled [━╸╺ ]+ \d+\.\d%", run.line("Cancelled"))
     # One Ctrl-C is a clean stop, not the "at once" of a second one.
     assert "the stream was cancelled while streaming" in " ".join(run.screen)
+
+
+@pytest.mark.parametrize("rate", ["0", "-1", "nan", "inf"])
+def test_the_demo_refuses_a_rate_that_is_not_a_positive_number(rate: str) -> None:
+    run = run_imagestream("demo", "--rate", rate)
+    assert run.code == 2
+    assert run.stderr.strip() == (
+        f"error (InvalidRequest): --rate must be a number of MiB/s greater than 0, got {rate}"
+    )
