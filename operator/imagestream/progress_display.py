@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TextIO
 
@@ -159,8 +160,20 @@ def _human(count: int | None) -> str:
     return f"{value:.1f} TiB"
 
 
-def report_success(result: StreamResult, mode: str, console: Console) -> None:
-    """Print the summary: hashes, bytes, time, resumes; JSON with `--progress json`."""
+def report_success(
+    result: StreamResult,
+    mode: str,
+    console: Console,
+    *,
+    headline: str | None = None,
+    notes: Sequence[str] = (),
+    fields: Mapping[str, object] | None = None,
+) -> None:
+    """Print the summary: hashes, bytes, time, resumes; JSON with `--progress json`.
+
+    The target's kind may replace the first line's "Wrote TARGET" (`headline`) and add lines
+    (`notes`: an extension already current, its refresh) and JSON `fields`.
+    """
     verdict = "verified" if result.verified else "UNVERIFIED (no expected hash was given)"
     if mode == "json":
         emit_json(
@@ -178,6 +191,7 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
                 "seconds": round(result.seconds, 3),
                 "resumes": result.resumes,
                 "readBackVerified": result.read_back_verified,
+                **(fields or {}),
             },
         )
         return
@@ -185,7 +199,7 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
     # markup=False: the target is the user's text, and "[red]" or "q[/x]" must print as is.
     out = Console(file=sys.stdout, highlight=False, soft_wrap=True, markup=False)
     style = "green" if result.verified else "bold red"
-    out.print(Text(f"Wrote {result.target}: {verdict}", style=style))
+    out.print(Text(f"{headline or f'Wrote {result.target}'}: {verdict}", style=style))
     out.print(f"  sha384   {result.sha384}")
     if result.digest:
         out.print(f"  digest   {result.digest} (registry blob digest, verified)")
@@ -198,6 +212,8 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
     )
     if result.read_back_verified:
         out.print("  read-back verified")
+    for note in notes:
+        out.print(f"  {note}")
 
 
 def _format_name(compression: Compression) -> str:

@@ -71,6 +71,7 @@ class Reason(StrEnum):
     TARGET_CHECK_FAILED = "TargetCheckFailed"
     TARGET_TOO_SMALL = "TargetTooSmall"
     WRITE_FAILED = "WriteFailed"
+    EXTENSION_REFRESH_FAILED = "ExtensionRefreshFailed"
 
     # -- the agent and its Job --
     AGENT_FAILED = "AgentFailed"
