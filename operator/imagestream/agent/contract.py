@@ -34,7 +34,10 @@ class AgentInstructions:
     not over the container's own /dev (where the kubelet puts the termination-log file), so a
     device target reads `/host/dev/disk/by-partlabel/root-b`; udev's relative symlinks still
     resolve inside that mount. `target_kind` says what the target is: `device` (it must exist;
-    never created) or `file` (created under `allowed_dir`, also a host mount).
+    never created), `file` (created under `allowed_dir`, also a host mount), or `sysext` /
+    `confext`, whose `target` is the extension's name, planned under `host_prefix` like the
+    CLI's `sysext:NAME` (the extension directory is a host mount); `refresh` then runs
+    `systemd-sysext refresh` (or -confext) in the host's mount namespace afterwards.
     `auth_dir` is a mounted Secret, `ca_file` a file of a mounted ConfigMap, and `host_proc` the
     host's /proc, whose `1/mountinfo` and `swaps` the safety checks read. `host_prefix` is cut
     from the paths the agent reports, so the status names the device as the host knows it.
@@ -63,6 +66,7 @@ class AgentInstructions:
     max_retries: int = defaults.MAX_RETRIES
     verify_after_write: bool = False
     force: bool = False
+    refresh: bool = False
     report_interval: float = 1.0
 
     def to_env(self) -> dict[str, str]:

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +25,17 @@ from imagestream.agent.contract import (
 from imagestream.errors import ImageStreamError, IntegrityError, UsageError
 from imagestream.pipeline.credentials import Credentials, load_secret_dir
 from imagestream.pipeline.decompress import Compression
-from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_stream, validate_sha384
+from imagestream.pipeline.pipeline import StreamRequest, run_stream, validate_sha384
 from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.pipeline.zstd_frames import WindowTooLarge
 from imagestream.reasons import Reason
-from imagestream.targets import TargetPlan, TargetRequest, plan_target
+from imagestream.targets import TargetPlan, TargetRequest, extension, plan_target
+from imagestream.targets.stream import StreamFunction, TargetOutcome, stream_target
 
 log = logging.getLogger(__name__)
-
-#: `run_stream`'s signature; a parameter so tests can stand in for the pipeline.
-StreamFunction = Callable[[StreamRequest, ProgressCallback | None], StreamResult]
 
 
 @dataclass(frozen=True)
@@ -84,13 +82,32 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
     )
 
 
+_TARGET_KINDS = ("device", "file", "sysext", "confext")
+
+
 def _target_plan(instr: AgentInstructions) -> TargetPlan:
     """The controller said which kind of target this is; the agent never guesses it."""
-    if instr.target_kind not in ("device", "file"):
+    if instr.target_kind not in _TARGET_KINDS:
         raise UsageError(
-            f"{env_name('target_kind')}={instr.target_kind!r} is not one of device, file"
+            f"{env_name('target_kind')}={instr.target_kind!r} is not one of "
+            f"{', '.join(_TARGET_KINDS)}"
         )
     host_proc = Path(instr.host_proc)
+    # PID 1's mounts: the node's own table, not this container's.
+    host = HostView(
+        mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
+    )
+    if instr.target_kind in ("sysext", "confext"):
+        return extension.plan(
+            extension.extension_type(instr.target_kind, env_name("target_kind")),
+            instr.target,
+            host_root=Path(instr.host_prefix or "/"),
+            where=env_name("target"),
+            refresh=instr.refresh,
+            # Inside its Pod the agent reaches the node's mount namespace through its /proc.
+            mount_namespace=host_proc / "1/ns/mnt" if instr.host_prefix else None,
+            host=host,
+        )
     return plan_target(
         TargetRequest(
             kind="device" if instr.target_kind == "device" else "file",
@@ -98,12 +115,17 @@ def _target_plan(instr: AgentInstructions) -> TargetPlan:
             name=host_path(instr.target, instr.host_prefix),
             allowed_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),
             force=instr.force,
-            # PID 1's mounts: the node's own table, not this container's.
-            host=HostView(
-                mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
-            ),
+            host=host,
         )
     )
+
+
+def reported_target(instr: AgentInstructions) -> str:
+    """The target of a failed stream as the host knows it (an extension by its image's path)."""
+    if instr.target_kind in ("sysext", "confext"):
+        kind = extension.extension_type(instr.target_kind, env_name("target_kind"))
+        return extension.host_file(kind, instr.target)
+    return reported_path(instr.target, instr.host_prefix)
 
 
 def _credentials(auth_dir: str | None) -> Credentials | None:
@@ -137,7 +159,7 @@ def run_agent(
             outcome="Failed",
             reason=reason or exc.reason,
             message=exc.message,
-            target=reported_path(instr.target, instr.host_prefix),
+            target=reported_target(instr),
             bytes_fetched=seen.bytes_fetched if seen else 0,
             bytes_written=seen.bytes_written if seen else 0,
             resumes=seen.resumes if seen else 0,
@@ -146,7 +168,7 @@ def run_agent(
         return AgentRun(result, exc.exit_code)
 
     try:
-        result = stream(request_from_instructions(instr, cancel), track)
+        outcome = stream_target(request_from_instructions(instr, cancel), track, stream=stream)
     except WindowTooLarge as exc:
         return failed(window_refusal(exc))
     except ImageStreamError as exc:
@@ -159,6 +181,7 @@ def run_agent(
             f"the agent failed unexpectedly ({type(exc).__name__}); see the agent Pod's log"
         )
         return failed(bug, reason=Reason.AGENT_ERROR)
+    result = outcome.result
     if not (result.verified and result.sha384 == instr.sha384.strip().lower()):
         refused = IntegrityError(
             f"the stream ended without a verified SHA-384 match (computed {result.sha384}, "
@@ -166,7 +189,7 @@ def run_agent(
             reason=Reason.UNVERIFIED,
         )
         return failed(refused)
-    return AgentRun(succeeded(instr, result), 0)
+    return AgentRun(succeeded(instr, outcome), 0)
 
 
 def window_refusal(exc: WindowTooLarge) -> IntegrityError:
@@ -178,14 +201,20 @@ def window_refusal(exc: WindowTooLarge) -> IntegrityError:
     )
 
 
-def succeeded(instr: AgentInstructions, result: StreamResult) -> AgentResult:
+def succeeded(instr: AgentInstructions, outcome: TargetOutcome) -> AgentResult:
     """The result of a verified stream."""
+    result = outcome.result
     target = reported_path(result.target, instr.host_prefix)
     checks = "SHA-384 verified" + (", read back" if result.read_back_verified else "")
+    done = (
+        f"{target} is already current, not rewritten"
+        if outcome.already_current
+        else (f"wrote {target}")
+    )
     return AgentResult(
         outcome="Succeeded",
         reason=Reason.SUCCEEDED,
-        message=f"wrote {target}: {checks}",
+        message="; ".join([f"{done}: {checks}", *outcome.notes]),
         target=target,
         sha384=result.sha384,
         digest=result.digest,
