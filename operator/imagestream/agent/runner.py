@@ -124,7 +124,10 @@ def reported_target(instr: AgentInstructions) -> str:
     """The target of a failed stream as the host knows it (an extension by its image's path)."""
     if instr.target_kind in ("sysext", "confext"):
         kind = extension.extension_type(instr.target_kind, env_name("target_kind"))
-        return extension.host_file(kind, instr.target)
+        try:
+            return extension.host_file(kind, extension.validate_name(instr.target, "target"))
+        except UsageError:
+            return instr.target  # no path to speak of: the name as the controller sent it
     return reported_path(instr.target, instr.host_prefix)
 
 
