@@ -571,9 +571,9 @@ def test_an_extension_is_written_under_the_host_prefix_and_refreshed_on_the_host
     nginx: Nginx, nginx_docroot: Path, tmp_path: Path
 ) -> None:
     """What the controller sends for `extension: {type: sysext, name: tools, refresh: true}`:
-    the type and name, planned under the host prefix, refreshed through nsenter in the node's
-    mount namespace (stand-in: `tests.support.host_namespace`, a separate mount namespace whose
-    /var/lib is the host root's; `systemd-sysext` is a script first on PATH)."""
+    the type and name, planned in the mounted extension directory, refreshed through nsenter
+    in the node's mount namespace (stand-in: `tests.support.host_namespace`, a separate mount
+    namespace whose /var/lib is the host root's; `systemd-sysext` is a script first on PATH)."""
     host = make_host_root(tmp_path / "host")
     (host / "var/lib/extensions").mkdir()
     image = build_extension_image(nginx_docroot, "tools", seed=5)
@@ -588,6 +588,7 @@ def test_an_extension_is_written_under_the_host_prefix_and_refreshed_on_the_host
         sha384=image.sha384,
         target="tools",
         target_kind="sysext",
+        allowed_dir=str(host / "var/lib/extensions"),
         refresh=True,
         host_proc=str(host / "proc"),
         host_prefix=str(host),
@@ -629,6 +630,7 @@ def test_an_extension_refresh_missing_on_the_host_still_succeeds(
         sha384=image.sha384,
         target="site",
         target_kind="confext",
+        allowed_dir=str(host / "var/lib/confexts"),
         refresh=True,
         host_proc=str(host / "proc"),
         host_prefix=str(host),
@@ -656,6 +658,7 @@ def test_a_bad_extension_name_fails_before_anything_is_fetched(tmp_path: Path) -
         sha384="0" * 96,
         target="../../etc/x",
         target_kind="sysext",
+        allowed_dir=str(host / "var/lib/extensions"),
         host_prefix=str(host),
         termination_log=str(tmp_path / "termination-log"),
     )

@@ -20,13 +20,13 @@ from imagestream.targets.extension import (
 
 
 def test_the_plan_is_a_file_confined_to_the_extension_directory(tmp_path: Path) -> None:
-    planned = plan("confext", "site", host_root=tmp_path, where="TARGET", refresh=True)
+    directory = tmp_path / "var/lib/confexts"
+    planned = plan("confext", "site", directory=directory, where="TARGET", refresh=True)
 
     assert planned.kind == "file"
     assert planned.path == tmp_path / "var/lib/confexts/site.raw"
     assert planned.allowed_dirs == (tmp_path / "var/lib/confexts",)
     assert planned.name == "/var/lib/confexts/site.raw"  # as the host names it
-    assert planned.host.mountinfo == tmp_path / "proc/1/mountinfo"
     assert planned.extension == ExtensionPlan("confext", "site", refresh=True)
 
 
@@ -34,6 +34,8 @@ def test_the_cli_argument_plans_the_same(tmp_path: Path) -> None:
     planned = target_from_argument("sysext:tools", host_root=tmp_path, refresh=True)
 
     assert planned.path == tmp_path / "var/lib/extensions/tools.raw"
+    assert planned.allowed_dirs == (tmp_path / "var/lib/extensions",)
+    assert planned.host.mountinfo == tmp_path / "proc/1/mountinfo"
     assert planned.extension is not None
     assert planned.extension.mount_namespace == tmp_path / "proc/1/ns/mnt"
     assert target_from_argument("sysext:tools").extension == ExtensionPlan("sysext", "tools")

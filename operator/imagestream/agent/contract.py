@@ -35,8 +35,8 @@ class AgentInstructions:
     device target reads `/host/dev/disk/by-partlabel/root-b`; udev's relative symlinks still
     resolve inside that mount. `target_kind` says what the target is: `device` (it must exist;
     never created), `file` (created under `allowed_dir`, also a host mount), or `sysext` /
-    `confext`, whose `target` is the extension's name, planned under `host_prefix` like the
-    CLI's `sysext:NAME` (the extension directory is a host mount); `refresh` then runs
+    `confext`, whose `target` is the extension's name, planned like the CLI's `sysext:NAME`
+    in `allowed_dir`, the mount of the host's extension directory; `refresh` then runs
     `systemd-sysext refresh` (or -confext) in the host's mount namespace afterwards.
     `auth_dir` is a mounted Secret, `ca_file` a file of a mounted ConfigMap, and `host_proc` the
     host's /proc, whose `1/mountinfo` and `swaps` the safety checks read. `host_prefix` is cut

@@ -98,10 +98,16 @@ def _target_plan(instr: AgentInstructions) -> TargetPlan:
         mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
     )
     if instr.target_kind in ("sysext", "confext"):
+        if not instr.allowed_dir:
+            raise UsageError(
+                f"{env_name('allowed_dir')} must name the mounted extension directory for "
+                f"{env_name('target_kind')}={instr.target_kind}"
+            )
         return extension.plan(
             extension.extension_type(instr.target_kind, env_name("target_kind")),
             instr.target,
-            host_root=Path(instr.host_prefix or "/"),
+            # Only the extension directory of the host is mounted into the Pod.
+            directory=Path(instr.allowed_dir),
             where=env_name("target"),
             refresh=instr.refresh,
             # Inside its Pod the agent reaches the node's mount namespace through its /proc.

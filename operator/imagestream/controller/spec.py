@@ -53,8 +53,8 @@ class TargetSpec:
 
     `host_dir` is set for file targets: the host directory mounted into the agent's container
     (at `HOST_PREFIX + host_dir`), which is also the agent's `allowed_dir`. `extension` is set
-    for an extension image, which the agent plans itself from its type and name, under the
-    host's root, as the CLI does for `sysext:NAME`.
+    for an extension image, which the agent plans itself from its type and name in that
+    directory, as the CLI does for `sysext:NAME`.
     """
 
     kind: TargetKind

@@ -95,31 +95,37 @@ def host_file(kind: ExtensionType, name: str) -> str:
     return f"{DIRECTORIES[kind]}/{name}{SUFFIX}"
 
 
+def directory_under(host_root: Path, kind: ExtensionType) -> Path:
+    """Where the host's extension directory is seen through `host_root`."""
+    return host_root / host_directory(kind).lstrip("/")
+
+
 def plan(
     kind: ExtensionType,
     name: str,
     *,
-    host_root: Path,
+    directory: Path,
     where: str,
     refresh: bool = False,
     mount_namespace: Path | None = None,
     host: HostView | None = None,
     direct_io: bool = True,
 ) -> TargetPlan:
-    """The file plan of an extension image under `host_root`, confined to its directory.
+    """The file plan of the extension image `name` in `directory`, where this process sees the
+    host's extension directory (under the CLI's host root; the agent's mount of it), and
+    confined to it.
 
     `mount_namespace` is where the refresh runs (see `ExtensionPlan`); `where` names the
     argument or field a bad name came from.
     """
     validate_name(name, where)
-    directory = host_root / host_directory(kind).lstrip("/")
     return TargetPlan(
         kind="file",
         path=directory / f"{name}{SUFFIX}",
         name=host_file(kind, name),
         allowed_dirs=(directory,),
         direct_io=direct_io,
-        host=host or HostView.from_host_root(host_root),
+        host=host or HostView(),
         extension=ExtensionPlan(
             type=kind, name=name, refresh=refresh, mount_namespace=mount_namespace
         ),

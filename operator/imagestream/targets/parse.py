@@ -51,10 +51,11 @@ def target_from_argument(
     if prefix is not None:
         kind, value = prefix.group(1), text[prefix.end() :]
         if kind in ("sysext", "confext"):
+            extension_kind = extension.extension_type(kind, "TARGET")
             return extension.plan(
-                extension.extension_type(kind, "TARGET"),
+                extension_kind,
                 value,
-                host_root=host_root,
+                directory=extension.directory_under(host_root, extension_kind),
                 where="TARGET",
                 refresh=refresh,
                 mount_namespace=extension.mount_namespace_of(host_root),
