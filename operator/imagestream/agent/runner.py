@@ -126,15 +126,17 @@ def _target_plan(instr: AgentInstructions) -> TargetPlan:
     )
 
 
-def reported_target(instr: AgentInstructions) -> str:
-    """The target of a failed stream as the host knows it (an extension by its image's path)."""
+def reported_target(instr: AgentInstructions, written: Path | None = None) -> str:
+    """The target as the host knows it: an extension by its image's host path (its directory
+    is the host's, mounted), anything else by the path `written` (or the instructions') with
+    the host prefix cut."""
     if instr.target_kind in ("sysext", "confext"):
         kind = extension.extension_type(instr.target_kind, env_name("target_kind"))
         try:
             return extension.host_file(kind, extension.validate_name(instr.target, "target"))
         except UsageError:
             return instr.target  # no path to speak of: the name as the controller sent it
-    return reported_path(instr.target, instr.host_prefix)
+    return reported_path(written or instr.target, instr.host_prefix)
 
 
 def _credentials(auth_dir: str | None) -> Credentials | None:
@@ -213,7 +215,7 @@ def window_refusal(exc: WindowTooLarge) -> IntegrityError:
 def succeeded(instr: AgentInstructions, outcome: TargetOutcome) -> AgentResult:
     """The result of a verified stream."""
     result = outcome.result
-    target = reported_path(result.target, instr.host_prefix)
+    target = reported_target(instr, result.target)
     checks = "SHA-384 verified" + (", read back" if result.read_back_verified else "")
     done = (
         f"{target} is already current, not rewritten"
