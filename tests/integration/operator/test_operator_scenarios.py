@@ -108,8 +108,8 @@ class Stand:
     devices: LoopDeviceFactory
     namespace: str
     #: The node's filesystem for hostPath volumes other than /dev and /proc (the extension
-    #: directories), so no test writes this machine's own /var/lib.
-    host_root: Path
+    #: directories), so no test writes this machine's own /var/lib; None: not served.
+    host_root: Path | None = None
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -828,6 +828,7 @@ def test_a_sysext_lands_in_the_nodes_extension_directory_then_is_already_current
     """`target.extension` end to end: the Job mounts the node's /var/lib/extensions (stand-in:
     the kubelet serves that hostPath from `stand.host_root`), the agent writes tools.raw into
     it, and a second ImageStream for the same image finds it current and rewrites nothing."""
+    assert stand.host_root is not None
     image = build_extension_image(stand.docroot, "tools", seed=21)
     written = stand.host_root / "var/lib/extensions/tools.raw"
     url = stand.nginx.url_for(image.compressed.name)
