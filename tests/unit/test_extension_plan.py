@@ -90,6 +90,12 @@ def test_prefixes_other_than_the_extensions(argument: str, reason: str) -> None:
     assert excinfo.value.reason == reason
 
 
+def test_allowed_dirs_are_for_paths_not_extensions(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as excinfo:
+        target_from_argument("sysext:tools", allowed_dirs=(tmp_path,))
+    assert "--allowed-dir confines file paths" in excinfo.value.message
+
+
 def test_paths_without_a_prefix_stay_paths() -> None:
     assert target_from_argument("/dev/imagestream-none").kind == "device"
     assert target_from_argument("./sysext:tools").extension is None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imagestream.errors import Cancelled
+from imagestream.errors import Cancelled, TargetError
 from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.pipeline import StreamRequest, StreamResult
 from imagestream.pipeline.progress import ProgressCallback
@@ -87,3 +87,15 @@ def test_a_record_that_does_not_hold_means_streaming(value: bytes, tmp_path: Pat
     with pytest.raises(Cancelled):
         stream_target(request, stream=pipeline)
     assert ran == [request]
+
+
+def test_a_mistyped_host_root_is_not_populated(tmp_path: Path) -> None:
+    target = target_from_argument("sysext:tools", host_root=tmp_path / "hots")
+    request = StreamRequest(source="unused", target=target, sha384=FETCHED)
+
+    with pytest.raises(TargetError) as excinfo:
+        stream_target(request, stream=never)
+
+    assert excinfo.value.reason == "TargetNotFound"
+    assert "is the host root right?" in excinfo.value.message
+    assert list(tmp_path.iterdir()) == []

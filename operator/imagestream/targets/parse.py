@@ -51,6 +51,11 @@ def target_from_argument(
     if prefix is not None:
         kind, value = prefix.group(1), text[prefix.end() :]
         if kind in ("sysext", "confext"):
+            if allowed_dirs:
+                raise UsageError(
+                    "--allowed-dir confines file paths; an extension image always goes into "
+                    "its extension directory"
+                )
             extension_kind = extension.extension_type(kind, "TARGET")
             return extension.plan(
                 extension_kind,
