@@ -22,9 +22,8 @@ from imagestream.errors import ImageStreamError, UsageError
 from imagestream.pipeline.credentials import load_auth_file
 from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.oci_refs import OCI_SCHEME, parse_platform
-from imagestream.pipeline.pipeline import StreamRequest, run_stream
+from imagestream.pipeline.pipeline import StreamRequest
 from imagestream.pipeline.range_reader import RetryPolicy
-from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions, check_location
 from imagestream.progress_display import (
     log_handler,
@@ -36,6 +35,7 @@ from imagestream.progress_display import (
 from imagestream.reasons import Reason
 from imagestream.signals import cancel_on_signals
 from imagestream.targets import target_from_argument
+from imagestream.targets.stream import stream_target
 
 EXIT_USAGE = 2
 #: An exception nobody raised on purpose: a bug (sysexits' EX_SOFTWARE).
@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument(
         "target",
         metavar="TARGET",
-        type=Path,
-        help="block device, partition or file path (never -: stdout is no target)",
+        help="block device, partition or file path (never -: stdout is no target), "
+        "sysext:NAME or confext:NAME (an extension image under --host-root)",
     )
     add_stream_options(stream)
 
@@ -305,7 +305,18 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="skip the mount-table, swap and holder checks (the kernel's exclusive open and the "
         "writer lock still apply)",
     )
-    parser.add_argument("--host-root", type=Path, help="where the host's / is mounted (agent)")
+    parser.add_argument(
+        "--host-root",
+        type=Path,
+        default=Path("/"),
+        metavar="DIR",
+        help="where the host's filesystem and proc/1/mountinfo are seen (default /)",
+    )
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="after writing a sysext:/confext: image, run systemd-sysext/-confext refresh",
+    )
     parser.add_argument(
         "--allowed-dir",
         type=Path,
@@ -320,7 +331,6 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
 
 def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> StreamRequest:
     """Turn parsed `stream` arguments into a `StreamRequest` (reading the auth file)."""
-    host = HostView.from_host_root(args.host_root) if args.host_root else HostView()
     policy = RetryPolicy(
         max_retries=args.max_retries,
         backoff_base=args.retry_backoff,
@@ -330,10 +340,11 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
         source=args.source,
         target=target_from_argument(
             args.target,
-            host=host,
+            host_root=args.host_root,
             force=args.force,
             direct_io=not args.no_direct_io,
             allowed_dirs=tuple(args.allowed_dir),
+            refresh=args.refresh,
         ),
         sha384=args.sha384,
         compression=Compression(args.compression),
@@ -358,10 +369,17 @@ def stream_command(args: argparse.Namespace, console: Console) -> int:
     display = make_display(args.progress, console, stream_header(args.source, args.target))
     try:
         with display:
-            result = run_stream(request_from_args(args, cancel), display.update)
+            outcome = stream_target(request_from_args(args, cancel), display.update)
     except ImageStreamError as exc:
         return report_failure(exc, args.progress, console)
-    report_success(result, args.progress, console)
+    report_success(
+        outcome.result,
+        args.progress,
+        console,
+        headline=outcome.headline,
+        notes=outcome.notes,
+        fields=outcome.fields,
+    )
     return 0
 
 

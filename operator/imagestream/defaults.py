@@ -30,3 +30,12 @@ ACTIVE_DEADLINE_SECONDS = 7200
 SHA384 = re.compile(r"[0-9a-f]{96}", re.ASCII)
 #: An OCI content digest this product verifies.
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", re.ASCII)
+
+#: A systemd extension's name (the image is NAME.raw): a subset of what systemd accepts for an
+#: image name (a plain file name, no control characters), kept to characters that need no
+#: quoting anywhere; the CRD's schema has the same pattern and bound.
+EXTENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
+EXTENSION_NAME_MAX = 128
+#: How long `systemd-sysext refresh` / `systemd-confext refresh` may take before it counts as
+#: failed (it merges overlays: seconds, not minutes).
+EXTENSION_REFRESH_TIMEOUT_SECONDS = 120

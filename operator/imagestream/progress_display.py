@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -401,8 +401,20 @@ def log_handler(console: Console) -> logging.Handler:
     return handler
 
 
-def report_success(result: StreamResult, mode: str, console: Console) -> None:
-    """Print the summary: hashes, bytes, time, resumes; JSON with `--progress json`."""
+def report_success(
+    result: StreamResult,
+    mode: str,
+    console: Console,
+    *,
+    headline: str | None = None,
+    notes: Sequence[str] = (),
+    fields: Mapping[str, object] | None = None,
+) -> None:
+    """Print the summary: hashes, bytes, time, resumes; JSON with `--progress json`.
+
+    The target's kind may replace the first line's "Wrote TARGET" (`headline`) and add lines
+    (`notes`: an extension already current, its refresh) and JSON `fields`.
+    """
     verdict = "verified" if result.verified else "UNVERIFIED (no expected hash was given)"
     if mode == "json":
         emit_json(
@@ -420,13 +432,14 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
                 "seconds": round(result.seconds, 3),
                 "resumes": result.resumes,
                 "readBackVerified": result.read_back_verified,
+                **(fields or {}),
             },
         )
         return
     # markup=False: the target is the user's text, and "[red]" or "q[/x]" must print as is.
     out = Console(file=sys.stdout, highlight=False, soft_wrap=True, markup=False)
     style = "green" if result.verified else "bold red"
-    out.print(Text(f"Wrote {result.target}: {verdict}", style=style))
+    out.print(Text(f"{headline or f'Wrote {result.target}'}: {verdict}", style=style))
     out.print(f"  sha384   {result.sha384}")
     if result.digest:
         out.print(f"  digest   {result.digest} (registry blob digest, verified)")
@@ -437,6 +450,8 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
     out.print(f"  time     {result.seconds:.2f} s{_written_rate(result)}, resumes {result.resumes}")
     if result.read_back_verified:
         out.print("  read-back verified")
+    for note in notes:
+        out.print(f"  {note}")
 
 
 def _written_rate(result: StreamResult) -> str:

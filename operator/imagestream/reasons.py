@@ -72,6 +72,7 @@ class Reason(StrEnum):
     TARGET_TOO_SMALL = "TargetTooSmall"
     ACTIVE_VOLUME_UNKNOWN = "ActiveVolumeUnknown"
     WRITE_FAILED = "WriteFailed"
+    EXTENSION_REFRESH_FAILED = "ExtensionRefreshFailed"
 
     # -- the agent and its Job --
     AGENT_FAILED = "AgentFailed"

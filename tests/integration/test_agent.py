@@ -31,7 +31,14 @@ from tests.support.cli import (
     one_line,
     run_imagestream,
 )
+from tests.support.extension_images import build_extension_image, make_host_root
 from tests.support.fake_status_api import ApiRequest, FakeStatusApi, Mode
+from tests.support.host_namespace import (
+    fake_refresh_tool,
+    host_namespace,
+    path_with,
+    path_without_refresh_tools,
+)
 from tests.support.nginx import Nginx, NginxFactory
 from tests.support.oci_push import Layer, OciPusher
 from tests.support.registry import TEST_USER, HtpasswdAuth, Registry, write_htpasswd
@@ -95,11 +102,15 @@ def agent_env(instr: AgentInstructions, tmp_path: Path, kubeconfig: Path | None)
 
 
 def run_agent(
-    instr: AgentInstructions, tmp_path: Path, api: FakeStatusApi | None
+    instr: AgentInstructions, tmp_path: Path, api: FakeStatusApi | None, *, path: str | None = None
 ) -> tuple[CliRun, AgentResult]:
-    """Run `imagestream agent` to the end; return the run and its termination message."""
+    """Run `imagestream agent` to the end (with `path` as its PATH, if given); return the run
+    and its termination message."""
     kubeconfig = api.kubeconfig(tmp_path / "kubeconfig", TOKEN) if api else None
-    run = run_imagestream("agent", env=agent_env(instr, tmp_path, kubeconfig), timeout=60)
+    env = agent_env(instr, tmp_path, kubeconfig)
+    if path is not None:
+        env["PATH"] = path
+    run = run_imagestream("agent", env=env, timeout=60)
     assert "Traceback" not in run.stderr, run.stderr
     return run, AgentResult.from_json(Path(instr.termination_log).read_text())
 
@@ -551,3 +562,110 @@ def test_a_missing_device_fails_target_not_found_and_creates_nothing(
     assert run.code == 0, run.stderr
     assert (result.outcome, result.target) == ("Succeeded", f"/dev/{dev.name}")
     assert sha384_of(dev, image.raw_size) == image.raw_sha384
+
+
+# -- extensions --------------------------------------------------------------------------------
+
+
+def test_an_extension_is_written_under_the_host_prefix_and_refreshed_on_the_host(
+    nginx: Nginx, nginx_docroot: Path, tmp_path: Path
+) -> None:
+    """What the controller sends for `extension: {type: sysext, name: tools, refresh: true}`:
+    the type and name, planned in the mounted extension directory, refreshed through nsenter
+    in the node's mount namespace (stand-in: `tests.support.host_namespace`, a separate mount
+    namespace whose /var/lib is the host root's; `systemd-sysext` is a script first on PATH)."""
+    host = make_host_root(tmp_path / "host")
+    (host / "var/lib/extensions").mkdir()
+    image = build_extension_image(nginx_docroot, "tools", seed=5)
+    log = tmp_path / "refresh.log"
+    fake = fake_refresh_tool(tmp_path / "bin", "systemd-sysext", log)
+    instr = AgentInstructions(
+        name=NAME,
+        namespace=NAMESPACE,
+        uid=UID,
+        generation=1,
+        source=nginx.url_for(image.compressed.name),
+        sha384=image.sha384,
+        target="tools",
+        target_kind="sysext",
+        allowed_dir=str(host / "var/lib/extensions"),
+        refresh=True,
+        host_proc=str(host / "proc"),
+        host_prefix=str(host),
+        termination_log=str(tmp_path / "termination-log"),
+    )
+    with host_namespace(host):
+        run, result = run_agent(instr, tmp_path, None, path=path_with(fake.parent))
+        again_run, again = run_agent(instr, tmp_path, None, path=path_with(fake.parent))
+
+    assert run.code == 0, run.stderr
+    assert (result.outcome, result.target) == ("Succeeded", "/var/lib/extensions/tools.raw")
+    assert result.message == (
+        "wrote /var/lib/extensions/tools.raw: SHA-384 verified; systemd-sysext refresh done: "
+        "Merged extensions into /usr."
+    )
+    assert (host / "var/lib/extensions/tools.raw").read_bytes() == image.raw_bytes
+    assert again_run.code == 0, again_run.stderr
+    assert again.message.startswith(
+        "/var/lib/extensions/tools.raw is already current, not rewritten: SHA-384 verified"
+    )
+    assert again.bytes_fetched == 0
+    raw_sha384 = hashlib.sha384(image.raw_bytes).hexdigest()
+    seen = f"{raw_sha384}  /var/lib/extensions/tools.raw"
+    assert log.read_text().splitlines() == ["args: refresh", seen, "args: refresh", seen]
+
+
+def test_an_extension_refresh_missing_on_the_host_still_succeeds(
+    nginx: Nginx, nginx_docroot: Path, tmp_path: Path
+) -> None:
+    host = make_host_root(tmp_path / "host")
+    (host / "var/lib/confexts").mkdir()
+    image = build_extension_image(nginx_docroot, "site", kind="confext", seed=6)
+    instr = AgentInstructions(
+        name=NAME,
+        namespace=NAMESPACE,
+        uid=UID,
+        generation=1,
+        source=nginx.url_for(image.compressed.name),
+        sha384=image.sha384,
+        target="site",
+        target_kind="confext",
+        allowed_dir=str(host / "var/lib/confexts"),
+        refresh=True,
+        host_proc=str(host / "proc"),
+        host_prefix=str(host),
+        termination_log=str(tmp_path / "termination-log"),
+    )
+    with host_namespace(host):
+        run, result = run_agent(
+            instr, tmp_path, None, path=path_without_refresh_tools(tmp_path / "bin")
+        )
+
+    assert run.code == 0, run.stderr
+    assert result.outcome == "Succeeded"
+    assert "systemd-confext refresh not run: the host has no systemd-confext" in result.message
+    assert (host / "var/lib/confexts/site.raw").read_bytes() == image.raw_bytes
+
+
+def test_a_bad_extension_name_fails_before_anything_is_fetched(tmp_path: Path) -> None:
+    host = make_host_root(tmp_path / "host")
+    instr = AgentInstructions(
+        name=NAME,
+        namespace=NAMESPACE,
+        uid=UID,
+        generation=1,
+        source="http://127.0.0.1:9/never-fetched.zst",
+        sha384="0" * 96,
+        target="../../etc/x",
+        target_kind="sysext",
+        allowed_dir=str(host / "var/lib/extensions"),
+        host_prefix=str(host),
+        termination_log=str(tmp_path / "termination-log"),
+    )
+    run, result = run_agent(instr, tmp_path, None)
+
+    assert run.code == 2, run.stderr
+    assert (result.outcome, result.reason) == ("Failed", "InvalidRequest")
+    assert "IMAGESTREAM_TARGET: the extension name '../../etc/x' contains '/'" in result.message
+    assert result.target == "../../etc/x"
+    assert list((host / "var/lib").iterdir()) == []

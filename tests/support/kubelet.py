@@ -11,9 +11,9 @@ How it differs from a real kubelet and Job controller (tests relying on one of t
 - **No containers.** The image is ignored; ``command`` + ``args`` run on the host (resolved on
   the ``PATH`` the stand-in was given), as root, with no namespaces or cgroups. Volumes are not
   mounted: a Secret/ConfigMap volume is written into a directory per Pod, an ``emptyDir`` is a
-  directory per Pod, a ``hostPath`` is the host path itself (or the directory
-  :attr:`Kubelet.host_paths` maps it to: the node as a test sets it up, e.g. a ``/proc`` whose
-  ``1/mountinfo`` shows the root file system the test chose). Because the process sees the host's
+  directory per Pod, a ``hostPath`` is the host path itself (or, for a path under one of
+  ``host_paths``, the test's directory standing in for it; ``DirectoryOrCreate`` creates it,
+  as a kubelet does). Because the process sees the host's
   file system, **paths are translated**: every argument and env value that equals or starts with
   a volumeMount's ``mountPath`` (or the ``terminationMessagePath``) is rewritten to where the
   stand-in put that volume (``subPath`` is honoured). A path built inside the process, or one
@@ -854,8 +854,7 @@ class Kubelet:
 
     def _materialise(self, run: PodRun, name: str, volume: JSON) -> Path:
         if "hostPath" in volume:
-            path = volume["hostPath"]["path"]
-            return self.host_paths.get(path, Path(path))
+            return self._host_path(volume["hostPath"])
         directory = run.workdir / "volumes" / name
         directory.mkdir(parents=True, exist_ok=True)
         if "emptyDir" in volume:
@@ -891,6 +890,14 @@ class Kubelet:
             raise KubeletError(f"volume {name!r}: {next(iter(volume.keys() - {'name'}))} not found")
         _write_items(directory, data, source.get("items"))
         return directory
+
+    def _host_path(self, source: JSON) -> Path:
+        """Where a hostPath volume is: the path itself, or its stand-in under ``host_paths``."""
+        path = str(source["path"])
+        local = Path(translate_path(path, [_Mount(k, str(v)) for k, v in self.host_paths.items()]))
+        if source.get("type") == "DirectoryOrCreate" and path != str(local):
+            local.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return local
 
     def _environment(self, run: PodRun, pod: JSON, container: JSON) -> dict[str, str]:
         env = {"PATH": self.path, "HOSTNAME": run.pod_name}

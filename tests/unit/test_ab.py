@@ -70,18 +70,16 @@ def test_a_pair_is_two_volumes_named_as_written() -> None:
     ],
 )
 def test_a_malformed_pair_is_a_usage_error(pair: str, words: str, tmp_path: Path) -> None:
-    host = HostView(mountinfo=tmp_path / "missing")
     with pytest.raises(UsageError) as refused:
-        target_from_argument(Path(f"ab:{pair}"), host=host)
+        target_from_argument(f"ab:{pair}", host_root=tmp_path)
     assert words in refused.value.message
     assert refused.value.exit_code == 2
 
 
 def test_without_the_host_mount_table_no_volume_is_chosen(tmp_path: Path) -> None:
     """Read before anything else: an unreadable table is ActiveVolumeUnknown, not a guess."""
-    host = HostView(mountinfo=tmp_path / "proc/1/mountinfo")
     with pytest.raises(TargetError) as refused:
-        target_from_argument(Path("ab:/dev/a,/dev/b"), host=host, force=True)
+        target_from_argument("ab:/dev/a,/dev/b", host_root=tmp_path, force=True)
     assert refused.value.reason == Reason.ACTIVE_VOLUME_UNKNOWN
     assert str(tmp_path / "proc/1/mountinfo") in refused.value.message
     assert refused.value.exit_code == 5

@@ -16,7 +16,6 @@ import pytest
 
 from imagestream.agent.contract import AgentInstructions, AgentResult
 from imagestream.agent.runner import (
-    StreamFunction,
     instructions_failure,
     reported_path,
     request_from_instructions,
@@ -39,6 +38,7 @@ from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
+from imagestream.targets.stream import StreamFunction
 
 MIB = 1 << 20
 

@@ -223,9 +223,17 @@ def test_extension_target_mounts_the_host_directory_as_the_allowed_dir() -> None
     assert volume["hostPath"] == {"path": "/var/lib/confexts", "type": "DirectoryOrCreate"}
     assert "/host/var/lib/confexts" in _mounts(job)
     env = {item["name"]: item["value"] for item in _container(job)["env"]}
-    assert env["IMAGESTREAM_TARGET"] == "/host/var/lib/confexts/motd.raw"
+    assert env["IMAGESTREAM_TARGET"] == "motd"
     assert env["IMAGESTREAM_ALLOWED_DIR"] == "/host/var/lib/confexts"
-    assert env["IMAGESTREAM_TARGET_KIND"] == "file"
+    assert env["IMAGESTREAM_TARGET_KIND"] == "confext"
+    assert env["IMAGESTREAM_REFRESH"] == "false"
+
+
+def test_an_extension_refresh_reaches_the_agent() -> None:
+    target = {"extension": {"type": "sysext", "name": "tools", "refresh": True}}
+    job = build_job(parse_stream(stream_body(target=target)), SETTINGS)
+    env = {item["name"]: item["value"] for item in _container(job)["env"]}
+    assert (env["IMAGESTREAM_TARGET_KIND"], env["IMAGESTREAM_REFRESH"]) == ("sysext", "true")
 
 
 def test_settings_reach_the_job() -> None:

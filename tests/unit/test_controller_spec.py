@@ -40,9 +40,15 @@ def test_extension_targets_are_files_in_the_mounted_extension_dir(
     assert stream.target.kind == "extension"
     assert stream.target.host_path == host_path
     assert stream.target.host_dir == host_dir
-    assert stream.target.agent_path == "/host" + host_path
     assert stream.target.agent_dir == "/host" + host_dir
-    assert stream.target.agent_kind == "file"
+    # The agent plans it from type and name, as the CLI's `sysext:tools`.
+    assert (stream.target.agent_kind, stream.target.agent_path) == (kind, "tools")
+    assert stream.target.refresh is False
+
+
+def test_an_extension_may_ask_for_a_refresh() -> None:
+    body = stream_body(target={"extension": {"type": "sysext", "name": "tools", "refresh": True}})
+    assert parse_stream(body).target.refresh is True
 
 
 def test_an_ab_pair_holds_both_volumes_and_names_none_until_the_agent_chose() -> None:
@@ -147,6 +153,9 @@ def test_identity_comes_from_metadata() -> None:
         {"target": {"device": "/etc/shadow"}},
         {"target": {"extension": {"type": "sysext", "name": "../../etc/x"}}},
         {"target": {"extension": {"type": "portable", "name": "tools"}}},
+        {"target": {"extension": {"type": "sysext", "name": "tools", "refresh": "yes"}}},
+        {"target": {"extension": {"type": "sysext", "name": ".tools"}}},
+        {"target": {"extension": {"type": "sysext", "name": "tools.raw"}}},
         {"maxRetries": -1},
         {"activeDeadlineSeconds": "soon"},
     ],

@@ -68,7 +68,7 @@ def test_cli_argument_form(tmp_path: Path, loop_device_factory: LoopDeviceFactor
     assert argument_kind(link) == "device"  # a link to a device names that device
     assert argument_kind(existing) == "file"
     assert argument_kind(tmp_path / "new.img") == "file"
-    plan = target_from_argument(Path("new.img"), host=HostView(), direct_io=False)
+    plan = target_from_argument(Path("new.img"), direct_io=False)
     assert (plan.kind, plan.name, plan.direct_io) == ("file", "new.img", False)
     assert plan.path == Path.cwd() / "new.img"
 

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +25,17 @@ from imagestream.agent.contract import (
 from imagestream.errors import ImageStreamError, IntegrityError, UsageError
 from imagestream.pipeline.credentials import Credentials, load_secret_dir
 from imagestream.pipeline.decompress import Compression
-from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_stream, validate_sha384
+from imagestream.pipeline.pipeline import StreamRequest, run_stream, validate_sha384
 from imagestream.pipeline.progress import Progress, ProgressCallback
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.pipeline.zstd_frames import WindowTooLarge
 from imagestream.reasons import Reason
-from imagestream.targets import TargetPlan, TargetRequest, ab, plan_target
+from imagestream.targets import TargetPlan, TargetRequest, ab, extension, plan_target
+from imagestream.targets.stream import StreamFunction, TargetOutcome, stream_target
 
 log = logging.getLogger(__name__)
-
-#: `run_stream`'s signature; a parameter so tests can stand in for the pipeline.
-StreamFunction = Callable[[StreamRequest, ProgressCallback | None], StreamResult]
 
 
 @dataclass(frozen=True)
@@ -84,11 +82,15 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
     )
 
 
+_TARGET_KINDS = ("device", "file", "abUpdate", "sysext", "confext")
+
+
 def _target_plan(instr: AgentInstructions) -> TargetPlan:
     """The controller said which kind of target this is; the agent never guesses it."""
-    if instr.target_kind not in ("device", "file", "abUpdate"):
+    if instr.target_kind not in _TARGET_KINDS:
         raise UsageError(
-            f"{env_name('target_kind')}={instr.target_kind!r} is not one of device, file, abUpdate"
+            f"{env_name('target_kind')}={instr.target_kind!r} is not one of "
+            f"{', '.join(_TARGET_KINDS)}"
         )
     host_proc = Path(instr.host_proc)
     # PID 1's mounts: the node's own table, not this container's.
@@ -100,6 +102,23 @@ def _target_plan(instr: AgentInstructions) -> TargetPlan:
             ab.Volume(Path(path), host_path(path, instr.host_prefix)) for path in _ab_volumes(instr)
         ]
         return ab.plan(volumes, force=instr.force, host=host)
+    if instr.target_kind in ("sysext", "confext"):
+        if not instr.allowed_dir:
+            raise UsageError(
+                f"{env_name('allowed_dir')} must name the mounted extension directory for "
+                f"{env_name('target_kind')}={instr.target_kind}"
+            )
+        return extension.plan(
+            extension.extension_type(instr.target_kind, env_name("target_kind")),
+            instr.target,
+            # Only the extension directory of the host is mounted into the Pod.
+            directory=Path(instr.allowed_dir),
+            where=env_name("target"),
+            refresh=instr.refresh,
+            # Inside its Pod the agent reaches the node's mount namespace through its /proc.
+            mount_namespace=host_proc / "1/ns/mnt" if instr.host_prefix else None,
+            host=host,
+        )
     return plan_target(
         TargetRequest(
             kind="device" if instr.target_kind == "device" else "file",
@@ -118,6 +137,19 @@ def _ab_volumes(instr: AgentInstructions) -> tuple[str, str]:
             f"{env_name('target_b')} is not set: an abUpdate target needs its second volume"
         )
     return instr.target, instr.target_b
+
+
+def reported_target(instr: AgentInstructions, written: Path | None = None) -> str:
+    """The target as the host knows it: an extension by its image's host path (its directory
+    is the host's, mounted), anything else by the path `written` (or the instructions') with
+    the host prefix cut."""
+    if instr.target_kind in ("sysext", "confext"):
+        kind = extension.extension_type(instr.target_kind, env_name("target_kind"))
+        try:
+            return extension.host_file(kind, extension.validate_name(instr.target, "target"))
+        except UsageError:
+            return instr.target  # no path to speak of: the name as the controller sent it
+    return reported_path(written or instr.target, instr.host_prefix)
 
 
 def _credentials(auth_dir: str | None) -> Credentials | None:
@@ -163,7 +195,7 @@ def run_agent(
     try:
         request = request_from_instructions(instr, cancel)
         planned.append(request.target)
-        result = stream(request, track)
+        outcome = stream_target(request, track, stream=stream)
     except WindowTooLarge as exc:
         return failed(window_refusal(exc))
     except ImageStreamError as exc:
@@ -176,6 +208,7 @@ def run_agent(
             f"the agent failed unexpectedly ({type(exc).__name__}); see the agent Pod's log"
         )
         return failed(bug, reason=Reason.AGENT_ERROR)
+    result = outcome.result
     if not (result.verified and result.sha384 == instr.sha384.strip().lower()):
         refused = IntegrityError(
             f"the stream ended without a verified SHA-384 match (computed {result.sha384}, "
@@ -183,17 +216,19 @@ def run_agent(
             reason=Reason.UNVERIFIED,
         )
         return failed(refused)
-    return AgentRun(succeeded(instr, result), 0)
+    return AgentRun(succeeded(instr, outcome), 0)
 
 
 def _failed_target(instr: AgentInstructions, plan: TargetPlan | None) -> str:
     """What a failed stream names as its target: the device planned, or (planning failed) the
     one the instructions name; an A/B pair whose volume was never chosen names none."""
+    if instr.target_kind in ("sysext", "confext"):
+        return reported_target(instr)
     if plan is not None:
         return reported_path(plan.path, instr.host_prefix)
     if instr.target_kind == "abUpdate":
         return ""
-    return reported_path(instr.target, instr.host_prefix)
+    return reported_target(instr)
 
 
 def window_refusal(exc: WindowTooLarge) -> IntegrityError:
@@ -205,19 +240,25 @@ def window_refusal(exc: WindowTooLarge) -> IntegrityError:
     )
 
 
-def succeeded(instr: AgentInstructions, result: StreamResult) -> AgentResult:
+def succeeded(instr: AgentInstructions, outcome: TargetOutcome) -> AgentResult:
     """The result of a verified stream."""
-    target = reported_path(result.target, instr.host_prefix)
+    result = outcome.result
+    target = reported_target(instr, result.target)
     checks = "SHA-384 verified" + (", read back" if result.read_back_verified else "")
     written = target
     if instr.target_kind == "abUpdate":
         active = [path for path in _ab_volumes(instr) if Path(path) != result.target]
         running = ", ".join(reported_path(path, instr.host_prefix) for path in active)
         written = f"{target}, the inactive A/B volume ({running} runs the node)"
+    done = (
+        f"{target} is already current, not rewritten"
+        if outcome.already_current
+        else (f"wrote {written}")
+    )
     return AgentResult(
         outcome="Succeeded",
         reason=Reason.SUCCEEDED,
-        message=f"wrote {written}: {checks}",
+        message="; ".join([f"{done}: {checks}", *outcome.notes]),
         target=target,
         sha384=result.sha384,
         digest=result.digest,

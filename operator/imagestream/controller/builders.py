@@ -159,6 +159,7 @@ def agent_instructions(stream: StreamSpec) -> AgentInstructions:
         max_retries=options.max_retries,
         verify_after_write=options.verify_after_write,
         force=options.force,
+        refresh=stream.target.refresh,
     )
 
 

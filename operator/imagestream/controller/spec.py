@@ -17,15 +17,13 @@ from typing import Any, Literal
 
 from imagestream import defaults
 from imagestream.errors import UsageError
+from imagestream.pipeline.target_plan import ExtensionPlan
 from imagestream.reasons import Reason
+from imagestream.targets import extension as extensions
 
 #: Where the agent's container sees the host's filesystem (the contract's `host_prefix`).
 HOST_PREFIX = "/host"
-#: Host directories of systemd extension images, by extension type.
-EXTENSION_DIRS = {"sysext": "/var/lib/extensions", "confext": "/var/lib/confexts"}
 
-
-_EXTENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _COMPRESSIONS = ("auto", "zstd", "gzip", "xz", "bzip2", "none")
 _SCHEMES = ("http://", "https://", "oci://")
@@ -56,21 +54,23 @@ class TargetSpec:
     `host_dir` is set for file targets: the host directory mounted into the agent's container
     (at `HOST_PREFIX + host_dir`), which is also the agent's `allowed_dir`. An A/B pair has
     both `volumes`; `host_path` is then the first, and the agent writes whichever of them the
-    node is not running from.
+    node is not running from. `extension` is set for an extension image, which the agent plans
+    itself from its type and name in that directory, as the CLI does for `sysext:NAME`.
     """
 
     kind: TargetKind
     host_path: str
     host_dir: str | None = None
     volumes: tuple[str, ...] = ()
+    extension: ExtensionPlan | None = None
 
     @property
     def agent_kind(self) -> str:
-        """What the agent opens: an existing `device`, a `file` it creates (extensions), or
-        the inactive volume of an `abUpdate` pair."""
+        """What the agent writes: an existing `device`, the inactive volume of an `abUpdate`
+        pair, or an extension (`sysext`, `confext`)."""
         if self.kind == "abUpdate":
             return "abUpdate"
-        return "device" if self.kind == "device" else "file"
+        return self.extension.type if self.extension is not None else "device"
 
     @property
     def agent_volumes(self) -> tuple[str, ...]:
@@ -97,8 +97,16 @@ class TargetSpec:
 
     @property
     def agent_path(self) -> str:
-        """The path as the agent's container sees it."""
+        """The target as the agent is told it: a device's path in its container, or an
+        extension's name."""
+        if self.extension is not None:
+            return self.extension.name
         return HOST_PREFIX + self.host_path
+
+    @property
+    def refresh(self) -> bool:
+        """Whether the agent refreshes the host's extensions after writing."""
+        return self.extension is not None and self.extension.refresh
 
     @property
     def agent_dir(self) -> str | None:
@@ -258,14 +266,23 @@ def _ab_target(ab_update: Mapping[str, Any]) -> TargetSpec:
 
 
 def _extension_target(extension: Mapping[str, Any]) -> TargetSpec:
-    kind = _string(extension, "type", "spec.target.extension")
-    name = _string(extension, "name", "spec.target.extension")
-    if kind not in EXTENSION_DIRS:
-        raise _invalid("spec.target.extension.type must be sysext or confext")
-    if not _EXTENSION_NAME.fullmatch(name) or name.endswith(".raw"):
-        raise _invalid(f"spec.target.extension.name {name!r} is not a plain extension name")
-    directory = EXTENSION_DIRS[kind]
-    return TargetSpec(kind="extension", host_path=f"{directory}/{name}.raw", host_dir=directory)
+    """The same rules and paths as the CLI's `sysext:NAME` (`imagestream.targets.extension`)."""
+    where = "spec.target.extension"
+    name = _string(extension, "name", where)
+    refresh = extension.get("refresh", False)
+    if not isinstance(refresh, bool):
+        raise _invalid(f"{where}.refresh must be true or false")
+    try:
+        kind = extensions.extension_type(_string(extension, "type", where), f"{where}.type")
+        extensions.validate_name(name, f"{where}.name")
+    except UsageError as exc:
+        raise _invalid(exc.message) from None
+    return TargetSpec(
+        kind="extension",
+        host_path=extensions.host_file(kind, name),
+        host_dir=extensions.host_directory(kind),
+        extension=ExtensionPlan(type=kind, name=name, refresh=refresh),
+    )
 
 
 def _invalid(message: str) -> UsageError:

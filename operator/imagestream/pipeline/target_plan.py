@@ -13,9 +13,28 @@ from typing import Literal
 
 from imagestream.pipeline.safety import HostView
 
+#: The two kinds of systemd extension image (systemd-sysext, systemd-confext).
+ExtensionType = Literal["sysext", "confext"]
+
 #: A device is opened as an existing block device and never created; a file is created under
 #: a staging name in its directory and renamed into place.
 TargetKind = Literal["device", "file"]
+
+
+@dataclass(frozen=True)
+class ExtensionPlan:
+    """A file target that is a systemd extension image; `imagestream.targets.extension` acts on
+    it around the stream (already-current check, commit record, refresh). The pipeline writes
+    it like any file target.
+
+    `mount_namespace` is the host's mount namespace file the refresh runs in (through
+    `nsenter`); None runs it in this process's own, which is the host's.
+    """
+
+    type: ExtensionType
+    name: str
+    refresh: bool = False
+    mount_namespace: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -26,6 +45,7 @@ class TargetPlan:
     path for the agent), used in every message. `allowed_dirs` confines a file target (empty:
     anywhere). `usage_checks` runs the mount, swap and holder checks on a device (`--force`
     turns them off; the kernel's exclusive open and the writer lock apply regardless).
+    `extension` is set for a file target that is a systemd extension image.
     """
 
     kind: TargetKind
@@ -35,3 +55,4 @@ class TargetPlan:
     usage_checks: bool = True
     direct_io: bool = True
     host: HostView = field(default_factory=HostView)
+    extension: ExtensionPlan | None = None

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 from imagestream.errors import UsageError
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.target_plan import TargetKind, TargetPlan
-from imagestream.targets import ab, device, file
+from imagestream.reasons import Reason
+from imagestream.targets import ab, device, extension, file
 from imagestream.targets.request import TargetRequest
+
+#: The forms of TARGET, for messages: a `KIND:` prefix names the kind, anything else is a path.
+TARGET_FORMS = (
+    "a path (a partition, a whole device or a file), ab:DEV_A,DEV_B, sysext:NAME, "
+    "confext:NAME or disk:DEV"
+)
+_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9_-]*):", re.ASCII)
 
 #: `ab:DEV_A,DEV_B`: the A/B pair whose inactive volume is written.
 AB_PREFIX = "ab:"
@@ -25,24 +34,61 @@ def plan_target(request: TargetRequest) -> TargetPlan:
 
 
 def target_from_argument(
-    argument: Path,
+    argument: str | os.PathLike[str],
     *,
-    host: HostView,
+    host_root: Path = Path("/"),
     force: bool = False,
     direct_io: bool = True,
     allowed_dirs: tuple[Path, ...] = (),
+    refresh: bool = False,
 ) -> TargetPlan:
-    """The plan for the CLI's TARGET: `ab:DEV_A,DEV_B` an A/B pair, a path under /dev/ or to
-    a block device a device (it must exist), anything else a file path."""
-    text = str(argument)
-    if text.startswith(AB_PREFIX):
-        volumes = ab_volumes(text.removeprefix(AB_PREFIX))
-        return ab.plan(volumes, force=force, direct_io=direct_io, host=host)
+    """The plan for the CLI's TARGET, whose `KIND:` prefix names the kind: `sysext:NAME` and
+    `confext:NAME` are extension images under `host_root`, `ab:DEV_A,DEV_B` an A/B pair;
+    without a prefix, a path under /dev/ or to a block device is a device (it must exist),
+    anything else a file path.
+
+    An unknown prefix is a UsageError, never a file name (`./x:y` names such a file).
+    """
+    text = os.fspath(argument)
+    host = HostView.from_host_root(host_root)
+    prefix = _PREFIX.match(text)
+    if prefix is not None:
+        kind, value = prefix.group(1), text[prefix.end() :]
+        if kind in ("sysext", "confext"):
+            if allowed_dirs:
+                raise UsageError(
+                    "--allowed-dir confines file paths; an extension image always goes into "
+                    "its extension directory"
+                )
+            extension_kind = extension.extension_type(kind, "TARGET")
+            return extension.plan(
+                extension_kind,
+                value,
+                directory=extension.directory_under(host_root, extension_kind),
+                where="TARGET",
+                refresh=refresh,
+                mount_namespace=extension.mount_namespace_of(host_root),
+                host=host,
+                direct_io=direct_io,
+            )
+        if kind == "ab":
+            volumes = ab_volumes(value)
+            return ab.plan(volumes, force=force, direct_io=direct_io, host=host)
+        if kind == "disk":
+            raise UsageError(
+                f"TARGET {kind}: is not supported yet", reason=Reason.TARGET_KIND_UNSUPPORTED
+            )
+        raise UsageError(
+            f"TARGET {text!r} starts with {kind}:, which is no kind of target; TARGET is "
+            f"{TARGET_FORMS} (write ./{text} for a file of that name)"
+        )
+    if refresh:
+        raise UsageError("--refresh applies only to sysext:NAME and confext:NAME targets")
     return plan_target(
         TargetRequest(
-            kind=argument_kind(argument),
-            path=Path(os.path.abspath(argument)),
-            name=str(argument),
+            kind=argument_kind(Path(text)),
+            path=Path(os.path.abspath(text)),
+            name=text,
             allowed_dirs=allowed_dirs,
             force=force,
             direct_io=direct_io,

@@ -42,6 +42,7 @@ import yaml
 from tests.support.blockdev import LoopDeviceFactory, mounted_ext4
 from tests.support.controller import ControllerFactory, ControllerProcess, metric_value
 from tests.support.crd import CRD_PATH
+from tests.support.extension_images import build_extension_image, make_host_root
 from tests.support.kube_api import KubeApi
 from tests.support.kubectl import Kubectl
 from tests.support.kubelet import OOM_EXIT_CODE, Kubelet, KubeletFactory, PodRun
@@ -51,6 +52,7 @@ from tests.support.tools import wait_until
 
 from imagestream.demo.image import SampleImage, iter_raw_data, write_sample_image
 from imagestream.errors import Cancelled, IntegrityError
+from imagestream.targets.extension import DIRECTORIES
 
 GROUP = "imagestream.dev"
 VERSION = "v1alpha1"
@@ -80,6 +82,11 @@ CONDITIONS = {
 Json = dict[str, Any]
 
 
+def extension_dirs() -> list[str]:
+    """The host directories an extension target's Job mounts."""
+    return list(DIRECTORIES.values())
+
+
 @dataclass(frozen=True)
 class Image:
     """A sample image served by nginx."""
@@ -100,6 +107,9 @@ class Stand:
     docroot: Path
     devices: LoopDeviceFactory
     namespace: str
+    #: The node's filesystem for hostPath volumes other than /dev and /proc (the extension
+    #: directories), so no test writes this machine's own /var/lib; None: not served.
+    host_root: Path | None = None
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -444,6 +454,7 @@ def stand(
     nginx_docroot: Path,
     loop_device_factory: LoopDeviceFactory,
     operator_namespace: str,
+    tmp_path: Path,
 ) -> Iterator[Stand]:
     """The CRD applied, a kubelet serving NODE, the controller started, a throttled nginx.
 
@@ -452,7 +463,11 @@ def stand(
     """
     kubectl("apply", "-f", str(CRD_PATH))
     nginx = nginx_factory(nginx_docroot, extra_server_config=THROTTLE)
-    kubelet = kubelet_factory(nodes=[NODE])
+    host_root = make_host_root(tmp_path / "node-root")
+    kubelet = kubelet_factory(
+        nodes=[NODE],
+        host_paths={directory: host_root / directory.lstrip("/") for directory in extension_dirs()},
+    )
     stand = Stand(
         api=kube_api,
         kubectl=kubectl,
@@ -462,6 +477,7 @@ def stand(
         docroot=nginx_docroot,
         devices=loop_device_factory,
         namespace=operator_namespace,
+        host_root=host_root,
     )
     yield stand
     print(stand.agent_logs())
@@ -854,3 +870,54 @@ def test_ab_update_writes_the_volume_the_node_does_not_run_from(
     assert succeeded["message"] == (
         f"wrote {volume_b}, the inactive A/B volume ({volume_a} runs the node): SHA-384 verified"
     )
+
+
+def test_a_sysext_lands_in_the_nodes_extension_directory_then_is_already_current(
+    stand: Stand,
+) -> None:
+    """`target.extension` end to end: the Job mounts the node's /var/lib/extensions (stand-in:
+    the kubelet serves that hostPath from `stand.host_root`), the agent writes tools.raw into
+    it, and a second ImageStream for the same image finds it current and rewrites nothing."""
+    assert stand.host_root is not None
+    image = build_extension_image(stand.docroot, "tools", seed=21)
+    written = stand.host_root / "var/lib/extensions/tools.raw"
+    url = stand.nginx.url_for(image.compressed.name)
+
+    def apply(name: str) -> None:
+        manifest = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ImageStream",
+            "metadata": {"name": name, "namespace": stand.namespace},
+            "spec": {
+                "nodeName": NODE,
+                "source": {
+                    "url": url,
+                    "sha384": image.sha384,
+                },
+                "target": {"extension": {"type": "sysext", "name": "tools"}},
+            },
+        }
+        stand.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+    apply("tools")
+    status = stand.wait_finished("tools")["status"]
+
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Succeeded"), status.get("message")
+    assert status["target"] == "/var/lib/extensions/tools.raw"
+    assert status["sha384"] == image.sha384
+    assert written.read_bytes() == image.raw_bytes
+    run = only_run(stand.kubelet, status["jobName"])
+    assert (run.env["IMAGESTREAM_TARGET_KIND"], run.env["IMAGESTREAM_TARGET"]) == (
+        "sysext",
+        "tools",
+    )
+    assert stand.table_row("tools")["TARGET"] == "/var/lib/extensions/tools.raw"
+    before = written.stat()
+
+    apply("tools-again")
+    again = stand.wait_finished("tools-again")["status"]
+
+    assert again["phase"] == "Succeeded", again.get("message")
+    assert "already current, not rewritten" in again["message"]
+    after = written.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
