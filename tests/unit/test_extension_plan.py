@@ -78,7 +78,6 @@ def test_bad_names_name_the_argument(name: str) -> None:
 @pytest.mark.parametrize(
     ("argument", "reason"),
     [
-        ("ab:/dev/a,/dev/b", "TargetKindUnsupported"),
         ("disk:/dev/sdb", "TargetKindUnsupported"),
         ("sysxt:tools", "InvalidRequest"),
         ("http:x", "InvalidRequest"),
