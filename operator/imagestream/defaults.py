@@ -30,3 +30,8 @@ ACTIVE_DEADLINE_SECONDS = 7200
 SHA384 = re.compile(r"[0-9a-f]{96}", re.ASCII)
 #: An OCI content digest this product verifies.
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", re.ASCII)
+
+#: Where `imagestream serve` listens, and where `imagestream stream-disk` connects, by default.
+SERVICE_LISTEN = "unix:///run/imagestream/imagestream.sock"
+#: What `imagestream serve` runs after a success when it handles the reboot.
+REBOOT_COMMAND = "systemctl reboot"

@@ -29,6 +29,8 @@ class Reason(StrEnum):
     INVALID_REQUEST = "InvalidRequest"
     INVALID_SPEC = "InvalidSpec"
     TARGET_KIND_UNSUPPORTED = "TargetKindUnsupported"
+    HASH_REQUIRED = "HashRequired"
+    SERVICING_IN_PROGRESS = "ServicingInProgress"
     NO_API_CONFIG = "NoApiConfig"
 
     # -- the source --
@@ -70,6 +72,7 @@ class Reason(StrEnum):
     TARGET_LOCKED = "TargetLocked"
     TARGET_CHECK_FAILED = "TargetCheckFailed"
     TARGET_TOO_SMALL = "TargetTooSmall"
+    NO_DISK_FITS = "NoDiskFits"
     WRITE_FAILED = "WriteFailed"
 
     # -- the agent and its Job --
