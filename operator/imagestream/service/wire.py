@@ -112,18 +112,13 @@ def error_from_completed(completed: pb.Completed) -> ImageStreamError:
 def _family_of(
     reason: Reason | None, kind: pb.TridentErrorKind.ValueType
 ) -> type[ImageStreamError]:
-    if reason is Reason.CANCELLED:
-        return Cancelled
-    if reason in _UNSUPPORTED or reason in _TARGET_REASONS:
-        return TargetError
-    if reason in _INTEGRITY_REASONS:
-        return IntegrityError
-    if reason in _INVALID_INPUT or kind == pb.INVALID_INPUT_ERROR:
-        return UsageError
+    for family, reasons in _FAMILY_REASONS:
+        if reason in reasons:
+            return family
     if reason is Reason.INTERNAL_ERROR or kind == pb.INTERNAL_ERROR:
         return ImageStreamError
-    if reason in _SOURCE_REASONS:
-        return SourceError
+    if kind == pb.INVALID_INPUT_ERROR:
+        return UsageError
     return TargetError if kind == pb.UNSUPPORTED_CONFIGURATION_ERROR else SourceError
 
 
@@ -137,6 +132,8 @@ _TARGET_REASONS = frozenset(
         Reason.TARGET_IN_USE,
         Reason.TARGET_LOCKED,
         Reason.TARGET_CHECK_FAILED,
+        Reason.TARGET_TOO_SMALL,
+        Reason.NO_DISK_FITS,
         Reason.WRITE_FAILED,
         Reason.SERVICING_IN_PROGRESS,
     }
@@ -150,6 +147,7 @@ _INTEGRITY_REASONS = frozenset(
         Reason.TRUNCATED_STREAM,
         Reason.CORRUPT_STREAM,
         Reason.READ_BACK_MISMATCH,
+        Reason.WINDOW_TOO_LARGE,
     }
 )
 _SOURCE_REASONS = frozenset(
@@ -165,7 +163,29 @@ _SOURCE_REASONS = frozenset(
         Reason.NAME_UNKNOWN,
         Reason.MANIFEST_UNKNOWN,
         Reason.BLOB_UNKNOWN,
+        Reason.NOT_A_MANIFEST,
+        Reason.INVALID_MANIFEST,
+        Reason.PLATFORM_NOT_FOUND,
     }
+)
+#: The error family (so the exit code) each reason comes with on the server, for the client
+#: to exit as `imagestream stream` would have.
+_FAMILY_REASONS: tuple[tuple[type[ImageStreamError], frozenset[Reason]], ...] = (
+    (Cancelled, frozenset({Reason.CANCELLED})),
+    (
+        UsageError,
+        frozenset(
+            {
+                Reason.INVALID_REQUEST,
+                Reason.HASH_REQUIRED,
+                Reason.AMBIGUOUS_LAYER,
+                Reason.LAYER_NOT_FOUND,
+            }
+        ),
+    ),
+    (TargetError, _TARGET_REASONS),
+    (IntegrityError, _INTEGRITY_REASONS),
+    (SourceError, _SOURCE_REASONS),
 )
 
 

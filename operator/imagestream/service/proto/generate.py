@@ -9,6 +9,7 @@ they never drift from the `.proto` files. The `.pyi` stubs come from mypy-protob
 
 from __future__ import annotations
 
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -36,11 +37,21 @@ def generate(out_root: Path) -> None:
             f"--mypy_out={out_root}",
             f"--grpc_python_out={out_root}",
             f"--mypy_grpc_out={out_root}",
+            # mypy-protobuf's plugins, installed beside this interpreter (PATH may not say so).
+            *(f"--plugin={name}={_plugin(name)}" for name in _MYPY_PLUGINS),
             *(str(SOURCE_ROOT / proto) for proto in PROTOS),
         ]
     )
     if status != 0:
         raise SystemExit(f"protoc failed with status {status}")
+
+
+_MYPY_PLUGINS = ("protoc-gen-mypy", "protoc-gen-mypy_grpc")
+
+
+def _plugin(name: str) -> str:
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else shutil.which(name) or name
 
 
 def main() -> None:
