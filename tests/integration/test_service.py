@@ -542,3 +542,70 @@ def test_a_client_built_from_the_proto_files_alone(
         f"sha384:{served.image.sha384}",
     ]
     assert_image_on(disk, served.image)
+
+
+# -- systemd socket activation and the shipped units ------------------------------------------
+
+UNITS = Path(__file__).resolve().parents[2] / "packaging/systemd"
+
+
+def test_socket_activation_serves_connections_on_the_socket_it_was_passed(
+    nginx_factory: NginxFactory, tmp_path: Path, disk: Path
+) -> None:
+    """As systemd does it: the socket bound and listening before the server runs, on fd 3,
+    with LISTEN_FDS=1 and LISTEN_PID naming the server's own pid."""
+    served = serve_image(nginx_factory, tmp_path)
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    os.chmod(path, 0o600)
+    listener.listen()
+    # The launcher puts the socket on fd 3 and names its own pid, which the exec'ed server keeps.
+    launcher = textwrap.dedent(
+        f"""
+        import os, sys
+        os.dup2({listener.fileno()}, 3)
+        os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+        os.execv(sys.argv[1], sys.argv[1:])
+        """
+    )
+    imagestream = str(Path(sys.executable).with_name("imagestream"))
+    with subprocess.Popen(
+        [sys.executable, "-c", launcher, imagestream, "serve", "--disk", str(disk)],
+        pass_fds=(listener.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        listener.close()  # the server holds it now, as systemd's would
+        assert process.stdout is not None
+        first = process.stdout.readline()  # the server is up (though connections queue anyway)
+        try:
+            with channel_to(f"unix://{path}") as channel:
+                messages = stream_disk(channel, disk_request(served.url, served.image.sha384))
+            process.terminate()
+            rest, _ = process.communicate(timeout=30)
+            output = first + rest
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert f"listening on unix://{path}" in output, output
+    assert completed_of(messages).status == pb.STATUS_CODE_SUCCESS
+    assert_image_on(disk, served.image)
+    assert path.exists(), "the socket is systemd's: the server leaves it in place"
+    assert process.returncode == 0, output
+
+
+def test_the_units_are_tridentd_style_socket_activation() -> None:
+    socket_unit = (UNITS / "imagestream.socket").read_text()
+    service_unit = (UNITS / "imagestream.service").read_text()
+    assert "ListenStream=/run/imagestream/imagestream.sock\n" in socket_unit
+    assert "SocketMode=0600\n" in socket_unit
+    assert "Accept=no\n" in socket_unit
+    assert "Requires=imagestream.socket\n" in service_unit
+    assert "ExecStart=/usr/local/bin/imagestream serve $IMAGESTREAM_SERVE_ARGS\n" in service_unit
+    from imagestream import defaults  # noqa: PLC0415
+
+    assert defaults.SERVICE_LISTEN == "unix:///run/imagestream/imagestream.sock"

@@ -72,17 +72,29 @@ def bind(server: grpc.Server, address: str, tls: TlsFiles | None) -> str:
             os.chown(path, 0, 0)
         return f"{UNIX_PREFIX}{path}"
     assert tls is not None
-    credentials = grpc.ssl_server_credentials(
-        [(_read(tls.key, "--tls-key"), _read(tls.cert, "--tls-cert"))],
-        root_certificates=_read(tls.client_ca, "--client-ca"),
-        require_client_auth=True,
-    )
     try:
-        port = server.add_secure_port(where, credentials)
+        port = server.add_secure_port(where, _credentials(tls))
     except RuntimeError as exc:
         raise UsageError(f"cannot listen on {TCP_PREFIX}{where}: {exc}") from exc
     host = where.rpartition(":")[0]
     return f"{TCP_PREFIX}{host}:{port}"
+
+
+def bind_private(server: grpc.Server, path: Path, tls: TlsFiles | None) -> None:
+    """Bind `server` to the Unix socket `path` in a private directory: the backend of a
+    socket-activated server, with mutual TLS when the socket systemd passed is TCP."""
+    if tls is None:
+        server.add_insecure_port(f"unix:{path}")
+    else:
+        server.add_secure_port(f"unix:{path}", _credentials(tls))
+
+
+def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key, "--tls-key"), _read(tls.cert, "--tls-cert"))],
+        root_certificates=_read(tls.client_ca, "--client-ca"),
+        require_client_auth=True,
+    )
 
 
 def prepare_socket_path(path: Path) -> None:

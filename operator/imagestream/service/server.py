@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -16,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from imagestream import __version__
 from imagestream.errors import UsageError
 from imagestream.pipeline.safety import HostView
-from imagestream.service import listen
+from imagestream.service import activation, listen
 from imagestream.service.proto import (
     streaming_pb2,
     streaming_pb2_grpc,
@@ -57,7 +59,14 @@ def _tls_files(args: argparse.Namespace) -> listen.TlsFiles | None:
 def serve_command(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM or SIGINT; 0 after a clean stop."""
     tls = _tls_files(args)
-    listen.parse_listen(args.listen, tls)
+    activated = activation.activated_socket(os.environ, os.getpid())
+    if activated is None:
+        listen.parse_listen(args.listen, tls)
+    elif activated.family != socket.AF_UNIX and tls is None:
+        raise UsageError(
+            "systemd passed a TCP socket: give --tls-cert, --tls-key and --client-ca "
+            "(there is no plaintext TCP)"
+        )
     for disk in args.disk:
         if not disk.is_absolute():
             raise UsageError(f"--disk {disk} must be an absolute path")
@@ -71,6 +80,37 @@ def serve_command(args: argparse.Namespace) -> int:
     )
     streaming = StreamingService(config, cancel)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=_WORKERS))
+    health_servicer = _add_services(server, streaming)
+    relay: activation.Relay | None = None
+    if activated is None:
+        bound = listen.bind(server, args.listen, tls)
+    else:
+        relay = activation.Relay(activated)
+        listen.bind_private(server, relay.backend, tls)
+        bound = activation.describe(activated)
+    server.start()
+    if relay is not None:
+        relay.start()
+    for name in ("", STREAMING_SERVICE, VERSION_SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # A plain line on stderr, whatever the log level: scripts and tests read the address.
+    print(f"imagestream serve: listening on {bound}", file=sys.stderr, flush=True)
+    try:
+        _wait(cancel)
+        log.warning("stopping: cancelling the running servicing, if any")
+        health_servicer.enter_graceful_shutdown()
+        streaming.wait_idle()
+        server.stop(_STOP_GRACE).wait()
+    finally:
+        if relay is None:
+            listen.remove_socket(bound)
+        else:
+            relay.stop()  # the socket itself is systemd's and stays
+    return 0
+
+
+def _add_services(server: grpc.Server, streaming: StreamingService) -> health.HealthServicer:
+    """Trident's two services, the standard health service and reflection of all four."""
     streaming_pb2_grpc.add_StreamingServiceServicer_to_server(streaming, server)
     version_pb2_grpc.add_VersionServiceServicer_to_server(VersionService(), server)
     health_servicer = health.HealthServicer()
@@ -84,21 +124,7 @@ def serve_command(args: argparse.Namespace) -> int:
         ),
         server,
     )
-    bound = listen.bind(server, args.listen, tls)
-    server.start()
-    for name in ("", STREAMING_SERVICE, VERSION_SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    # A plain line on stderr, whatever the log level: scripts and tests read the address.
-    print(f"imagestream serve: listening on {bound}", file=sys.stderr, flush=True)
-    try:
-        _wait(cancel)
-        log.warning("stopping: cancelling the running servicing, if any")
-        health_servicer.enter_graceful_shutdown()
-        streaming.wait_idle()
-        server.stop(_STOP_GRACE).wait()
-    finally:
-        listen.remove_socket(bound)
-    return 0
+    return health_servicer
 
 
 def _wait(cancel: threading.Event) -> None:
