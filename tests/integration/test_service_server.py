@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -609,3 +610,30 @@ def test_the_units_are_tridentd_style_socket_activation() -> None:
     from imagestream import defaults  # noqa: PLC0415
 
     assert defaults.SERVICE_LISTEN == "unix:///run/imagestream/imagestream.sock"
+
+
+def test_a_cosi_image_is_refused_until_the_whole_disk_target_is_in_the_build(
+    nginx_factory: NginxFactory, tmp_path: Path, disk: Path
+) -> None:
+    """A COSI archive must never be written to a disk as the archive itself."""
+    docroot = tmp_path / "docroot"
+    docroot.mkdir()
+    archive = docroot / "image.cosi"
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text('{"version": "1.2", "disk": {"size": 8388608, "lbaSize": 512}}')
+    marker = tmp_path / "cosi-marker"
+    marker.write_bytes(b"")
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(marker, "cosi-marker")
+        tar.add(metadata, "metadata.json")
+    url = nginx_factory(docroot).url_for("image.cosi")
+    digest = hashlib.sha384(metadata.read_bytes()).hexdigest()
+    with (
+        ServeProcess("--listen", socket_of(tmp_path), "--disk", disk) as server,
+        channel_to(server.address) as channel,
+    ):
+        completed = completed_of(stream_disk(channel, disk_request(url, digest)))
+    assert completed.status == pb.STATUS_CODE_FAILURE
+    assert completed.error.kind == pb.UNSUPPORTED_CONFIGURATION_ERROR
+    assert completed.error.subkind == "TargetKindUnsupported"
+    assert read_device(disk, MIB) == PATTERN * (MIB // len(PATTERN)), "the disk was touched"

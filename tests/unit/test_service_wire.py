@@ -4,10 +4,14 @@ the hash and URL rules, the disk choice, the listen addresses, and the generated
 from __future__ import annotations
 
 import filecmp
+import io
+import json
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from imagestream.demo.image import write_raw_image, write_sample_image
 from imagestream.errors import (
     Cancelled,
     ImageStreamError,
@@ -19,7 +23,7 @@ from imagestream.errors import (
 from imagestream.pipeline.progress import Progress
 from imagestream.reasons import Reason
 from imagestream.service import wire
-from imagestream.service.disks import DiskFacts, choose_disk
+from imagestream.service.disks import DiskFacts, ImageFacts, choose_disk, image_facts
 from imagestream.service.listen import TlsFiles, parse_listen
 from imagestream.service.proto import generate, version_pb2
 from imagestream.service.proto import streaming_pb2 as pb
@@ -189,6 +193,10 @@ def test_only_remote_images_are_accepted(url: str) -> None:
         (TargetError("x", reason=Reason.TARGET_MOUNTED), pb.SERVICING_ERROR),
         (TargetError("x", reason=Reason.TARGET_TOO_SMALL), pb.UNSUPPORTED_CONFIGURATION_ERROR),
         (TargetError("x", reason=Reason.NO_DISK_FITS), pb.UNSUPPORTED_CONFIGURATION_ERROR),
+        (
+            TargetError("x", reason=Reason.TARGET_KIND_UNSUPPORTED),
+            pb.UNSUPPORTED_CONFIGURATION_ERROR,
+        ),
         (SourceError("x", reason=Reason.INVALID_MANIFEST), pb.INVALID_INPUT_ERROR),
         (Cancelled("stopped"), pb.SERVICING_ERROR),
         (ImageStreamError("bug", reason=Reason.INTERNAL_ERROR), pb.INTERNAL_ERROR),
@@ -293,6 +301,43 @@ def test_no_disk_fits_names_each_cause() -> None:
     assert refused.value.reason is Reason.NO_DISK_FITS
     assert "/dev/a: too small" in refused.value.message
     assert "/dev/b: is mounted at /srv" in refused.value.message
+
+
+# -- what an image's first bytes tell -----------------------------------------------------------
+
+
+def _tar(*members: tuple[str, bytes], pax: bool = False) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if pax:  # an extended header before the entry, as GNU tar --format=pax writes
+                info.pax_headers = {"comment": "x"}
+            archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_a_cosi_archive_needs_its_disk_size() -> None:
+    metadata = json.dumps({"version": "1.2", "disk": {"size": 3 * MIB, "lbaSize": 512}})
+    head = _tar(("cosi-marker", b""), ("metadata.json", metadata.encode()), ("images/x", b"x"))
+    assert image_facts(head, 10 * MIB) == ImageFacts(cosi=True, needed=3 * MIB)
+    extended = _tar(("cosi-marker", b""), ("metadata.json", metadata.encode()), pax=True)
+    assert image_facts(extended, 10 * MIB) == ImageFacts(cosi=True, needed=3 * MIB)
+    assert image_facts(head[:700], 10 * MIB) == ImageFacts(cosi=True, needed=None)
+    other = _tar(("README", b"hello"))
+    assert image_facts(other, len(other)) == ImageFacts(cosi=False, needed=len(other))
+
+
+def test_raw_and_zstd_images_need_what_they_write(tmp_path: Path) -> None:
+    raw = write_raw_image(tmp_path / "raw", 2 * MIB)
+    zst = write_sample_image(tmp_path / "zst", 3 * MIB)
+    head = raw.path.read_bytes()[:4096]
+    assert image_facts(head, raw.compressed_size) == ImageFacts(cosi=False, needed=2 * MIB)
+    head = zst.path.read_bytes()[:4096]
+    assert image_facts(head, zst.compressed_size) == ImageFacts(cosi=False, needed=3 * MIB)
+    streamed = write_sample_image(tmp_path / "pipe", MIB, content_size=False)
+    assert image_facts(streamed.path.read_bytes()[:4096], 1) == ImageFacts(False, None)
 
 
 # -- listen addresses ----------------------------------------------------------------------------

@@ -7,7 +7,10 @@ Log records carry; the pipeline's own checks still run on the disk that was open
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,10 @@ from imagestream.pipeline.safety import HostView, check_block_device, device_num
 from imagestream.pipeline.sources import SourceOptions, open_source
 from imagestream.reasons import Reason
 
-_HEAD = 18
+#: Enough for a COSI archive's marker and metadata.json, and any compressed image's header.
+_PROBE_BYTES = 256 << 10
+#: Where a POSIX tar header says "ustar".
+_TAR_MAGIC_AT = 257
 
 
 @dataclass(frozen=True)
@@ -95,28 +101,72 @@ def disk_facts(path: Path, host: HostView) -> DiskFacts:
     return DiskFacts(path, size)
 
 
-def probe_output_size(url: str, options: SourceOptions, interrupt: Interrupt) -> int | None:
-    """What the image writes, when its first bytes tell: a raw image's length, a zstd
-    frame's declared content size; None otherwise (or when the probe fails: the stream
-    itself then reports the failure)."""
+@dataclass(frozen=True)
+class ImageFacts:
+    """What an image's first bytes tell: a COSI archive or not, and the bytes it needs on the
+    disk (COSI: `disk.size`; raw: its length; zstd: the first frame's declared size, a lower
+    bound of a multi-frame image's) when they say."""
+
+    cosi: bool
+    needed: int | None
+
+
+def probe_image(url: str, options: SourceOptions, interrupt: Interrupt) -> ImageFacts:
+    """Read the first bytes of `url` (one request, closed at once) for its `ImageFacts`.
+
+    A probe that fails tells nothing (`needed` None): the stream itself reports the failure.
+    """
     try:
         source = open_source(url, options, interrupt)
     except ImageStreamError:
-        return None
+        return ImageFacts(cosi=False, needed=None)
     try:
         head = b""
         for chunk in source.chunks():
             head += chunk
-            if len(head) >= _HEAD:
+            if len(head) >= _PROBE_BYTES:
                 break
-        compression = resolve_compression(Compression.AUTO, head)
-        if compression is Compression.NONE:
-            return source.total
-        if compression is Compression.ZSTD:
-            size = zstandard.frame_content_size(head)
-            return size if size >= 0 else None
-        return None
-    except (ImageStreamError, zstandard.ZstdError):
-        return None
+        return image_facts(head, source.total)
+    except ImageStreamError:
+        return ImageFacts(cosi=False, needed=None)
     finally:
         source.close()
+
+
+def image_facts(head: bytes, total: int | None) -> ImageFacts:
+    """`ImageFacts` from the first bytes of an image and its fetched size."""
+    if head[_TAR_MAGIC_AT : _TAR_MAGIC_AT + 5] == b"ustar":
+        cosi = _cosi_head(head)
+        if cosi is not None:
+            return cosi
+    compression = resolve_compression(Compression.AUTO, head)
+    if compression is Compression.NONE:
+        return ImageFacts(cosi=False, needed=total)
+    if compression is Compression.ZSTD:
+        try:
+            size = zstandard.frame_content_size(head)
+        except zstandard.ZstdError:
+            return ImageFacts(cosi=False, needed=None)
+        return ImageFacts(cosi=False, needed=size if size >= 0 else None)
+    return ImageFacts(cosi=False, needed=None)
+
+
+def _cosi_head(head: bytes) -> ImageFacts | None:
+    """A tar whose first entry is `cosi-marker` is COSI; it needs the `disk.size` of the
+    `metadata.json` that follows (None when the head does not hold it)."""
+    needed: int | None = None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r|") as archive:
+            first = archive.next()
+            if first is None or first.name.removeprefix("./") != "cosi-marker":
+                return None
+            second = archive.next()
+            if second is not None and second.name.removeprefix("./") == "metadata.json":
+                extracted = archive.extractfile(second)
+                metadata = json.loads(extracted.read()) if extracted is not None else None
+                disk = metadata.get("disk") if isinstance(metadata, dict) else None
+                size = disk.get("size") if isinstance(disk, dict) else None
+                needed = size if isinstance(size, int) and size > 0 else None
+    except (tarfile.TarError, ValueError, EOFError):
+        pass  # a head cut inside an entry: what was read so far still counts
+    return ImageFacts(cosi=True, needed=needed)

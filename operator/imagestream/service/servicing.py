@@ -31,7 +31,7 @@ from imagestream.pipeline.sources import SourceOptions
 from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
 from imagestream.service import wire
-from imagestream.service.disks import Choice, choose_disk, disk_facts, probe_output_size
+from imagestream.service.disks import Choice, choose_disk, disk_facts, probe_image
 from imagestream.service.proto import streaming_pb2 as pb
 from imagestream.service.proto import streaming_pb2_grpc
 from imagestream.targets import TargetRequest, plan_target
@@ -56,13 +56,19 @@ class ServiceConfig:
     source_options: SourceOptions = field(default_factory=SourceOptions)
 
 
-def plan_disk(disk: Path, host: HostView) -> TargetPlan:
-    """The one place a chosen disk becomes a target plan.
+def plan_disk(disk: Path, host: HostView, *, cosi: bool) -> TargetPlan:
+    """The one place a chosen disk becomes a target plan: any image but COSI is written to
+    the whole disk as is, as a device target (its safety checks, first-MiB and backup-GPT
+    gating and verification).
 
-    Until the whole-disk COSI target (`disk:DEV`) is in the targets layer, the disk is
-    planned as a device target: a raw or zstd image is written to it as is, with the
-    device's safety checks, first-MiB and backup-GPT gating and verification.
+    A COSI image needs the whole-disk COSI target (`disk:DEV`), which this build's targets
+    layer does not have yet: it is refused rather than written as an archive onto the disk.
     """
+    if cosi:
+        raise TargetError(
+            f"{disk}: COSI images need the whole-disk COSI target, which this build does not have",
+            reason=Reason.TARGET_KIND_UNSUPPORTED,
+        )
     return plan_target(TargetRequest(kind="device", path=disk, host=host))
 
 
@@ -136,13 +142,12 @@ class StreamingService(streaming_pb2_grpc.StreamingServiceServicer):
         url = redact_url(request.image_url)
         try:
             emit(wire.log(f"resolved source {url}", target="source"))
-            output_size = probe_output_size(
-                request.image_url, self._config.source_options, Interrupt()
-            )
-            choice = self._choose(output_size, emit)
-            plan = plan_disk(choice.disk, self._config.host)
-            emit(wire.log(f"streaming {url} onto {choice.disk}", target="disk"))
-            progress = _ProgressLog(emit, output_size)
+            facts = probe_image(request.image_url, self._config.source_options, Interrupt())
+            choice = self._choose(facts.needed, emit)
+            plan = plan_disk(choice.disk, self._config.host, cosi=facts.cosi)
+            what = "COSI image" if facts.cosi else "image"
+            emit(wire.log(f"streaming the {what} {url} onto {choice.disk}", target="disk"))
+            progress = _ProgressLog(emit, None if facts.cosi else facts.needed)
             result = run_stream(
                 StreamRequest(
                     source=request.image_url,

@@ -31,7 +31,9 @@ _HASH = re.compile(r"sha384:[0-9a-f]{96}", re.ASCII)
 URL_SCHEMES = ("http://", "https://", "oci://")
 
 #: Reasons that mean "this machine cannot take this image", whatever is retried.
-_UNSUPPORTED = frozenset({Reason.TARGET_TOO_SMALL, Reason.NO_DISK_FITS})
+_UNSUPPORTED = frozenset(
+    {Reason.TARGET_TOO_SMALL, Reason.NO_DISK_FITS, Reason.TARGET_KIND_UNSUPPORTED}
+)
 #: Reasons that mean the request (URL, hash) or the image itself is wrong.
 _INVALID_INPUT = frozenset(
     {
@@ -134,6 +136,7 @@ _TARGET_REASONS = frozenset(
         Reason.TARGET_CHECK_FAILED,
         Reason.TARGET_TOO_SMALL,
         Reason.NO_DISK_FITS,
+        Reason.TARGET_KIND_UNSUPPORTED,
         Reason.WRITE_FAILED,
         Reason.SERVICING_IN_PROGRESS,
     }
