@@ -8,6 +8,7 @@ mutual-TLS certificates.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import os
@@ -29,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_tools import protoc
 from tests.support.blockdev import LoopDeviceFactory, mounted_ext4
+from tests.support.blockdev import run as run_command
 from tests.support.cli import run_imagestream
 from tests.support.grpc_service import (
     ServeProcess,
@@ -43,6 +45,7 @@ from tests.support.grpc_service import (
 )
 from tests.support.nginx import NginxFactory
 from tests.support.targets import MIB, PATTERN, fill_pattern, read_device
+from tests.support.tools import require_tool
 
 from imagestream import __version__
 from imagestream.demo.image import SampleImage, write_raw_image, write_sample_image
@@ -386,14 +389,15 @@ def test_the_smallest_disk_that_fits_is_chosen_and_the_others_explained(
     large = loop_device_factory(64 * MIB)
     fitting = loop_device_factory(12 * MIB)
     mounted = loop_device_factory(32 * MIB)
+    read_only = loop_device_factory(10 * MIB)
     for dev in (small, large, fitting):
         fill_pattern(dev, 4 * MIB)
+    disks = (large, small, mounted, read_only, fitting)
     with (
+        read_only_device(read_only),
         mounted_ext4(mounted, tmp_path / "mnt"),
         ServeProcess(
-            "--listen",
-            socket_of(tmp_path),
-            *(arg for dev in (large, small, mounted, fitting) for arg in ("--disk", str(dev))),
+            "--listen", socket_of(tmp_path), *(a for dev in disks for a in ("--disk", str(dev)))
         ) as server,
         channel_to(server.address) as channel,
     ):
@@ -407,8 +411,20 @@ def test_the_smallest_disk_that_fits_is_chosen_and_the_others_explained(
     assert f"not chosen: {small}: too small ({4 * MIB} bytes for {IMAGE_SIZE})" in lines
     assert f"not chosen: {large}: larger ({64 * MIB} bytes)" in lines
     assert any(line.startswith(f"not chosen: {mounted}: is mounted at") for line in lines), lines
+    assert f"not chosen: {read_only}: read-only" in lines
     assert_image_on(fitting, served.image)
     assert read_device(large, MIB) == PATTERN * (MIB // len(PATTERN))
+
+
+@contextlib.contextmanager
+def read_only_device(dev: Path) -> Iterator[None]:
+    """`blockdev --setro` for the block, `--setrw` after (the kernel's read-only flag)."""
+    blockdev = require_tool("blockdev")
+    run_command([blockdev, "--setro", dev])
+    try:
+        yield
+    finally:
+        run_command([blockdev, "--setrw", dev])
 
 
 # -- the reboot ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import grpc
 
 from imagestream import defaults
 from imagestream.errors import ImageStreamError, TargetError
-from imagestream.pipeline.interrupt import Interrupt
+from imagestream.pipeline.interrupt import watching
 from imagestream.pipeline.pipeline import StreamRequest, StreamResult, run_stream
 from imagestream.pipeline.progress import Progress
 from imagestream.pipeline.redact import redact_url
@@ -142,7 +142,10 @@ class StreamingService(streaming_pb2_grpc.StreamingServiceServicer):
         url = redact_url(request.image_url)
         try:
             emit(wire.log(f"resolved source {url}", target="source"))
-            facts = probe_image(request.image_url, self._config.source_options, Interrupt())
+            # The probe is cut by a stop like the stream; a cut probe tells nothing, and the
+            # stream then ends at once as cancelled.
+            with watching(self._cancel) as interrupt:
+                facts = probe_image(request.image_url, self._config.source_options, interrupt)
             choice = self._choose(facts.needed, emit)
             plan = plan_disk(choice.disk, self._config.host, cosi=facts.cosi)
             what = "COSI image" if facts.cosi else "image"
