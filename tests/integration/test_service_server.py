@@ -140,7 +140,8 @@ def test_raw_image_to_a_disk_over_the_unix_socket(
     assert not completed.HasField("error")
     assert not record.exists(), "CALLER_HANDLES_REBOOT must not run the reboot command"
     lines = log_lines(messages)
-    assert any(line.startswith(f"resolved source {served.url}") for line in lines), lines
+    resolved = f"resolved source {served.url}, {served.image.compressed_size} bytes, raw"
+    assert resolved in lines
     assert any(line.startswith(f"chose {disk}") for line in lines), lines
     assert any(line.startswith("progress 100.0% 8.00 MiB of 8.00 MiB written") for line in lines)
     assert all(m.log.level == pb.LOG_LEVEL_INFO for m in messages if m.HasField("log"))

@@ -12,7 +12,7 @@ import json
 import os
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import zstandard
@@ -109,6 +109,8 @@ class ImageFacts:
 
     cosi: bool
     needed: int | None
+    #: What the source resolved to, for the Log ("" when the probe could not open it).
+    resolved: str = ""
 
 
 def probe_image(url: str, options: SourceOptions, interrupt: Interrupt) -> ImageFacts:
@@ -126,11 +128,16 @@ def probe_image(url: str, options: SourceOptions, interrupt: Interrupt) -> Image
             head += chunk
             if len(head) >= _PROBE_BYTES:
                 break
-        return image_facts(head, source.total)
+        facts = image_facts(head, source.total)
     except ImageStreamError:
         return ImageFacts(cosi=False, needed=None)
     finally:
         source.close()
+    blob = f", blob {source.digest}" if source.digest else ""
+    size = f", {source.total} bytes" if source.total is not None else ""
+    compression = resolve_compression(Compression.AUTO, head)
+    kind = "COSI" if facts.cosi else "raw" if compression is Compression.NONE else compression.value
+    return replace(facts, resolved=f"{source.name}{blob}{size}, {kind}")
 
 
 def image_facts(head: bytes, total: int | None) -> ImageFacts:

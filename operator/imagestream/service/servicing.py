@@ -141,11 +141,11 @@ class StreamingService(streaming_pb2_grpc.StreamingServiceServicer):
     def _service(self, request: pb.StreamDiskRequest, expected: str | None, emit: Emit) -> None:
         url = redact_url(request.image_url)
         try:
-            emit(wire.log(f"resolved source {url}", target="source"))
             # The probe is cut by a stop like the stream; a cut probe tells nothing, and the
             # stream then ends at once as cancelled.
             with watching(self._cancel) as interrupt:
                 facts = probe_image(request.image_url, self._config.source_options, interrupt)
+            emit(wire.log(f"resolved source {facts.resolved or url}", target="source"))
             choice = self._choose(facts.needed, emit)
             plan = plan_disk(choice.disk, self._config.host, cosi=facts.cosi)
             what = "COSI image" if facts.cosi else "image"
