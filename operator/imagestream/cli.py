@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,6 +174,12 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
         "--metrics-address", default="0.0.0.0", help="address the metrics port binds to"
     )
     controller.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        help="liveness endpoint port, serving /healthz on --metrics-address (0: disabled)",
+    )
+    controller.add_argument(
         "--agent-image",
         default="imagestream-operator:latest",
         help="container image of the agent Jobs",
@@ -188,6 +195,36 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
         default=3600,
         help="how long a finished agent Job (and its logs) is kept (default 3600)",
     )
+    controller.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as plain text or one JSON object each (default text)",
+    )
+    controller.add_argument(
+        "--agent-image-pull-policy",
+        choices=("Always", "IfNotPresent", "Never"),
+        default="IfNotPresent",
+        help="imagePullPolicy of the agent Jobs (default IfNotPresent)",
+    )
+    controller.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        type=agent_env,
+        metavar="NAME=VALUE",
+        help="an environment variable of the agent containers, e.g. HTTPS_PROXY (repeatable)",
+    )
+
+
+def agent_env(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` of --agent-env; the IMAGESTREAM_* names are the controller's contract."""
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if name.startswith("IMAGESTREAM_"):
+        raise argparse.ArgumentTypeError(f"{name}: IMAGESTREAM_* variables are set per stream")
+    return name, value
 
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
