@@ -417,6 +417,27 @@ def test_the_smallest_disk_that_fits_is_chosen_and_the_others_explained(
     assert read_device(large, MIB) == PATTERN * (MIB // len(PATTERN))
 
 
+def test_no_disk_fits_and_a_missing_image_are_failures_with_their_reasons(
+    nginx_factory: NginxFactory, tmp_path: Path, loop_device_factory: LoopDeviceFactory
+) -> None:
+    served = serve_image(nginx_factory, tmp_path)
+    small, smaller = loop_device_factory(6 * MIB), loop_device_factory(4 * MIB)
+    with (
+        ServeProcess("--listen", socket_of(tmp_path), "--disk", small, "--disk", smaller) as server,
+        channel_to(server.address) as channel,
+    ):
+        too_big = completed_of(stream_disk(channel, disk_request(served.url, served.image.sha384)))
+        missing_url = served.url.replace("image.raw", "missing.raw")
+        missing = completed_of(stream_disk(channel, disk_request(missing_url, "0" * 96)))
+    assert too_big.error.kind == pb.UNSUPPORTED_CONFIGURATION_ERROR
+    assert too_big.error.subkind == "NoDiskFits"
+    assert f"{small}: too small ({6 * MIB} bytes for {IMAGE_SIZE})" in too_big.error.message
+    assert f"{smaller}: too small ({4 * MIB} bytes for {IMAGE_SIZE})" in too_big.error.message
+    assert missing.error.kind == pb.SERVICING_ERROR
+    assert missing.error.subkind == "HTTPError"
+    assert "404" in missing.error.message
+
+
 @contextlib.contextmanager
 def read_only_device(dev: Path) -> Iterator[None]:
     """`blockdev --setro` for the block, `--setrw` after (the kernel's read-only flag)."""

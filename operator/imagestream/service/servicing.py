@@ -162,9 +162,9 @@ class StreamingService(streaming_pb2_grpc.StreamingServiceServicer):
                 ),
                 progress,
             )
-            reboot = self._reboot(request.reboot.handling, emit)
             emit(wire.log(_summary(result), target="disk"))
             log.info("StreamDisk of %s onto %s verified: %s", url, result.target, result.sha384)
+            reboot = self._reboot(request.reboot.handling, emit)
             final = wire.completed_success(result.sha384, reboot)
         except ImageStreamError as exc:
             log.warning("StreamDisk of %s failed (%s): %s", url, exc.reason, exc.message)
@@ -186,12 +186,7 @@ class StreamingService(streaming_pb2_grpc.StreamingServiceServicer):
         if len(disks) == 1:
             emit(wire.log(f"chose {disks[0]}: the only --disk", target="disk"))
             return Choice(disk=disks[0], why="the only --disk", skipped=())
-        facts = [disk_facts(disk, self._config.host) for disk in disks]
-        try:
-            choice = choose_disk(facts, needed)
-        except TargetError as exc:
-            emit(wire.log(exc.message, level=pb.LOG_LEVEL_WARN, target="disk"))
-            raise
+        choice = choose_disk([disk_facts(disk, self._config.host) for disk in disks], needed)
         emit(wire.log(f"chose {choice.disk}: {choice.why}", target="disk"))
         for reason in choice.skipped:
             emit(wire.log(f"not chosen: {reason}", target="disk"))
