@@ -289,7 +289,10 @@ def test_allow_unverified_accepts_a_request_without_a_hash(
         ) as server,
         channel_to(server.address) as channel,
     ):
-        completed = completed_of(stream_disk(channel, disk_request(served.url, None)))
+        messages = stream_disk(channel, disk_request(served.url, None))
+    completed = completed_of(messages)
+    warnings = [m.log.message for m in messages if m.log.level == pb.LOG_LEVEL_WARN]
+    assert warnings == ["no image_hash was given: the image was written UNVERIFIED"]
     assert completed.status == pb.STATUS_CODE_SUCCESS
     assert completed.image_hash == f"sha384:{served.image.sha384}"
     assert_image_on(disk, served.image)

@@ -163,6 +163,14 @@ class StreamingService(streaming_pb2_grpc.StreamingServiceServicer):
                 progress,
             )
             emit(wire.log(_summary(result), target="disk"))
+            if not result.verified:
+                emit(
+                    wire.log(
+                        "no image_hash was given: the image was written UNVERIFIED",
+                        level=pb.LOG_LEVEL_WARN,
+                        target="disk",
+                    )
+                )
             log.info("StreamDisk of %s onto %s verified: %s", url, result.target, result.sha384)
             reboot = self._reboot(request.reboot.handling, emit)
             final = wire.completed_success(result.sha384, reboot)
@@ -261,6 +269,7 @@ class _ProgressLog:
 def _summary(result: StreamResult) -> str:
     return (
         f"wrote {result.target}: {result.bytes_written} bytes from {result.bytes_fetched} "
-        f"fetched ({result.compression.value}), sha384 {result.sha384} verified, "
+        f"fetched ({result.compression.value}), sha384 {result.sha384}"
+        f"{' verified' if result.verified else ''}, "
         f"{result.resumes} resumes, {result.seconds:.2f} s"
     )
