@@ -23,6 +23,7 @@ from imagestream.errors import (
 from imagestream.pipeline.progress import Progress
 from imagestream.reasons import Reason
 from imagestream.service import wire
+from imagestream.service.activation import activated_socket
 from imagestream.service.disks import DiskFacts, ImageFacts, choose_disk, image_facts
 from imagestream.service.listen import TlsFiles, parse_listen
 from imagestream.service.proto import generate, version_pb2
@@ -365,3 +366,19 @@ def test_listen_refusals(address: str, tls: TlsFiles | None, words: str) -> None
     with pytest.raises(UsageError) as refused:
         parse_listen(address, tls)
     assert words in refused.value.message
+
+
+# -- systemd socket activation: whose sockets, how many -------------------------------------
+
+
+def test_activation_needs_listen_pid_to_be_ours_and_clears_the_variables() -> None:
+    environ = {"LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FDNAMES": "x", "PATH": "/bin"}
+    assert activated_socket(environ, pid=4242) is None
+    assert environ == {"PATH": "/bin"}, "a child (the reboot command) must not inherit them"
+    assert activated_socket({}, pid=4242) is None
+
+
+def test_activation_refuses_more_than_one_socket() -> None:
+    with pytest.raises(UsageError) as refused:
+        activated_socket({"LISTEN_FDS": "2", "LISTEN_PID": "4242"}, pid=4242)
+    assert "takes exactly 1" in refused.value.message

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imagestream import __version__
-from imagestream.errors import UsageError
+from imagestream.errors import Cancelled, UsageError
 from imagestream.pipeline.safety import HostView
 from imagestream.service import activation, listen
 from imagestream.service.proto import (
@@ -101,6 +101,12 @@ def serve_command(args: argparse.Namespace) -> int:
         health_servicer.enter_graceful_shutdown()
         streaming.wait_idle()
         server.stop(_STOP_GRACE).wait()
+    except KeyboardInterrupt:
+        # Ctrl-C again while the servicing winds down: stop now. The stream's target is
+        # invalid already (its header is zeros until the commit).
+        log.warning("stopped at once; a servicing that was running did not send its Completed")
+        server.stop(0).wait()
+        return Cancelled.exit_code
     finally:
         if relay is None:
             listen.remove_socket(bound)
