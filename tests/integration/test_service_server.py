@@ -168,6 +168,21 @@ def test_a_stale_socket_is_replaced_a_live_one_refused(tmp_path: Path, disk: Pat
         assert version.version == __version__
 
 
+def test_a_socket_that_cannot_be_created_is_a_usage_error(tmp_path: Path, disk: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the socket's directory should be
+    run = run_imagestream("serve", "--listen", f"unix://{blocker}/s.sock", "--disk", disk)
+    assert run.code == 2, run.text
+    assert f"cannot listen on unix://{blocker}/s.sock" in run.text
+    assert "Traceback" not in run.text
+    taken = tmp_path / "not-a-socket"
+    taken.write_text("")
+    run = run_imagestream("serve", "--listen", f"unix://{taken}", "--disk", disk)
+    assert run.code == 2, run.text
+    assert "exists and is not a socket" in run.text
+    assert taken.read_text() == ""
+
+
 # -- TCP with mutual TLS: zstd image, Version, health, reflection, refused certificates --------
 
 

@@ -59,17 +59,11 @@ def bind(server: grpc.Server, address: str, tls: TlsFiles | None) -> str:
     kind, where = parse_listen(address, tls)
     if kind == "unix":
         path = Path(where)
-        prepare_socket_path(path)
-        # The socket is created under this umask, so it is never reachable by others, not
-        # even between its creation and the chmod below.
-        previous = os.umask(0o177)
         try:
-            server.add_insecure_port(f"unix:{path}")
-        finally:
-            os.umask(previous)
-        os.chmod(path, 0o600)
-        if os.geteuid() == 0:
-            os.chown(path, 0, 0)
+            _bind_unix(server, path)
+        except (OSError, RuntimeError) as exc:
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError(f"cannot listen on {address}: {cause}") from exc
         return f"{UNIX_PREFIX}{path}"
     assert tls is not None
     try:
@@ -78,6 +72,20 @@ def bind(server: grpc.Server, address: str, tls: TlsFiles | None) -> str:
         raise UsageError(f"cannot listen on {TCP_PREFIX}{where}: {exc}") from exc
     host = where.rpartition(":")[0]
     return f"{TCP_PREFIX}{host}:{port}"
+
+
+def _bind_unix(server: grpc.Server, path: Path) -> None:
+    prepare_socket_path(path)
+    # The socket is created under this umask, so it is never reachable by others, not even
+    # between its creation and the chmod below.
+    previous = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{path}")
+    finally:
+        os.umask(previous)
+    os.chmod(path, 0o600)
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
 
 
 def bind_private(server: grpc.Server, path: Path, tls: TlsFiles | None) -> None:
