@@ -212,6 +212,35 @@ def test_zstd_image_over_mutual_tls_with_version_health_and_reflection(
             messages = stream_disk(
                 channel, disk_request(served.url, served.image.sha384, pb.CALLER_HANDLES_REBOOT)
             )
+        client_files = tmp_path / "client"
+        client_files.mkdir()
+        for name, pem in (
+            ("cert.pem", tls.client.cert_chain),
+            ("key.pem", tls.client.key),
+            ("ca.pem", tls.client.server_ca),
+        ):
+            (client_files / name).write_bytes(pem)
+        fill_pattern(disk, DISK_SIZE)
+        by_cli = run_imagestream(
+            "stream-disk",
+            served.url,
+            "--sha384",
+            served.image.sha384,
+            "--server",
+            server.address,
+            "--caller-handles-reboot",
+            "--progress",
+            "json",
+            "--tls-cert",
+            client_files / "cert.pem",
+            "--tls-key",
+            client_files / "key.pem",
+            "--server-ca",
+            client_files / "ca.pem",
+        )
+    assert by_cli.code == 0, by_cli.text
+    assert by_cli.result()["imageHash"] == f"sha384:{served.image.sha384}"
+    assert by_cli.result()["rebootStatus"] == "REBOOT_REQUIRED"
     assert version.version == __version__
     assert {"trident.v1.StreamingService", "trident.v1.VersionService"} <= names
     assert "grpc.health.v1.Health" in names
