@@ -33,6 +33,7 @@ from imagestream.progress_display import (
     stream_header,
 )
 from imagestream.reasons import Reason
+from imagestream.service.arguments import add_service_parsers
 from imagestream.signals import cancel_on_signals
 from imagestream.targets import target_from_argument
 from imagestream.targets.stream import stream_target
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "agent", help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)"
     )
     add_controller_parser(commands)
+    add_service_parsers(commands)
     return parser
 
 
@@ -431,6 +433,15 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
         from imagestream.controller.main import controller_command  # noqa: PLC0415
 
         return controller_command(args)
+    if args.command == "serve":
+        # Imported here: grpc costs start-up time every plain stream would pay.
+        from imagestream.service.server import serve_command  # noqa: PLC0415
+
+        return serve_command(args)
+    if args.command == "stream-disk":
+        from imagestream.service.client import stream_disk_command  # noqa: PLC0415
+
+        return stream_disk_command(args, console)
     if args.command == "demo":
         validate_demo_args(args)
         # Imported here: the demo's generator and server cost 0.1 s of start-up on every stream.

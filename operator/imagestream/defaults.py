@@ -39,3 +39,7 @@ EXTENSION_NAME_MAX = 128
 #: How long `systemd-sysext refresh` / `systemd-confext refresh` may take before it counts as
 #: failed (it merges overlays: seconds, not minutes).
 EXTENSION_REFRESH_TIMEOUT_SECONDS = 120
+#: Where `imagestream serve` listens, and where `imagestream stream-disk` connects, by default.
+SERVICE_LISTEN = "unix:///run/imagestream/imagestream.sock"
+#: What `imagestream serve` runs after a success when it handles the reboot.
+REBOOT_COMMAND = "systemctl reboot"

@@ -29,6 +29,8 @@ class Reason(StrEnum):
     INVALID_REQUEST = "InvalidRequest"
     INVALID_SPEC = "InvalidSpec"
     TARGET_KIND_UNSUPPORTED = "TargetKindUnsupported"
+    HASH_REQUIRED = "HashRequired"
+    SERVICING_IN_PROGRESS = "ServicingInProgress"
     NO_API_CONFIG = "NoApiConfig"
 
     # -- the source --
@@ -71,6 +73,7 @@ class Reason(StrEnum):
     TARGET_CHECK_FAILED = "TargetCheckFailed"
     TARGET_TOO_SMALL = "TargetTooSmall"
     ACTIVE_VOLUME_UNKNOWN = "ActiveVolumeUnknown"
+    NO_DISK_FITS = "NoDiskFits"
     WRITE_FAILED = "WriteFailed"
     EXTENSION_REFRESH_FAILED = "ExtensionRefreshFailed"
 
