@@ -34,7 +34,7 @@ from imagestream.pipeline.decompress import (
 from imagestream.pipeline.interrupt import Interrupt, join_all, watching
 from imagestream.pipeline.oci_select import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
-from imagestream.pipeline.sinks import Sink, open_sink
+from imagestream.pipeline.sinks import Aftermath, Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
 from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
@@ -43,9 +43,6 @@ _REPORT_INTERVAL = 0.1
 _FETCH_QUEUE = 4
 _POOL_BUFFERS = 4
 _ZSTD_HEADER_PEEK = 18
-#: What a failure's message claims about the target once the sink invalidated it.
-LEFT_INVALID = "the target was left invalid"
-_INVALID_CLAIMS = (f"; {LEFT_INVALID}", "; the target is invalid")
 
 
 @dataclass(frozen=True)
@@ -102,8 +99,8 @@ def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
 def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = None) -> StreamResult:
     """Stream the source onto the target; return only once the output verified and is durable.
 
-    A cancel raises `Cancelled`, and so does a KeyboardInterrupt (a second Ctrl-C), whose message
-    says whether the target was left invalid or nothing was written to it.
+    A cancel raises `Cancelled`, and so does a KeyboardInterrupt (a second Ctrl-C). Every error
+    raised once the target is open ends with what was left on it (`Aftermath.clause`).
     """
     expected = validate_sha384(request.sha384, request.allow_unverified)
     sink = open_sink(request.target)
@@ -117,27 +114,26 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
             finally:
                 source.close()
     except BaseException as exc:
-        stopped = exc
+        stopped: BaseException = exc
         try:
-            failure = sink.invalidate()
+            left = sink.invalidate()
         except KeyboardInterrupt as again:
             stopped = again  # Ctrl-C again while invalidating: stop now, as asked
-            failure = None
+            left = None
         if isinstance(stopped, Cancelled | KeyboardInterrupt):
             error: ImageStreamError = _cancelled(stopped, stream.counters if stream else None)
         elif isinstance(exc, ImageStreamError):
             error = exc
         else:
             raise
-        if failure is not None:
-            raise _not_invalidated(error, request.target.name, failure) from exc
+        _conclude(error, left)
         if error is exc:
             raise
         raise error from exc
 
 
 def _cancelled(exc: BaseException, counters: Counters | None) -> Cancelled:
-    """The cancel as the user sees it: when it came, and what it left on the target."""
+    """The cancel as the user sees it: when it came (what it left is added by `_conclude`)."""
     how = (
         "stopped at once (interrupted again)" if isinstance(exc, KeyboardInterrupt) else "cancelled"
     )
@@ -147,23 +143,19 @@ def _cancelled(exc: BaseException, counters: Counters | None) -> Cancelled:
         when = "while verifying"
     else:
         when = "while streaming"
-    if counters is None or not counters.bytes_written:
-        return Cancelled(
-            f"the stream was {how} {when}; nothing was written, the target is unchanged"
-        )
-    return Cancelled(f"the stream was {how} {when}; {LEFT_INVALID}")
+    return Cancelled(f"the stream was {how} {when}")
 
 
-def _not_invalidated(exc: ImageStreamError, name: str, failure: str) -> ImageStreamError:
-    """`exc` with its message no longer claiming an invalid target: it could not be made so."""
-    message = exc.message
-    for claim in _INVALID_CLAIMS:
-        message = message.removesuffix(claim)
-    return type(exc)(
-        f"{message}; the target {name} could NOT be invalidated ({failure}): it may still "
-        "look valid, do not boot from it",
-        reason=exc.reason,
+def _conclude(error: ImageStreamError, left: Aftermath | None) -> None:
+    """End `error`'s message with what the sink says it left on the target (in place, so the
+    error keeps its type and attributes); `None`: the sink was stopped before it could say."""
+    clause = (
+        left.clause()
+        if left is not None
+        else "stopped while invalidating the target: it may still look valid, do not boot from it"
     )
+    error.message = f"{error.message}; {clause}"
+    error.args = (error.message,)
 
 
 class _Stream:
@@ -325,8 +317,7 @@ class _Stream:
         actual = self.fetched_hash.hexdigest()
         if expected is not None and actual != expected:
             raise IntegrityError(
-                f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}; "
-                f"{LEFT_INVALID}",
+                f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}",
                 reason=Reason.HASH_MISMATCH,
             )
         self._checkpoint()
@@ -338,7 +329,7 @@ class _Stream:
             if on_disk != self.output_hash.hexdigest():
                 raise IntegrityError(
                     f"read-back of {self.request.target.name} does not match what was written "
-                    f"(the device lost or altered data); {LEFT_INVALID}",
+                    "(the device lost or altered data)",
                     reason=Reason.READ_BACK_MISMATCH,
                 )
             read_back = True
@@ -375,7 +366,7 @@ class _Stream:
         if actual != expected:
             raise IntegrityError(
                 f"blob digest mismatch: {self.source.name} promised {expected}, the fetched "
-                f"bytes have {actual}; {LEFT_INVALID}",
+                f"bytes have {actual}",
                 reason=Reason.DIGEST_MISMATCH,
             )
         return expected
