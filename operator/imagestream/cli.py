@@ -18,21 +18,20 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from imagestream import __version__, defaults
-from imagestream.errors import ImageStreamError, UsageError
+from imagestream.errors import Cancelled, ImageStreamError, UsageError
 from imagestream.pipeline.credentials import load_auth_file
 from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.oci_refs import OCI_SCHEME, parse_platform
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
+from imagestream.pipeline.redact import redact_url
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions, check_location
-from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.progress_display import RunFacts, make_display, report_failure, report_success
 from imagestream.reasons import Reason
 from imagestream.signals import cancel_on_signals
 from imagestream.targets import target_from_argument
 
-EXIT_USAGE = 2
-#: An exception nobody raised on purpose: a bug (sysexits' EX_SOFTWARE).
 EXIT_INTERNAL = 70
 _UNSAFE_FLAG = "--skip-verification-unsafe"
 # Linux's limits (linux/limits.h): longer names fail every system call with ENAMETOOLONG.
@@ -301,17 +300,41 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
     )
 
 
-def stream_command(args: argparse.Namespace, console: Console) -> int:
+def stream_command(args: argparse.Namespace, console: Console, facts: RunFacts) -> int:
     """Run `imagestream stream`: progress while it runs, a summary or a clear error at the end."""
     cancel = cancel_on_signals()
     display = make_display(args.progress, console)
     try:
         with display:
-            result = run_stream(request_from_args(args, cancel), display.update)
+            result = run_stream(request_from_args(args, cancel), facts.watch(display.update))
     except ImageStreamError as exc:
-        return report_failure(exc, args.progress, console)
-    report_success(result, args.progress, console)
+        return report_failure(exc, args.progress, console, facts)
+    report_success(result, args.progress, console, facts)
     return 0
+
+
+class InternalError(ImageStreamError):
+    """An exception nobody raised on purpose: a bug (sysexits' EX_SOFTWARE)."""
+
+    exit_code = EXIT_INTERNAL
+    default_reason = Reason.INTERNAL_ERROR
+
+
+def run_facts(args: argparse.Namespace) -> RunFacts:
+    """What the JSON result repeats of the request: the source (redacted), target and hash."""
+    source = getattr(args, "source", None)
+    try:
+        redacted = redact_url(source) if source is not None else None
+    except ValueError:
+        redacted = None  # malformed (the failure reported), and it may hold credentials
+    target = getattr(args, "target", None)
+    expected = (getattr(args, "sha384", None) or "").strip().lower()
+    return RunFacts(
+        source=redacted,
+        target=str(target) if target is not None else None,
+        # A malformed hash is the failure the result reports, not a hash to repeat.
+        expected_sha384=expected if defaults.SHA384.fullmatch(expected) else None,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -332,26 +355,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     mode = getattr(args, "progress", "plain")
+    facts = run_facts(args)
     try:
-        return run_command(args, console)
+        return run_command(args, console, facts)
     except ImageStreamError as exc:
         # A bad value, refused before the command's own reporting started.
-        return report_failure(exc, mode, console)
+        return report_failure(exc, mode, console, facts)
+    except KeyboardInterrupt:
+        # A second Ctrl-C outside the stream (which turns its own into a cancel).
+        stopped = Cancelled("the command was stopped at once (interrupted again)")
+        return report_failure(stopped, mode, console, facts)
     except Exception as exc:  # a bug: say so in words, keep the trace for -v
         log.info("internal error", exc_info=exc)
-        report_failure(
-            ImageStreamError(
+        return report_failure(
+            InternalError(
                 f"internal error: {type(exc).__name__}: {exc}; please report this bug with "
-                "the output of -v",
-                reason=Reason.INTERNAL_ERROR,
+                "the output of -v"
             ),
             mode,
             console,
+            facts,
         )
-        return EXIT_INTERNAL
 
 
-def run_command(args: argparse.Namespace, console: Console) -> int:
+def run_command(args: argparse.Namespace, console: Console, facts: RunFacts) -> int:
     """Run the parsed subcommand; return its exit code."""
     if args.command == "agent":
         # Imported here: the Kubernetes client costs start-up time every plain stream would pay.
@@ -369,7 +396,6 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
 
         return demo_command(args, console)
     if args.sha384 is None and not args.unverified:
-        console.print(f"error: --sha384 is required (or {_UNSAFE_FLAG} to write unverified)")
-        return EXIT_USAGE
+        raise UsageError(f"--sha384 is required (or {_UNSAFE_FLAG} to write unverified)")
     validate_stream_args(args)
-    return stream_command(args, console)
+    return stream_command(args, console, facts)

@@ -79,6 +79,15 @@ class StreamResult:
     digest: str | None = None
 
 
+class VerificationFailed(IntegrityError):
+    """A check of the whole image failed; carries the SHA-384 the fetched bytes have, for the
+    results that report it beside the expected one."""
+
+    def __init__(self, message: str, reason: Reason, computed_sha384: str) -> None:
+        super().__init__(message, reason=reason)
+        self.computed_sha384 = computed_sha384
+
+
 def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
     """Normalise the expected hash, or refuse a request that has none."""
     if value is None:
@@ -313,12 +322,13 @@ class _Stream:
         self.counters.phase = "Verifying"
         self._report()
         # The blob digest first: when both differ, the bytes are not the registry's blob at all.
-        digest = self._verify_blob_digest()
         actual = self.fetched_hash.hexdigest()
+        digest = self._verify_blob_digest(actual)
         if expected is not None and actual != expected:
-            raise IntegrityError(
+            raise VerificationFailed(
                 f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}",
                 reason=Reason.HASH_MISMATCH,
+                computed_sha384=actual,
             )
         self._checkpoint()
         read_back = False
@@ -327,10 +337,11 @@ class _Stream:
             # long read-back leaves it invalid. The held bytes are hashed from memory.
             on_disk = self.sink.sha384_on_disk(self.counters.bytes_written, self._checkpoint)
             if on_disk != self.output_hash.hexdigest():
-                raise IntegrityError(
+                raise VerificationFailed(
                     f"read-back of {self.request.target.name} does not match what was written "
                     "(the device lost or altered data)",
                     reason=Reason.READ_BACK_MISMATCH,
+                    computed_sha384=actual,
                 )
             read_back = True
         self._checkpoint()
@@ -358,15 +369,16 @@ class _Stream:
             self.interrupt.set()
         self.interrupt.check()
 
-    def _verify_blob_digest(self) -> str | None:
+    def _verify_blob_digest(self, sha384: str) -> str | None:
         expected = self.source.digest
         if expected is None or self.blob_hash is None:
             return None
         actual = digest_of(self.blob_hash)
         if actual != expected:
-            raise IntegrityError(
+            raise VerificationFailed(
                 f"blob digest mismatch: {self.source.name} promised {expected}, the fetched "
                 f"bytes have {actual}",
                 reason=Reason.DIGEST_MISMATCH,
+                computed_sha384=sha384,
             )
         return expected
