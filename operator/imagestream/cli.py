@@ -12,12 +12,15 @@ import math
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 
 from imagestream import __version__, defaults
+from imagestream.agent.contract import AgentInstructions, env_name
 from imagestream.errors import Cancelled, ImageStreamError, UsageError
 from imagestream.pipeline.credentials import load_auth_file
 from imagestream.pipeline.decompress import Compression
@@ -40,6 +43,12 @@ _PATH_MAX = 4096
 _MAX_DEMO_MIB = 1 << 20
 
 log = logging.getLogger(__name__)
+
+PROGRESS_MODES = ("auto", "bar", "plain", "json")
+_PROGRESS_HELP = (
+    "auto: a bar on a terminal, plain lines otherwise; json: JSON lines on stdout, the last "
+    "one the result"
+)
 
 
 # -- checks of the values: each refuses a bad one before anything is opened or connected -----
@@ -113,19 +122,82 @@ def validate_demo_args(args: argparse.Namespace) -> None:
         _check_name_length("--keep", args.keep)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help line, unless the line already names it or the
+    default is "off" (a flag, an unset option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_EXIT_CODES = (
+    "Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety, "
+    "70 internal error (a bug), 130 cancelled (SIGTERM, SIGINT, SIGHUP)."
+)
+
+
+def _verbose_option(default: object) -> argparse.ArgumentParser:
+    """`-v`, accepted before and after the subcommand alike.
+
+    Each parser gets its own: parents share their action objects, defaults included.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log more detail: addresses connected to, range support, frame parameters, "
+        "per-stage timings, and the trace of an internal error",
+    )
+    return parent
+
+
+def _agent_environment() -> str:
+    """`agent --help`'s list of the IMAGESTREAM_* variables, from the contract's fields."""
+    lines = ["environment (written by the controller into the agent Job):"]
+    for spec in fields(AgentInstructions):
+        required = spec.default is MISSING
+        default = "required" if required else f"default: {_env_value(spec.default)}"
+        lines.append(f"  {env_name(spec.name):34} {default}")
+    return "\n".join(lines)
+
+
+def _env_value(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
         prog="imagestream",
         description="Stream compressed OS images onto disks, verified and resumable.",
-        epilog="Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety, "
-        "70 internal error (a bug), 130 cancelled.",
+        epilog=_EXIT_CODES,
+        parents=[_verbose_option(False)],
+        formatter_class=_HelpFormatter,
     )
+    # SUPPRESS: a subcommand's parser leaves the value alone unless -v is given after it.
+    verbose = _verbose_option(argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"imagestream {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     commands = parser.add_subparsers(dest="command", required=True)
+    sub: dict[str, Any] = {"parents": [verbose], "formatter_class": _HelpFormatter}
 
-    stream = commands.add_parser("stream", help="stream SOURCE onto TARGET and verify it")
+    stream = commands.add_parser(
+        "stream", help="stream SOURCE onto TARGET and verify it", epilog=_EXIT_CODES, **sub
+    )
     stream.add_argument(
         "source",
         metavar="SOURCE",
@@ -139,22 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_stream_options(stream)
 
-    demo = commands.add_parser("demo", help="stream a generated image from a local server")
-    demo.add_argument("--size-mib", type=int, default=256, help="raw image size (default 256)")
+    demo = commands.add_parser("demo", help="stream a generated image from a local server", **sub)
+    demo.add_argument("--size-mib", type=int, default=256, help="raw image size in MiB")
     demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
-    demo.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
+    demo.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help=_PROGRESS_HELP)
     demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
 
     commands.add_parser(
-        "agent", help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)"
+        "agent",
+        help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)",
+        description="Run the one stream the controller's Job describes, report its progress "
+        "to the ImageStream's status and its result to the termination log.",
+        epilog=_agent_environment(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[verbose],
     )
-    add_controller_parser(commands)
+    add_controller_parser(commands, sub)
     return parser
 
 
-def add_controller_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_controller_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], sub: dict[str, Any]
+) -> None:
     """`imagestream controller`: the kopf operator, scoped like `kopf run`."""
-    controller = commands.add_parser("controller", help="run the ImageStream controller")
+    controller = commands.add_parser("controller", help="run the ImageStream controller", **sub)
     scope = controller.add_mutually_exclusive_group(required=True)
     scope.add_argument(
         "-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable)"
@@ -183,13 +263,17 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
         "--job-ttl-seconds",
         type=int,
         default=3600,
-        help="how long a finished agent Job (and its logs) is kept (default 3600)",
+        help="how long a finished agent Job (and its logs) is kept, in seconds",
     )
 
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
     """Options of `imagestream stream`."""
-    parser.add_argument("--sha384", help="expected SHA-384 (96 hex digits) of the fetched bytes")
+    parser.add_argument(
+        "--sha384",
+        metavar="HEX",
+        help="expected SHA-384 (96 hex digits) of the fetched bytes; required",
+    )
     parser.add_argument(
         _UNSAFE_FLAG,
         dest="unverified",
@@ -203,10 +287,16 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="what the fetched bytes are; auto (the default) tells by the magic bytes and "
         "writes unknown data as it is",
     )
-    parser.add_argument("--ca-file", type=Path, help="extra CA bundle, added to the system's")
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="extra CA bundle, added to the system's (default: the system's only)",
+    )
     parser.add_argument(
         "--auth-file",
         type=Path,
+        metavar="FILE",
         help="file holding 'Basic ...', 'Bearer ...', user:password, a bare token, or a Docker "
         'config JSON ({"auths": ...}, as docker/oras login write it)',
     )
@@ -219,17 +309,29 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     oci.add_argument(
         "--layer",
         metavar="TITLE",
-        help="the layer whose org.opencontainers.image.title is TITLE (needed with several)",
+        help="the layer whose org.opencontainers.image.title is TITLE (default: the only "
+        "layer; needed with several)",
     )
     oci.add_argument(
         "--plain-http",
         action="store_true",
-        help="talk HTTP to the registry (loopback registries without TLS need no flag)",
+        help="talk HTTP to the registry (default: HTTPS; loopback registries without TLS "
+        "need no flag)",
     )
     parser.add_argument(
-        "--stall-timeout", type=float, default=float(defaults.STALL_TIMEOUT_SECONDS), metavar="S"
+        "--stall-timeout",
+        type=float,
+        default=float(defaults.STALL_TIMEOUT_SECONDS),
+        metavar="S",
+        help="seconds without data before a read is given up and resumed",
     )
-    parser.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, metavar="N")
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=defaults.MAX_RETRIES,
+        metavar="N",
+        help="failed attempts in a row without progress before the stream fails",
+    )
     parser.add_argument(
         "--retry-backoff",
         type=float,
@@ -246,14 +348,23 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         f"({defaults.MIN_WINDOW_LOG} to {defaults.MAX_WINDOW_LOG}; default %(default)s, as "
         "zstd --long=31)",
     )
-    parser.add_argument("--verify-after-write", action="store_true", help="read back and compare")
+    parser.add_argument(
+        "--verify-after-write",
+        action="store_true",
+        help="read the target back (past the page cache) and compare before the commit",
+    )
     parser.add_argument(
         "--force",
         action="store_true",
         help="skip the mount-table, swap and holder checks (the kernel's exclusive open and the "
         "writer lock still apply)",
     )
-    parser.add_argument("--host-root", type=Path, help="where the host's / is mounted (agent)")
+    parser.add_argument(
+        "--host-root",
+        type=Path,
+        metavar="DIR",
+        help="where the host's / is mounted, for its mount table (the agent; default: /)",
+    )
     parser.add_argument(
         "--allowed-dir",
         type=Path,
@@ -262,8 +373,12 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="confine file targets to DIR (repeatable; default: anywhere)",
     )
-    parser.add_argument("--no-direct-io", action="store_true", help="write through the cache")
-    parser.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
+    parser.add_argument(
+        "--no-direct-io",
+        action="store_true",
+        help="write through the page cache (default: O_DIRECT where the target accepts it)",
+    )
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help=_PROGRESS_HELP)
 
 
 def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> StreamRequest:

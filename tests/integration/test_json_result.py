@@ -9,6 +9,7 @@ process really returned.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,6 @@ from tests.support.cli import (
     CliRun,
     imagestream_env,
     imagestream_process,
-    interrupt,
     json_records,
     run_imagestream,
 )
@@ -127,16 +127,23 @@ def test_usage_errors_have_a_result(
     assert not (tmp_path / "o.img").exists()
 
 
-def test_a_cancel_has_a_result(image: SampleImage, tmp_path: Path, schema: dict[str, Any]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_cancel_has_a_result(
+    sig: signal.Signals, image: SampleImage, tmp_path: Path, schema: dict[str, Any]
+) -> None:
+    """SIGHUP (the ssh session went away) stops the stream as SIGTERM does."""
     plan = FaultPlan([Fault.status(503, retry_after="300")])
     with RangeServer(image.path, faults=plan) as server:
         args = ("stream", server.url, tmp_path / "o.img", "--sha384", WRONG_HASH)
         with imagestream_process(*args, "--progress", "json") as process:
             wait_until(lambda: bool(server.requests), 20, what="a request")
             time.sleep(0.5)  # waiting out the 300 s it was asked to
-            stdout, _ = interrupt(process)
+            process.send_signal(sig)
+            stdout, stderr = process.communicate(timeout=30)
     result = only_result(stdout, 130, schema)
     assert (result["outcome"], result["reason"]) == ("Cancelled", "Cancelled")
+    assert "nothing was written, the target is unchanged" in result["message"]
+    assert "Traceback" not in stderr
 
 
 # The CLI's own main() with a bug planted where the stream would run (as test_cli_errors does).
