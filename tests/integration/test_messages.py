@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 
 import pytest
+import zstandard
 from tests.support.blockdev import LoopDeviceFactory, loop_device, small_tmpfs
 from tests.support.cli import assert_exited, run_imagestream
-from tests.support.targets import MIB, fill_pattern, read_device
+from tests.support.targets import MIB, fill_pattern, read_device, sha384_of
 
 from imagestream.demo.image import SampleImage, write_sample_image
 
@@ -98,3 +99,35 @@ def test_a_second_writer_on_a_device_is_told_it_is_locked(
     finally:
         os.close(holder)
     assert_exited(run, 5, "TargetLocked", "locked: another imagestream is writing it")
+
+
+# -- what the input is ---------------------------------------------------------------------------
+
+
+def test_a_96_character_hash_that_is_not_hex_names_the_wrong_character(
+    image: SampleImage, tmp_path: Path
+) -> None:
+    bad = image.sha384[:40] + "g" + image.sha384[41:]
+    run = stream(image.path, tmp_path / "o.img", "--sha384", bad)
+    assert_exited(run, 2, "InvalidRequest", "character 41 is 'g'")
+
+
+def test_raw_data_under_compression_zstd_is_not_a_zstd_stream(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\x7fELF" + bytes(MIB))
+    run = stream(raw, tmp_path / "o.img", "--sha384", sha384_of(raw), "--compression", "zstd")
+    assert_exited(run, 4, "CorruptStream", "not a zstd stream (starts with 7f 45 4c 46 '.ELF')")
+    assert "Unknown frame descriptor" not in run.stderr
+
+
+def test_frames_are_numbered_from_one(image: SampleImage, tmp_path: Path) -> None:
+    """The data after the first frame is "after zstd frame 1", as a truncation in the first
+    frame is "inside frame 1"."""
+    spliced = tmp_path / "spliced.zst"
+    spliced.write_bytes(zstandard.ZstdCompressor().compress(b"x" * 1000) + b"garbage!")
+    run = stream(spliced, tmp_path / "o.img", "--sha384", sha384_of(spliced))
+    assert_exited(run, 4, "CorruptStream", "data after zstd frame 1 is not a zstd frame")
+    truncated = tmp_path / "truncated.zst"
+    truncated.write_bytes(image.path.read_bytes()[:1000])
+    run = stream(truncated, tmp_path / "o2.img", "--sha384", sha384_of(truncated))
+    assert_exited(run, 4, "TruncatedStream", "inside frame 1")

@@ -27,7 +27,7 @@ from imagestream.pipeline.decoders import (
     is_bzip2,
     xz_decoder,
 )
-from imagestream.pipeline.zstd_frames import FrameWalker, is_zstd
+from imagestream.pipeline.zstd_frames import FrameWalker, is_zstd, not_zstd
 from imagestream.reasons import Reason
 
 _READ_SIZE = 1 << 20
@@ -137,6 +137,10 @@ def _stdlib_decoder(compression: Compression, max_window_log: int) -> StreamDeco
 def _zstd_stage(
     reader: ChannelReader, pool: BufferPool, out: Channel[Filled], max_window_log: int
 ) -> int:
+    head = reader.peek(4)
+    if head and not is_zstd(head):
+        # Before libzstd sees it: its "Unknown frame descriptor" tells a user nothing.
+        raise not_zstd(head)
     walker = FrameWalker(max_window_log)
     reader.observe = walker.feed
     dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)

@@ -98,11 +98,15 @@ def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
             )
         return None
     normalised = value.strip().lower()
-    if not defaults.SHA384.fullmatch(normalised):
+    if defaults.SHA384.fullmatch(normalised):
+        return normalised
+    wrong = next((i for i, c in enumerate(normalised) if c not in "0123456789abcdef"), None)
+    if len(normalised) == 96 and wrong is not None:
         raise UsageError(
-            f"--sha384 must be 96 hexadecimal digits, got {len(normalised)} characters"
+            f"--sha384 must be 96 hexadecimal digits; character {wrong + 1} is "
+            f"{value.strip()[wrong]!r}, which is not one (0-9, a-f)"
         )
-    return normalised
+    raise UsageError(f"--sha384 must be 96 hexadecimal digits, got {len(normalised)} characters")
 
 
 def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = None) -> StreamResult:
