@@ -8,14 +8,18 @@ contract, and `-v` is accepted after the subcommand as before it.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 from tests.support.cli import one_line, run_imagestream
+from tests.support.nginx import Nginx
+from tests.support.targets import MIB
 
 from imagestream.agent.contract import AgentInstructions, env_name
 from imagestream.cli import build_parser
+from imagestream.demo.image import write_sample_image
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -77,3 +81,21 @@ def test_verbose_is_accepted_before_and_after_the_subcommand(
     run = run_imagestream(*args, tmp_path / "missing.zst", tmp_path / "x", "--sha384", "ab" * 48)
     assert run.code == 3, run.text
     assert "unrecognized arguments" not in run.text
+
+
+def test_verbose_says_where_the_bytes_came_from_and_where_the_time_went(
+    nginx: Nginx, tmp_path: Path
+) -> None:
+    image = write_sample_image(nginx.docroot / "image.zst", 4 * MIB, seed=71)
+    url = nginx.url_for("image.zst")
+    run = run_imagestream("stream", url, tmp_path / "o", "--sha384", image.sha384, "-v")
+    assert run.code == 0, run.text
+    text = one_line(run.stderr)
+    assert f"connected to 127.0.0.1 port {nginx.port}" in text
+    assert "ranges supported (206)" in text
+    assert "zstd frame 1: window" in text
+    assert f"content size {image.raw_size}" in text
+    assert re.search(r"CPU per stage: fetch [\d.]+ s, hash [\d.]+ s, decompress", text)
+
+    quiet = run_imagestream("stream", url, tmp_path / "q", "--sha384", image.sha384)
+    assert "CPU per stage" not in quiet.stderr

@@ -13,6 +13,7 @@ read back. The stage threads are always joined before the source and the target 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from imagestream.pipeline.sinks import Aftermath, Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
 from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
+
+log = logging.getLogger(__name__)
 
 _REPORT_INTERVAL = 0.1
 _FETCH_QUEUE = 4
@@ -191,6 +194,8 @@ class _Stream:
         self.rate = RateMeter()
         self.abort = threading.Event()
         self.errors: list[BaseException] = []
+        #: CPU seconds each stage thread used, for -v.
+        self.stage_cpu: dict[str, float] = {}
         self.fetched_hash = hashlib.sha384()
         # The registry's own digest of the blob, checked beside the requested SHA-384.
         self.blob_hash = new_hash(source.digest) if source.digest else None
@@ -232,6 +237,8 @@ class _Stream:
             except BaseException as exc:  # handed to the supervisor
                 self.errors.append(exc)
                 self.abort.set()
+            finally:
+                self.stage_cpu[name] = time.thread_time()
 
         thread = threading.Thread(target=guarded, name=f"imagestream-{name}", daemon=True)
         thread.start()
@@ -323,6 +330,7 @@ class _Stream:
         self.sink.flush()
 
     def _verify_and_commit(self, expected: str | None) -> StreamResult:
+        verifying = time.monotonic()
         self.counters.phase = "Verifying"
         self._report()
         # The blob digest first: when both differ, the bytes are not the registry's blob at all.
@@ -353,6 +361,7 @@ class _Stream:
         self.sink.publish()
         self.counters.phase = "Succeeded"
         self._report()
+        self._log_timings(verifying)
         return StreamResult(
             target=self.sink.path,
             sha384=actual,
@@ -364,6 +373,17 @@ class _Stream:
             seconds=time.monotonic() - self.counters.started,
             read_back_verified=read_back,
             digest=digest,
+        )
+
+    def _log_timings(self, verifying: float) -> None:
+        """For -v: where the time went, so a slow stream shows its slow stage."""
+        now = time.monotonic()
+        stages = ", ".join(f"{name} {cpu:.2f} s" for name, cpu in self.stage_cpu.items())
+        log.info(
+            "CPU per stage: %s; streaming %.2f s, verifying and commit %.2f s",
+            stages,
+            verifying - self.counters.started,
+            now - verifying,
         )
 
     def _checkpoint(self) -> None:

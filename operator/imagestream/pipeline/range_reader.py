@@ -352,6 +352,7 @@ class HttpRangeReader:
         """Remember the object's identity on the first answer; compare it on every later one."""
         seen = _Validators.of(response)
         if self._validators is None:
+            _log_first_answer(self._name, response, total)
             self._validators = seen
             self.content_type = response.headers.get("content-type")
             self._check_expected_size(total)
@@ -365,6 +366,31 @@ class HttpRangeReader:
                 f"(ETag {self._validators.etag} -> {seen.etag}, size {self.total} -> {total}); "
                 "start again once the image is stable"
             )
+
+
+def _log_first_answer(name: str, response: httpx.Response, total: int | None) -> None:
+    """For -v: where the bytes come from and whether a break can be resumed."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    address = f"{peer[0]} port {peer[1]}" if peer else "an unknown address"
+    if response.status_code == 206:
+        ranges = "ranges supported (206)"
+    elif response.headers.get("accept-ranges", "").lower() == "bytes":
+        ranges = "ranges announced (Accept-Ranges: bytes)"
+    else:
+        ranges = "no range support announced: a break re-reads from the start"
+    validator = response.headers.get("etag") or response.headers.get("last-modified") or "none"
+    log.info(
+        "%s: connected to %s, HTTP %d, %s bytes, %s, validator %s",
+        name,
+        address,
+        response.status_code,
+        total if total is not None else "an unknown number of",
+        ranges,
+        validator,
+    )
 
 
 def _coalesce(pieces: Iterator[bytes]) -> Iterator[bytes]:
