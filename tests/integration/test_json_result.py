@@ -181,3 +181,11 @@ def test_the_readme_documents_every_field(schema: dict[str, Any]) -> None:
     section = readme.split("### Machine-readable output", 1)[1].split("\n## ", 1)[0]
     for name in schema["properties"]:
         assert f"`{name}`" in section, name
+
+
+def test_the_demo_has_the_same_result(schema: dict[str, Any]) -> None:
+    run = run_imagestream("demo", "--size-mib", "4", "--progress", "json")
+    result = checked(run, schema)
+    assert result["outcome"] == "Succeeded"
+    assert str(result["source"]).startswith("http://127.0.0.1:")
+    assert result["sha384"] == result["expectedSha384"]

@@ -21,7 +21,7 @@ from imagestream.errors import ImageStreamError
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import SourceOptions
-from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.progress_display import RunFacts, make_display, report_failure, report_success
 from imagestream.targets import TargetRequest, plan_target
 
 _FAULTS = 3
@@ -45,12 +45,13 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
                 sha384=image.sha384,
                 source_options=SourceOptions(policy=RetryPolicy(backoff_base=0.2)),
             )
+            facts = RunFacts(source=server.url, target=str(target), expected_sha384=image.sha384)
             try:
                 with make_display(args.progress, console) as display:
-                    result = run_stream(request, display.update)
+                    result = run_stream(request, facts.watch(display.update))
             except ImageStreamError as exc:
-                return report_failure(exc, args.progress, console)
-        report_success(result, args.progress, console)
+                return report_failure(exc, args.progress, console, facts)
+        report_success(result, args.progress, console, facts)
         if _sha384_of(result.target) != image.raw_sha384:
             console.print(
                 Text("the written output differs from the generated data", style="bold red")
