@@ -212,10 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream_options(stream)
 
     demo = commands.add_parser("demo", help="stream a generated image from a local server", **sub)
-    demo.add_argument("--size-mib", type=int, default=256, help="raw image size in MiB")
+    demo.add_argument(
+        "--size-mib", type=int, default=256, metavar="MIB", help="raw image size in MiB"
+    )
     demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
     demo.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help=_PROGRESS_HELP)
-    demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
+    demo.add_argument(
+        "--keep", type=Path, metavar="FILE", help="write the image here instead of a temp file"
+    )
 
     commands.add_parser(
         "agent",
@@ -244,25 +248,35 @@ def add_controller_parser(
         "--standalone", action="store_true", help="no peering with other controller instances"
     )
     controller.add_argument(
-        "--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: disabled)"
+        "--metrics-port",
+        type=int,
+        default=8080,
+        metavar="PORT",
+        help="Prometheus metrics port (0: disabled)",
     )
     controller.add_argument(
-        "--metrics-address", default="0.0.0.0", help="address the metrics port binds to"
+        "--metrics-address",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+        help="address the metrics port binds to",
     )
     controller.add_argument(
         "--agent-image",
         default="imagestream-operator:latest",
+        metavar="IMAGE",
         help="container image of the agent Jobs",
     )
     controller.add_argument(
         "--agent-service-account",
         default="imagestream-agent",
+        metavar="NAME",
         help="ServiceAccount of the agent Pods (may only patch imagestreams/status)",
     )
     controller.add_argument(
         "--job-ttl-seconds",
         type=int,
         default=3600,
+        metavar="SECONDS",
         help="how long a finished agent Job (and its logs) is kept, in seconds",
     )
 
