@@ -124,6 +124,18 @@ def test_a_proxy_that_refuses_the_tunnel_is_named(
     assert warnings(run) == [], "a refusing proxy was retried"
 
 
+def test_a_plain_http_proxy_that_refuses_is_named(tmp_path: Path) -> None:
+    rules = tmp_path / "filter"
+    rules.write_text("nothing-matches-this\n")
+    config = f'FilterDefaultDeny Yes\nFilter "{rules}"\n'
+    with Tinyproxy(tmp_path / "proxy", extra_config=config) as proxy:
+        env = imagestream_env(HTTP_PROXY=proxy.url)
+        run = stream(f"http://127.0.0.1:{free_port()}/image.zst", tmp_path, env=env)
+    message = run.result()["message"]
+    assert (run.code, run.result()["reason"]) == (3, "HTTPError")
+    assert f"HTTP 403 Filtered (through the proxy {proxy.url}" in message
+
+
 def test_a_proxy_that_does_not_listen_is_named(nginx: Nginx, tmp_path: Path) -> None:
     proxy = f"http://127.0.0.1:{free_port()}"
     run = stream(nginx.url_for("image.zst"), tmp_path, env=imagestream_env(HTTP_PROXY=proxy))
