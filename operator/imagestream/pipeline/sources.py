@@ -31,6 +31,7 @@ from imagestream.pipeline.oci_refs import (
 from imagestream.pipeline.range_reader import HttpRangeReader, RetryPolicy
 from imagestream.pipeline.redact import redact_url
 from imagestream.pipeline.registry_auth import RegistryAuth
+from imagestream.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -184,17 +185,18 @@ class OciSource(_RangeReaderSource):
             base = f"{registry_scheme(self._client, reference, options.plain_http)}://"
             base += reference.registry
             log.info("%s: the registry is reached at %s", self.name, base)
-            self._client.auth = RegistryAuth(
-                credentials.login_for(reference.registry), httpx.URL(base)
-            )
+            login = credentials.login_for(reference.registry)
+            self._client.auth = RegistryAuth(login, httpx.URL(base))
             registry = Registry(self._client, base, reference, options.policy, interrupt)
             try:
                 layer = resolve_layer(registry, wanted, options.layer)
             except SourceError as exc:
+                if exc.reason is Reason.UNAUTHORIZED and login is None:
+                    exc.message += "; no credentials were sent (an anonymous pull)"
                 if is_loopback(reference.host):
                     # Which of TLS and plain HTTP was tried is this machine's guess: say it.
-                    exc.message = f"{exc.message} (the registry was reached at {base})"
-                    exc.args = (exc.message,)
+                    exc.message += f" (the registry was reached at {base})"
+                exc.args = (exc.message,)
                 raise
             self.digest = layer.digest
             self._reader = HttpRangeReader(
