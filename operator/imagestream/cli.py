@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -129,14 +130,14 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if (
-            "%(default)" in text
-            or "default" in text
-            or default in (None, False, [], argparse.SUPPRESS)
-            or not action.option_strings
-        ):
+        if "%(default)" in text or "default" in text or _off(default) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
+
+
+def _off(default: object) -> bool:
+    """A default that means "not given": no help line needs to show it (0 is a value)."""
+    return default is None or default is False or default in ([], argparse.SUPPRESS)
 
 
 _EXIT_CODES = (
@@ -261,6 +262,13 @@ def add_controller_parser(
         help="address the metrics port binds to",
     )
     controller.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="liveness endpoint port, serving /healthz on --metrics-address (0: disabled)",
+    )
+    controller.add_argument(
         "--agent-image",
         default="imagestream-operator:latest",
         metavar="IMAGE",
@@ -279,6 +287,36 @@ def add_controller_parser(
         metavar="SECONDS",
         help="how long a finished agent Job (and its logs) is kept, in seconds",
     )
+    controller.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as plain text or one JSON object each (default text)",
+    )
+    controller.add_argument(
+        "--agent-image-pull-policy",
+        choices=("Always", "IfNotPresent", "Never"),
+        default="IfNotPresent",
+        help="imagePullPolicy of the agent Jobs (default IfNotPresent)",
+    )
+    controller.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        type=agent_env,
+        metavar="NAME=VALUE",
+        help="an environment variable of the agent containers, e.g. HTTPS_PROXY (repeatable)",
+    )
+
+
+def agent_env(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` of --agent-env; the IMAGESTREAM_* names are the controller's contract."""
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if name.startswith("IMAGESTREAM_"):
+        raise argparse.ArgumentTypeError(f"{name}: IMAGESTREAM_* variables are set per stream")
+    return name, value
 
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:

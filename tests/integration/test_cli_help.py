@@ -45,7 +45,7 @@ def test_every_option_has_a_help_line_with_its_default(command: str) -> None:
         for option in action.option_strings:
             assert option in text, option
         default = action.default
-        if default not in (None, False, [], argparse.SUPPRESS):
+        if not (default is None or default is False or default in ([], argparse.SUPPRESS)):
             assert "default" in one_line(action.help) or f"(default: {default})" in text, (
                 f"{command} {action.option_strings[-1]}: default {default!r} not shown"
             )

@@ -64,6 +64,8 @@ class JobSettings:
     ttl_seconds_after_finished: int = 3600
     image_pull_policy: str = "IfNotPresent"
     termination_grace_seconds: int = 60
+    #: (name, value) pairs every agent container gets besides its instructions (proxies).
+    extra_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ def _pod_spec(stream: StreamSpec, settings: JobSettings) -> dict[str, Any]:
     env = [
         {"name": key, "value": value}
         for key, value in sorted(agent_instructions(stream).to_env().items())
-    ]
+    ] + [{"name": key, "value": value} for key, value in settings.extra_env]
     container = {
         "name": CONTAINER_NAME,
         "image": settings.agent_image,
