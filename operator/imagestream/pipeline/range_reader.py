@@ -513,7 +513,7 @@ def _refuse_hopeless(exc: Exception, name: str, proxy: str | None) -> None:
     if garbled is not None and "WRONG_VERSION_NUMBER" in str(garbled):
         raise SourceError(
             f"TLS handshake with {name} failed: the server does not speak TLS on that port (a "
-            "plain-HTTP port? then the URL is http://)",
+            "plain-HTTP port? then use http://, or --plain-http for a registry)",
             reason=Reason.SOURCE_UNAVAILABLE,
         ) from exc
     if isinstance(exc, httpx.ProxyError):
