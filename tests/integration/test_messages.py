@@ -58,6 +58,14 @@ def test_a_file_target_keeps_its_previous_file_and_says_so(
     assert target.read_bytes() == b"the previous image"
 
 
+def test_a_new_file_target_is_not_created(image: SampleImage, tmp_path: Path) -> None:
+    target = tmp_path / "root.img"
+    run = stream(image.path, target, "--sha384", WRONG_HASH)
+    assert_exited(run, 4, "HashMismatch", f"; no file was created at {target}")
+    assert "invalid" not in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failure_before_any_write_leaves_the_target_unchanged(
     loop_device_factory: LoopDeviceFactory, tmp_path: Path
 ) -> None:

@@ -92,6 +92,8 @@ class Aftermath:
     written: bool
     #: A file target: its staging file was written (and removed), the previous file kept.
     staged: bool = False
+    #: A file target: a file (or link) was there before, and still is.
+    existed: bool = True
     #: Why the target could not be made invalid (or the staging file not removed).
     failure: str | None = None
 
@@ -104,7 +106,12 @@ class Aftermath:
                 f"the target {self.name} could NOT be invalidated ({self.failure}): it may "
                 "still look valid, do not boot from it"
             )
-        said = f"{self.name} is unchanged" if self.staged else UNCHANGED
+        if not self.staged:
+            said = UNCHANGED
+        elif self.existed:
+            said = f"{self.name} is unchanged"
+        else:
+            said = f"no file was created at {self.name}"
         return f"{said}; {self.failure}" if self.failure else said
 
 
@@ -312,8 +319,11 @@ class FileSink(_FdSink):
         location: tuple[int, Path, str, str],
         fd: int,
         capacity: int | None,
+        *,
+        existed: bool,
     ) -> None:
         dir_fd, directory, name, staging = location
+        self._existed = existed
         super().__init__(plan, directory / name, fd, capacity, [_held_header()])
         self._dir_fd = dir_fd
         self._name = name
@@ -335,7 +345,13 @@ class FileSink(_FdSink):
         except OSError as exc:
             failure = f"its partial copy {self._staging} could not be removed: {exc.strerror}"
         self._close_all()
-        return Aftermath(self.plan.name, written=False, staged=self.touched, failure=failure)
+        return Aftermath(
+            self.plan.name,
+            written=False,
+            staged=self.touched,
+            existed=self._existed,
+            failure=failure,
+        )
 
     def _close_all(self) -> None:
         self.close()
@@ -444,7 +460,7 @@ def _open_file(plan: TargetPlan) -> FileSink:
     directory = Path(os.path.realpath(plan.path.parent))  # resolved once, then by descriptor
     dir_fd = _open_directory(directory, plan)
     try:
-        _check_existing(dir_fd, name, plan)
+        existed = _check_existing(dir_fd, name, plan)
         staging = f".{name}.partial"
         fd = _create_staging(dir_fd, staging, plan)
         try:
@@ -456,7 +472,7 @@ def _open_file(plan: TargetPlan) -> FileSink:
         os.close(dir_fd)
         raise
     location = (dir_fd, directory, name, staging)
-    return FileSink(plan, location, fd, capacity=vfs.f_bavail * vfs.f_frsize)
+    return FileSink(plan, location, fd, capacity=vfs.f_bavail * vfs.f_frsize, existed=existed)
 
 
 def _open_directory(directory: Path, plan: TargetPlan) -> int:
@@ -506,16 +522,18 @@ def _open_dir_path(directory: Path, plan: TargetPlan) -> int:
         ) from exc
 
 
-def _check_existing(dir_fd: int, name: str, plan: TargetPlan) -> None:
-    """A file target replaces a regular file (or a link, itself, not what it points to)."""
+def _check_existing(dir_fd: int, name: str, plan: TargetPlan) -> bool:
+    """A file target replaces a regular file (or a link, itself, not what it points to);
+    whether there is one."""
     try:
         mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except FileNotFoundError:
-        return
+        return False
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
         raise TargetError(
             f"file target {plan.name} is {_kind_of(mode)}", reason=Reason.TARGET_INVALID
         )
+    return True
 
 
 def _create_staging(dir_fd: int, staging: str, plan: TargetPlan) -> int:
