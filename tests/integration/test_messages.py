@@ -139,3 +139,29 @@ def test_frames_are_numbered_from_one(image: SampleImage, tmp_path: Path) -> Non
     truncated.write_bytes(image.path.read_bytes()[:1000])
     run = stream(truncated, tmp_path / "o2.img", "--sha384", sha384_of(truncated))
     assert_exited(run, 4, "TruncatedStream", "inside frame 1")
+
+
+# -- symbolic links (as the README documents them) ----------------------------------------------
+
+
+def test_a_target_that_is_a_link_is_replaced_and_what_it_pointed_to_is_kept(
+    image: SampleImage, tmp_path: Path
+) -> None:
+    pointed = tmp_path / "pointed.img"
+    pointed.write_bytes(b"not to be touched")
+    link = tmp_path / "root.img"
+    link.symlink_to(pointed)
+    run = stream(image.path, link, "--sha384", image.sha384)
+    assert run.code == 0, run.text
+    assert not link.is_symlink()
+    assert sha384_of(link) == image.raw_sha384
+    assert pointed.read_bytes() == b"not to be touched"
+
+
+def test_a_linked_directory_is_followed_once(image: SampleImage, tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "via").symlink_to(real)
+    run = stream(image.path, tmp_path / "via" / "root.img", "--sha384", image.sha384)
+    assert run.code == 0, run.text
+    assert (real / "root.img").is_file()
