@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.logging import RichHandler
 
 from imagestream import __version__, defaults
 from imagestream.agent.contract import AgentInstructions, env_name
@@ -31,7 +30,14 @@ from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.redact import redact_url
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions, check_location
-from imagestream.progress_display import RunFacts, make_display, report_failure, report_success
+from imagestream.progress_display import (
+    RunFacts,
+    log_handler,
+    make_display,
+    report_failure,
+    report_success,
+    stream_header,
+)
 from imagestream.reasons import Reason
 from imagestream.signals import cancel_on_signals
 from imagestream.targets import target_from_argument
@@ -119,6 +125,8 @@ def validate_stream_args(args: argparse.Namespace) -> None:
 def validate_demo_args(args: argparse.Namespace) -> None:
     """Refuse bad `demo` values with a `UsageError`."""
     _check_integer("--size-mib", args.size_mib, 1, _MAX_DEMO_MIB)
+    if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
+        raise UsageError(f"--rate must be a number of MiB/s greater than 0, got {args.rate:g}")
     if args.keep is not None:
         _check_name_length("--keep", args.keep)
 
@@ -220,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help=_PROGRESS_HELP)
     demo.add_argument(
         "--keep", type=Path, metavar="FILE", help="write the image here instead of a temp file"
+    )
+    demo.add_argument(
+        "--rate",
+        type=float,
+        metavar="MIB_S",
+        help="serve at most this many MiB/s, slow enough to watch the bar and the resumes of "
+        "--faults (default: as fast as it goes)",
     )
 
     commands.add_parser(
@@ -470,7 +485,7 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
 def stream_command(args: argparse.Namespace, console: Console, facts: RunFacts) -> int:
     """Run `imagestream stream`: progress while it runs, a summary or a clear error at the end."""
     cancel = cancel_on_signals()
-    display = make_display(args.progress, console)
+    display = make_display(args.progress, console, stream_header(args.source, args.target))
     try:
         with display:
             result = run_stream(request_from_args(args, cancel), facts.watch(display.update))
@@ -516,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False, markup=False)],
+        handlers=[log_handler(console)],
     )
     # httpx logs every request URL at INFO, credentials and query tokens included.
     for noisy in ("httpx", "httpcore"):

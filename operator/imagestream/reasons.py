@@ -70,6 +70,7 @@ class Reason(StrEnum):
     TARGET_LOCKED = "TargetLocked"
     TARGET_CHECK_FAILED = "TargetCheckFailed"
     TARGET_TOO_SMALL = "TargetTooSmall"
+    ACTIVE_VOLUME_UNKNOWN = "ActiveVolumeUnknown"
     WRITE_FAILED = "WriteFailed"
 
     # -- the agent and its Job --

@@ -405,16 +405,11 @@ def test_finished_stays_finished_even_when_ttl_removed_the_job() -> None:
     assert decide(observe(after, now=NOW + timedelta(days=1))) == Decision()
 
 
-def test_invalid_and_unsupported_specs_fail_without_a_job() -> None:
+def test_invalid_specs_fail_without_a_job() -> None:
     bad = stream_body()
     bad["spec"]["source"]["sha384"] = "nope"
     after, decision = settle(bad, [], [])
     assert (after["status"]["phase"], after["status"]["reason"]) == ("Failed", "InvalidSpec")
-    assert not of_type(decision, CreateJob)
-    ab = stream_body(target={"abUpdate": {"volumes": ["/dev/sda1", "/dev/sda2"]}})
-    after, decision = settle(ab, [], [])
-    assert after["status"]["reason"] == "TargetKindUnsupported"
-    assert "abUpdate" in after["status"]["message"]
     assert not of_type(decision, CreateJob)
 
 

@@ -10,7 +10,7 @@ from tests.support.streams import SHA384, stream_body
 from imagestream.controller.spec import (
     StreamOptions,
     parse_stream,
-    target_key_of,
+    target_keys_of,
 )
 from imagestream.errors import UsageError
 from imagestream.reasons import Reason
@@ -23,7 +23,7 @@ def test_device_target_resolves_under_the_host_dev_mount() -> None:
     assert stream.target.agent_path == "/host/dev/disk/by-partlabel/root-b"
     assert stream.target.host_dir is None
     assert stream.target.agent_kind == "device"  # must exist: never created as a file
-    assert stream.target_key == ("node-7", "/dev/disk/by-partlabel/root-b")
+    assert stream.target_keys == (("node-7", "/dev/disk/by-partlabel/root-b"),)
 
 
 @pytest.mark.parametrize(
@@ -45,13 +45,37 @@ def test_extension_targets_are_files_in_the_mounted_extension_dir(
     assert stream.target.agent_kind == "file"
 
 
+def test_an_ab_pair_holds_both_volumes_and_names_none_until_the_agent_chose() -> None:
+    volumes = ["/dev/disk/by-partlabel/root-a", "/dev/disk/by-partlabel/root-b"]
+    stream = parse_stream(stream_body(target={"abUpdate": {"volumes": volumes}}))
+    assert stream.target.kind == "abUpdate"
+    assert stream.target.agent_kind == "abUpdate"
+    assert stream.target.volumes == tuple(volumes)
+    assert stream.target.agent_volumes == tuple("/host" + volume for volume in volumes)
+    assert stream.target.agent_path == "/host" + volumes[0]
+    assert stream.target.known_path is None
+    assert stream.target_keys == (("node-7", volumes[0]), ("node-7", volumes[1]))
+    assert stream.target.description == f"the A/B pair {volumes[0]}, {volumes[1]}"
+
+
 @pytest.mark.parametrize(
-    "target",
+    ("ab_update", "words"),
     [
-        {"abUpdate": {"volumes": ["/dev/disk/by-partlabel/a", "/dev/disk/by-partlabel/b"]}},
-        {"disk": "/dev/disk/by-id/nvme-1"},
+        ({"volumes": ["/dev/sda1"]}, "must list two devices"),
+        ({"volumes": "/dev/sda1,/dev/sda2"}, "must list two devices"),
+        ({"volumes": ["/dev/sda1", "/dev/sda1"]}, "names /dev/sda1 twice"),
+        ({"volumes": ["/dev/sda1", "/etc/shadow"]}, "volumes[1] '/etc/shadow' must be"),
+        ({"volumes": ["/dev/../etc/x", "/dev/sda2"]}, "volumes[0] '/dev/../etc/x' must be"),
     ],
 )
+def test_malformed_ab_pairs_are_invalid(ab_update: dict[str, Any], words: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_stream(stream_body(target={"abUpdate": ab_update}))
+    assert caught.value.reason == Reason.INVALID_SPEC
+    assert words in caught.value.message
+
+
+@pytest.mark.parametrize("target", [{"disk": "/dev/disk/by-id/nvme-1"}])
 def test_target_kinds_the_agent_cannot_write_yet_are_refused(target: dict[str, Any]) -> None:
     with pytest.raises(UsageError) as caught:
         parse_stream(stream_body(target=target))
@@ -133,7 +157,7 @@ def test_malformed_specs_are_invalid(change: dict[str, Any]) -> None:
     with pytest.raises(UsageError) as caught:
         parse_stream(body)
     assert caught.value.reason == Reason.INVALID_SPEC
-    assert target_key_of(body) is None
+    assert target_keys_of(body) == ()
 
 
 def test_missing_spec_is_invalid() -> None:

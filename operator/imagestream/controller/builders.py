@@ -144,6 +144,7 @@ def agent_instructions(stream: StreamSpec) -> AgentInstructions:
         sha384=source.sha384,
         target=stream.target.agent_path,
         target_kind=stream.target.agent_kind,
+        target_b=stream.target.agent_volumes[1] if stream.target.volumes else None,
         compression=source.compression,
         max_window_log=source.max_window_log,
         allowed_dir=stream.target.agent_dir,
@@ -192,7 +193,7 @@ def build_job(stream: StreamSpec, settings: JobSettings) -> dict[str, Any]:
     """
     annotations = {
         ANNOTATION_STREAM: f"{stream.namespace}/{stream.name}",
-        ANNOTATION_TARGET: stream.target.host_path,
+        ANNOTATION_TARGET: stream.target.description,
     }
     metadata = {
         "name": job_name(stream.name, stream.uid, stream.generation),

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -53,7 +53,7 @@ from imagestream.controller.decisions import (
 )
 from imagestream.controller.kube import JobConflict, JobRejected, KubeClient
 from imagestream.controller.metrics import Metrics
-from imagestream.controller.spec import target_key_of
+from imagestream.controller.spec import target_keys_of
 from imagestream.kube_config import GROUP, PLURAL, VERSION
 from imagestream.reasons import Reason
 
@@ -140,9 +140,10 @@ def agent_job_events(body: kopf.Body, **_: Any) -> dict[tuple[str, str], JobEven
 
 @kopf.index(GROUP, VERSION, PLURAL)
 def streams_by_target(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
-    """ImageStreams by the (node, host path) they write: the TargetBusy check reads this."""
-    key = target_key_of(body)
-    if key is None:
+    """ImageStreams by each (node, host path) they may write (an A/B pair: both volumes):
+    the TargetBusy check reads this."""
+    keys = target_keys_of(body)
+    if not keys:
         return None
     metadata = metadata_of(body)
     status = stream_status_of(body)
@@ -152,7 +153,7 @@ def streams_by_target(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[s
         "metadata": {name: metadata.get(name) for name in fields},
         "status": {name: status.get(name) for name in ("phase", "observedGeneration")},
     }
-    return {key: summary}
+    return dict.fromkeys(keys, summary)
 
 
 def _unfinished(body: kopf.Body, **_: Any) -> bool:
@@ -234,15 +235,17 @@ def _peers(
     pods: kopf.Index[str, PodView],
     streams: kopf.Index[tuple[str, str], dict[str, Any]],
 ) -> tuple[decisions.Peer, ...]:
-    key = target_key_of(body)
-    if key is None:
-        return ()
     uid = str(body["metadata"]["uid"])
-    others: Iterable[dict[str, Any]] = streams.get(key, ())
+    # A stream sharing several keys with this one (two A/B streams on one pair) is one peer.
+    others: dict[str, dict[str, Any]] = {
+        other_uid: other
+        for key in target_keys_of(body)
+        for other in streams.get(key, ())
+        if (other_uid := str(other["metadata"]["uid"])) != uid
+    }
     return tuple(
         decisions.peer(other, tuple(jobs.get(other_uid, ())), tuple(pods.get(other_uid, ())))
-        for other in others
-        if (other_uid := str(other["metadata"]["uid"])) != uid
+        for other_uid, other in others.items()
     )
 
 

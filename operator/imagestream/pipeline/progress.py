@@ -19,6 +19,11 @@ class Progress:
     bytes_per_second: float
     resumes: int
     elapsed: float
+    #: The output size the data declares: the source size for uncompressed data, the first zstd
+    #: frame's content size (the whole output of a single-frame image); None when unknown.
+    output_total: int | None = None
+    #: Bytes read back from the target so far (`--verify-after-write`); None before the read-back.
+    bytes_read_back: int | None = None
 
     @property
     def fraction(self) -> float | None:
@@ -43,6 +48,8 @@ class Counters:
     bytes_total: int | None = None
     bytes_written: int = 0
     resumes: int = 0
+    output_total: int | None = None
+    bytes_read_back: int | None = None
     phase: str = "Running"
     started: float = field(default_factory=time.monotonic)
 
@@ -75,4 +82,6 @@ def snapshot(counters: Counters, rate: RateMeter) -> Progress:
         bytes_per_second=rate.update(now, counters.bytes_fetched),
         resumes=counters.resumes,
         elapsed=now - counters.started,
+        output_total=counters.output_total,
+        bytes_read_back=counters.bytes_read_back,
     )
