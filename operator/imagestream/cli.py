@@ -13,19 +13,24 @@ import os
 import re
 import threading
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from imagestream import __version__, defaults
-from imagestream.errors import ImageStreamError, UsageError
+from imagestream.agent.contract import AgentInstructions, env_name
+from imagestream.errors import Cancelled, ImageStreamError, UsageError
 from imagestream.pipeline.credentials import load_auth_file
 from imagestream.pipeline.decompress import Compression
 from imagestream.pipeline.oci_refs import OCI_SCHEME, parse_platform
 from imagestream.pipeline.pipeline import StreamRequest
 from imagestream.pipeline.range_reader import RetryPolicy
+from imagestream.pipeline.redact import redact_url
 from imagestream.pipeline.sources import SourceOptions, check_location
 from imagestream.progress_display import (
+    RunFacts,
     log_handler,
     make_display,
     report_failure,
@@ -38,8 +43,6 @@ from imagestream.signals import cancel_on_signals
 from imagestream.targets import target_from_argument
 from imagestream.targets.stream import stream_target
 
-EXIT_USAGE = 2
-#: An exception nobody raised on purpose: a bug (sysexits' EX_SOFTWARE).
 EXIT_INTERNAL = 70
 _UNSAFE_FLAG = "--skip-verification-unsafe"
 # Linux's limits (linux/limits.h): longer names fail every system call with ENAMETOOLONG.
@@ -48,6 +51,12 @@ _PATH_MAX = 4096
 _MAX_DEMO_MIB = 1 << 20
 
 log = logging.getLogger(__name__)
+
+PROGRESS_MODES = ("auto", "bar", "plain", "json")
+_PROGRESS_HELP = (
+    "auto: a bar on a terminal, plain lines otherwise; json: JSON lines on stdout, the last "
+    "one the result"
+)
 
 
 # -- checks of the values: each refuses a bad one before anything is opened or connected -----
@@ -123,19 +132,82 @@ def validate_demo_args(args: argparse.Namespace) -> None:
         _check_name_length("--keep", args.keep)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help line, unless the line already names it or the
+    default is "off" (a flag, an unset option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or "default" in text or _off(default) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _off(default: object) -> bool:
+    """A default that means "not given": no help line needs to show it (0 is a value)."""
+    return default is None or default is False or default in ([], argparse.SUPPRESS)
+
+
+_EXIT_CODES = (
+    "Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety, "
+    "70 internal error (a bug), 130 cancelled (SIGTERM, SIGINT, SIGHUP)."
+)
+
+
+def _verbose_option(default: object) -> argparse.ArgumentParser:
+    """`-v`, accepted before and after the subcommand alike.
+
+    Each parser gets its own: parents share their action objects, defaults included.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log more detail: addresses connected to, range support, frame parameters, "
+        "per-stage timings, and the trace of an internal error",
+    )
+    return parent
+
+
+def _agent_environment() -> str:
+    """`agent --help`'s list of the IMAGESTREAM_* variables, from the contract's fields."""
+    lines = ["environment (written by the controller into the agent Job):"]
+    for spec in fields(AgentInstructions):
+        required = spec.default is MISSING
+        default = "required" if required else f"default: {_env_value(spec.default)}"
+        lines.append(f"  {env_name(spec.name):34} {default}")
+    return "\n".join(lines)
+
+
+def _env_value(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
         prog="imagestream",
         description="Stream compressed OS images onto disks, verified and resumable.",
-        epilog="Exit codes: 0 ok, 2 usage, 3 source/network, 4 integrity, 5 target/safety, "
-        "70 internal error (a bug), 130 cancelled.",
+        epilog=_EXIT_CODES,
+        parents=[_verbose_option(False)],
+        formatter_class=_HelpFormatter,
     )
+    # SUPPRESS: a subcommand's parser leaves the value alone unless -v is given after it.
+    verbose = _verbose_option(argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"imagestream {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     commands = parser.add_subparsers(dest="command", required=True)
+    sub: dict[str, Any] = {"parents": [verbose], "formatter_class": _HelpFormatter}
 
-    stream = commands.add_parser("stream", help="stream SOURCE onto TARGET and verify it")
+    stream = commands.add_parser(
+        "stream", help="stream SOURCE onto TARGET and verify it", epilog=_EXIT_CODES, **sub
+    )
     stream.add_argument(
         "source",
         metavar="SOURCE",
@@ -149,11 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_stream_options(stream)
 
-    demo = commands.add_parser("demo", help="stream a generated image from a local server")
-    demo.add_argument("--size-mib", type=int, default=256, help="raw image size (default 256)")
+    demo = commands.add_parser("demo", help="stream a generated image from a local server", **sub)
+    demo.add_argument(
+        "--size-mib", type=int, default=256, metavar="MIB", help="raw image size in MiB"
+    )
     demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
-    demo.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
-    demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
+    demo.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help=_PROGRESS_HELP)
+    demo.add_argument(
+        "--keep", type=Path, metavar="FILE", help="write the image here instead of a temp file"
+    )
     demo.add_argument(
         "--rate",
         type=float,
@@ -163,16 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser(
-        "agent", help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)"
+        "agent",
+        help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)",
+        description="Run the one stream the controller's Job describes, report its progress "
+        "to the ImageStream's status and its result to the termination log.",
+        epilog=_agent_environment(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[verbose],
     )
-    add_controller_parser(commands)
+    add_controller_parser(commands, sub)
     add_service_parsers(commands)
     return parser
 
 
-def add_controller_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_controller_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], sub: dict[str, Any]
+) -> None:
     """`imagestream controller`: the kopf operator, scoped like `kopf run`."""
-    controller = commands.add_parser("controller", help="run the ImageStream controller")
+    controller = commands.add_parser("controller", help="run the ImageStream controller", **sub)
     scope = controller.add_mutually_exclusive_group(required=True)
     scope.add_argument(
         "-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable)"
@@ -182,32 +266,43 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
         "--standalone", action="store_true", help="no peering with other controller instances"
     )
     controller.add_argument(
-        "--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: disabled)"
+        "--metrics-port",
+        type=int,
+        default=8080,
+        metavar="PORT",
+        help="Prometheus metrics port (0: disabled)",
     )
     controller.add_argument(
-        "--metrics-address", default="0.0.0.0", help="address the metrics port binds to"
+        "--metrics-address",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+        help="address the metrics port binds to",
     )
     controller.add_argument(
         "--health-port",
         type=int,
         default=0,
+        metavar="PORT",
         help="liveness endpoint port, serving /healthz on --metrics-address (0: disabled)",
     )
     controller.add_argument(
         "--agent-image",
         default="imagestream-operator:latest",
+        metavar="IMAGE",
         help="container image of the agent Jobs",
     )
     controller.add_argument(
         "--agent-service-account",
         default="imagestream-agent",
+        metavar="NAME",
         help="ServiceAccount of the agent Pods (may only patch imagestreams/status)",
     )
     controller.add_argument(
         "--job-ttl-seconds",
         type=int,
         default=3600,
-        help="how long a finished agent Job (and its logs) is kept (default 3600)",
+        metavar="SECONDS",
+        help="how long a finished agent Job (and its logs) is kept, in seconds",
     )
     controller.add_argument(
         "--log-format",
@@ -243,7 +338,11 @@ def agent_env(text: str) -> tuple[str, str]:
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
     """Options of `imagestream stream`."""
-    parser.add_argument("--sha384", help="expected SHA-384 (96 hex digits) of the fetched bytes")
+    parser.add_argument(
+        "--sha384",
+        metavar="HEX",
+        help="expected SHA-384 (96 hex digits) of the fetched bytes; required",
+    )
     parser.add_argument(
         _UNSAFE_FLAG,
         dest="unverified",
@@ -257,10 +356,16 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         help="what the fetched bytes are; auto (the default) tells by the magic bytes and "
         "writes unknown data as it is",
     )
-    parser.add_argument("--ca-file", type=Path, help="extra CA bundle, added to the system's")
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="extra CA bundle, added to the system's (default: the system's only)",
+    )
     parser.add_argument(
         "--auth-file",
         type=Path,
+        metavar="FILE",
         help="file holding 'Basic ...', 'Bearer ...', user:password, a bare token, or a Docker "
         'config JSON ({"auths": ...}, as docker/oras login write it)',
     )
@@ -273,17 +378,29 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     oci.add_argument(
         "--layer",
         metavar="TITLE",
-        help="the layer whose org.opencontainers.image.title is TITLE (needed with several)",
+        help="the layer whose org.opencontainers.image.title is TITLE (default: the only "
+        "layer; needed with several)",
     )
     oci.add_argument(
         "--plain-http",
         action="store_true",
-        help="talk HTTP to the registry (loopback registries without TLS need no flag)",
+        help="talk HTTP to the registry (default: HTTPS; loopback registries without TLS "
+        "need no flag)",
     )
     parser.add_argument(
-        "--stall-timeout", type=float, default=float(defaults.STALL_TIMEOUT_SECONDS), metavar="S"
+        "--stall-timeout",
+        type=float,
+        default=float(defaults.STALL_TIMEOUT_SECONDS),
+        metavar="S",
+        help="seconds without data before a read is given up and resumed",
     )
-    parser.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, metavar="N")
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=defaults.MAX_RETRIES,
+        metavar="N",
+        help="failed attempts in a row without progress before the stream fails",
+    )
     parser.add_argument(
         "--retry-backoff",
         type=float,
@@ -300,7 +417,11 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         f"({defaults.MIN_WINDOW_LOG} to {defaults.MAX_WINDOW_LOG}; default %(default)s, as "
         "zstd --long=31)",
     )
-    parser.add_argument("--verify-after-write", action="store_true", help="read back and compare")
+    parser.add_argument(
+        "--verify-after-write",
+        action="store_true",
+        help="read the target back (past the page cache) and compare before the commit",
+    )
     parser.add_argument(
         "--force",
         action="store_true",
@@ -312,12 +433,13 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=Path("/"),
         metavar="DIR",
-        help="where the host's filesystem and proc/1/mountinfo are seen (default /)",
+        help="where the host's filesystem and proc/1/mountinfo are seen (default: /)",
     )
     parser.add_argument(
         "--refresh",
         action="store_true",
-        help="after writing a sysext:/confext: image, run systemd-sysext/-confext refresh",
+        help="after writing a sysext:/confext: image, run systemd-sysext/-confext refresh "
+        "(default: off)",
     )
     parser.add_argument(
         "--allowed-dir",
@@ -327,8 +449,12 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="confine file targets to DIR (repeatable; default: anywhere)",
     )
-    parser.add_argument("--no-direct-io", action="store_true", help="write through the cache")
-    parser.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
+    parser.add_argument(
+        "--no-direct-io",
+        action="store_true",
+        help="write through the page cache (default: O_DIRECT where the target accepts it)",
+    )
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help=_PROGRESS_HELP)
 
 
 def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> StreamRequest:
@@ -365,24 +491,49 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
     )
 
 
-def stream_command(args: argparse.Namespace, console: Console) -> int:
+def stream_command(args: argparse.Namespace, console: Console, facts: RunFacts) -> int:
     """Run `imagestream stream`: progress while it runs, a summary or a clear error at the end."""
     cancel = cancel_on_signals()
     display = make_display(args.progress, console, stream_header(args.source, args.target))
     try:
         with display:
-            outcome = stream_target(request_from_args(args, cancel), display.update)
+            outcome = stream_target(request_from_args(args, cancel), facts.watch(display.update))
     except ImageStreamError as exc:
-        return report_failure(exc, args.progress, console)
+        return report_failure(exc, args.progress, console, facts)
     report_success(
         outcome.result,
         args.progress,
         console,
+        facts,
         headline=outcome.headline,
         notes=outcome.notes,
         fields=outcome.fields,
     )
     return 0
+
+
+class InternalError(ImageStreamError):
+    """An exception nobody raised on purpose: a bug (sysexits' EX_SOFTWARE)."""
+
+    exit_code = EXIT_INTERNAL
+    default_reason = Reason.INTERNAL_ERROR
+
+
+def run_facts(args: argparse.Namespace) -> RunFacts:
+    """What the JSON result repeats of the request: the source (redacted), target and hash."""
+    source = getattr(args, "source", None)
+    try:
+        redacted = redact_url(source) if source is not None else None
+    except ValueError:
+        redacted = None  # malformed (the failure reported), and it may hold credentials
+    target = getattr(args, "target", None)
+    expected = (getattr(args, "sha384", None) or "").strip().lower()
+    return RunFacts(
+        source=redacted,
+        target=str(target) if target is not None else None,
+        # A malformed hash is the failure the result reports, not a hash to repeat.
+        expected_sha384=expected if defaults.SHA384.fullmatch(expected) else None,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,26 +554,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     mode = getattr(args, "progress", "plain")
+    facts = run_facts(args)
     try:
-        return run_command(args, console)
+        return run_command(args, console, facts)
     except ImageStreamError as exc:
         # A bad value, refused before the command's own reporting started.
-        return report_failure(exc, mode, console)
+        return report_failure(exc, mode, console, facts)
+    except KeyboardInterrupt:
+        # A second Ctrl-C outside the stream (which turns its own into a cancel).
+        stopped = Cancelled("the command was stopped at once (interrupted again)")
+        return report_failure(stopped, mode, console, facts)
     except Exception as exc:  # a bug: say so in words, keep the trace for -v
         log.info("internal error", exc_info=exc)
-        report_failure(
-            ImageStreamError(
+        return report_failure(
+            InternalError(
                 f"internal error: {type(exc).__name__}: {exc}; please report this bug with "
-                "the output of -v",
-                reason=Reason.INTERNAL_ERROR,
+                "the output of -v"
             ),
             mode,
             console,
+            facts,
         )
-        return EXIT_INTERNAL
 
 
-def run_command(args: argparse.Namespace, console: Console) -> int:
+def run_command(args: argparse.Namespace, console: Console, facts: RunFacts) -> int:
     """Run the parsed subcommand; return its exit code."""
     if args.command == "agent":
         # Imported here: the Kubernetes client costs start-up time every plain stream would pay.
@@ -449,7 +604,6 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
 
         return demo_command(args, console)
     if args.sha384 is None and not args.unverified:
-        console.print(f"error: --sha384 is required (or {_UNSAFE_FLAG} to write unverified)")
-        return EXIT_USAGE
+        raise UsageError(f"--sha384 is required (or {_UNSAFE_FLAG} to write unverified)")
     validate_stream_args(args)
-    return stream_command(args, console)
+    return stream_command(args, console, facts)

@@ -16,6 +16,10 @@ MAX_RETRIES = 8
 RETRY_BACKOFF_SECONDS = 0.5
 #: The longest a single backoff (or an honoured Retry-After) may be, in seconds.
 RETRY_BACKOFF_MAX_SECONDS = 30.0
+#: Retries of a connection that cannot succeed soon (refused on loopback, a name that does not
+#: resolve), at most this far apart: a typo fails in about a second, not after minutes.
+QUICK_FAIL_RETRIES = 2
+QUICK_FAIL_BACKOFF_SECONDS = 0.25
 #: The largest zstd window the CLI accepts, as a power of two (`zstd --long=31`).
 CLI_MAX_WINDOW_LOG = 31
 #: The largest zstd window an ImageStream accepts by default (zstd's own default limit).

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TextIO
 
@@ -28,8 +28,8 @@ from rich.text import Text
 
 from imagestream.errors import Cancelled, ImageStreamError
 from imagestream.pipeline.decompress import Compression
-from imagestream.pipeline.pipeline import StreamResult
-from imagestream.pipeline.progress import Progress, RateMeter
+from imagestream.pipeline.pipeline import StreamResult, VerificationFailed
+from imagestream.pipeline.progress import Progress, ProgressCallback, RateMeter
 from imagestream.pipeline.redact import redact_url
 from imagestream.reasons import Reason
 from imagestream.status_fields import progress_fields
@@ -401,10 +401,89 @@ def log_handler(console: Console) -> logging.Handler:
     return handler
 
 
+@dataclass
+class RunFacts:
+    """What a run's JSON result reports beside its outcome: what was asked, and what the
+    stream got to (the last progress snapshot it reported)."""
+
+    source: str | None = None
+    target: str | None = None
+    expected_sha384: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    last: Progress | None = None
+
+    def watch(self, display: ProgressCallback) -> ProgressCallback:
+        """`display`, remembering each snapshot on the way."""
+
+        def on_progress(progress: Progress) -> None:
+            self.last = progress
+            display(progress)
+
+        return on_progress
+
+
+def result_record(
+    facts: RunFacts,
+    outcome: ImageStreamError | StreamResult,
+) -> dict[str, object]:
+    """The one `result` object of `--progress json`; docs/result.schema.json is its schema."""
+    last = facts.last
+    record: dict[str, object] = {
+        "event": "result",
+        "source": facts.source,
+        "target": facts.target,
+        "expectedSha384": facts.expected_sha384,
+        "sha384": None,
+        "digest": None,
+        "compression": None,
+        "verified": False,
+        "readBackVerified": False,
+        "bytesFetched": last.bytes_fetched if last else 0,
+        "bytesWritten": last.bytes_written if last else 0,
+        "bytesTotal": last.bytes_total if last else None,
+        "resumes": last.resumes if last else 0,
+        "seconds": round(time.monotonic() - facts.started, 3),
+    }
+    if isinstance(outcome, StreamResult):
+        record.update(
+            ok=True,
+            outcome="Succeeded",
+            exitCode=0,
+            reason=Reason.SUCCEEDED,
+            message=f"wrote {outcome.target}: {_verdict(outcome)}",
+            target=str(outcome.target),
+            sha384=outcome.sha384,
+            digest=outcome.digest,
+            compression=outcome.compression.value,
+            verified=outcome.verified,
+            readBackVerified=outcome.read_back_verified,
+            bytesFetched=outcome.bytes_fetched,
+            bytesWritten=outcome.bytes_written,
+            resumes=outcome.resumes,
+            seconds=round(outcome.seconds, 3),
+        )
+        return record
+    record.update(
+        ok=False,
+        outcome="Cancelled" if isinstance(outcome, Cancelled) else "Failed",
+        exitCode=outcome.exit_code,
+        reason=outcome.reason,
+        message=outcome.message,
+    )
+    if isinstance(outcome, VerificationFailed):
+        record["sha384"] = outcome.computed_sha384
+    return record
+
+
+def _verdict(result: StreamResult) -> str:
+    return "verified" if result.verified else "UNVERIFIED (no expected hash was given)"
+
+
 def report_success(
     result: StreamResult,
     mode: str,
     console: Console,
+    facts: RunFacts | None = None,
     *,
     headline: str | None = None,
     notes: Sequence[str] = (),
@@ -415,27 +494,12 @@ def report_success(
     The target's kind may replace the first line's "Wrote TARGET" (`headline`) and add lines
     (`notes`: an extension already current, its refresh) and JSON `fields`.
     """
-    verdict = "verified" if result.verified else "UNVERIFIED (no expected hash was given)"
     if mode == "json":
-        emit_json(
-            sys.stdout,
-            {
-                "event": "result",
-                "ok": True,
-                "verified": result.verified,
-                "target": str(result.target),
-                "sha384": result.sha384,
-                "digest": result.digest,
-                "compression": result.compression.value,
-                "bytesFetched": result.bytes_fetched,
-                "bytesWritten": result.bytes_written,
-                "seconds": round(result.seconds, 3),
-                "resumes": result.resumes,
-                "readBackVerified": result.read_back_verified,
-                **(fields or {}),
-            },
-        )
+        record = result_record(facts or RunFacts(), result)
+        record.update(fields or {})
+        emit_json(sys.stdout, record)
         return
+    verdict = _verdict(result)
     # markup=False: the target is the user's text, and "[red]" or "q[/x]" must print as is.
     out = Console(file=sys.stdout, highlight=False, soft_wrap=True, markup=False)
     style = "green" if result.verified else "bold red"
@@ -466,13 +530,12 @@ def _format_name(compression: Compression) -> str:
     return f"{compression.value}, decompressed"
 
 
-def report_failure(exc: ImageStreamError, mode: str, console: Console) -> int:
+def report_failure(
+    exc: ImageStreamError, mode: str, console: Console, facts: RunFacts | None = None
+) -> int:
     """Print the error with its reason code; return the exit code of its family."""
     if mode == "json":
-        emit_json(
-            sys.stdout,
-            {"event": "result", "ok": False, "reason": exc.reason, "message": exc.message},
-        )
+        emit_json(sys.stdout, result_record(facts or RunFacts(), exc))
     # A Text, never markup: messages carry URLs, paths and servers' words.
     line = Text.assemble(("error", "bold red"), f" ({exc.reason}): {exc.message}")
     console.print(line, highlight=False)

@@ -1,4 +1,4 @@
-"""The reasons vocabulary: one enum, documented in the README, used by every layer."""
+"""The reasons vocabulary: one enum, documented in docs/reasons.md, used by every layer."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from pathlib import Path
 from imagestream.errors import Cancelled, IntegrityError, SourceError, TargetError, UsageError
 from imagestream.reasons import Reason
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REASONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "reasons.md"
 
 
 def _troubleshooting_rows() -> dict[str, str]:
-    section = README.read_text().split("## Troubleshooting: reasons", 1)[1].split("\n## ", 1)[0]
+    section = REASONS_DOC.read_text().split("## Reasons", 1)[1].split("\n## ", 1)[0]
     return {
         match.group(1): match.group(2)
         for match in re.finditer(r"^\| `(\w+)` \|\s*([^|]*?)\s*\|", section, flags=re.M)
     }
 
 
-def test_the_readme_lists_every_reason_and_nothing_else() -> None:
+def test_the_docs_list_every_reason_and_nothing_else() -> None:
     rows = _troubleshooting_rows()
     assert set(rows) == {reason.value for reason in Reason}
 

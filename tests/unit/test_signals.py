@@ -15,14 +15,14 @@ from imagestream.signals import cancel_on_signals
 
 @pytest.fixture
 def restore_handlers() -> Iterator[None]:
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
 
 
 @pytest.mark.usefixtures("restore_handlers")
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_the_first_signal_asks_for_a_clean_stop(sig: signal.Signals) -> None:
     cancel = cancel_on_signals()
     os.kill(os.getpid(), sig)  # the handler runs in this (the main) thread before kill returns
@@ -39,11 +39,12 @@ def test_a_second_sigint_raises_keyboard_interrupt() -> None:
 
 
 @pytest.mark.usefixtures("restore_handlers")
-def test_a_second_sigterm_does_not_escalate() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_second_sigterm_or_sighup_does_not_escalate(sig: signal.Signals) -> None:
     # Kubernetes sends one SIGTERM; a duplicate must not turn a clean stop into an abrupt one.
     cancel = cancel_on_signals()
-    os.kill(os.getpid(), signal.SIGTERM)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), sig)
+    os.kill(os.getpid(), sig)
     assert cancel.is_set()
 
 

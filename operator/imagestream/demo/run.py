@@ -22,6 +22,7 @@ from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.progress_display import (
+    RunFacts,
     format_bytes,
     format_rate,
     make_display,
@@ -60,13 +61,14 @@ def demo_command(args: argparse.Namespace, console: Console) -> int:
                 source_options=SourceOptions(policy=RetryPolicy(backoff_base=0.2)),
                 cancel=cancel,
             )
+            facts = RunFacts(source=server.url, target=str(target), expected_sha384=image.sha384)
             try:
                 header = stream_header(server.url, target)
                 with make_display(args.progress, console, header) as display:
-                    result = run_stream(request, display.update)
+                    result = run_stream(request, facts.watch(display.update))
             except ImageStreamError as exc:
-                return report_failure(exc, args.progress, console)
-        report_success(result, args.progress, console)
+                return report_failure(exc, args.progress, console, facts)
+        report_success(result, args.progress, console, facts)
         if _sha384_of(result.target) != image.raw_sha384:
             console.print(
                 Text("the written output differs from the generated data", style="bold red")

@@ -9,6 +9,7 @@ highly compressible image can never balloon memory.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable
 from typing import IO, cast
 
@@ -27,10 +28,14 @@ from imagestream.pipeline.decoders import (
     is_bzip2,
     xz_decoder,
 )
-from imagestream.pipeline.zstd_frames import FrameWalker, is_zstd
+from imagestream.pipeline.zstd_frames import FrameWalker, is_zstd, not_zstd
 from imagestream.reasons import Reason
 
 _READ_SIZE = 1 << 20
+#: The longest zstd frame header (magic, descriptor, window, dictionary id, content size).
+_FRAME_HEADER_MAX = 18
+
+log = logging.getLogger(__name__)
 
 
 class Compression(enum.StrEnum):
@@ -137,6 +142,11 @@ def _stdlib_decoder(compression: Compression, max_window_log: int) -> StreamDeco
 def _zstd_stage(
     reader: ChannelReader, pool: BufferPool, out: Channel[Filled], max_window_log: int
 ) -> int:
+    head = reader.peek(4)
+    if head and not is_zstd(head):
+        # Before libzstd sees it: its "Unknown frame descriptor" tells a user nothing.
+        raise not_zstd(head)
+    _log_frame(reader.peek(_FRAME_HEADER_MAX))
     walker = FrameWalker(max_window_log)
     reader.observe = walker.feed
     dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
@@ -154,6 +164,23 @@ def _zstd_stage(
             reason=Reason.SIZE_MISMATCH,
         )
     return produced
+
+
+def _log_frame(head: bytes) -> None:
+    """For -v: the first zstd frame's parameters (window, declared size, checksum)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    try:
+        frame = zstandard.get_frame_parameters(head)
+    except zstandard.ZstdError:
+        return  # a skippable frame first, or too short: the stream's own checks speak
+    size = frame.content_size if frame.content_size >= 0 else "undeclared"
+    log.info(
+        "zstd frame 1: window %d bytes, content size %s, checksum %s",
+        frame.window_size,
+        size,
+        "yes" if frame.has_checksum else "no",
+    )
 
 
 def _decoded_into(reader: ChannelReader, decoder: StreamDecoder) -> Callable[[memoryview], int]:

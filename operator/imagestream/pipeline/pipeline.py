@@ -13,6 +13,7 @@ read back. The stage threads are always joined before the source and the target 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -34,18 +35,17 @@ from imagestream.pipeline.decompress import (
 from imagestream.pipeline.interrupt import Interrupt, join_all, watching
 from imagestream.pipeline.oci_select import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
-from imagestream.pipeline.sinks import Sink, open_sink
+from imagestream.pipeline.sinks import Aftermath, Sink, open_sink
 from imagestream.pipeline.sources import Source, SourceOptions, open_source
 from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
+
+log = logging.getLogger(__name__)
 
 _REPORT_INTERVAL = 0.1
 _FETCH_QUEUE = 4
 _POOL_BUFFERS = 4
 _ZSTD_HEADER_PEEK = 18
-#: What a failure's message claims about the target once the sink invalidated it.
-LEFT_INVALID = "the target was left invalid"
-_INVALID_CLAIMS = (f"; {LEFT_INVALID}", "; the target is invalid")
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,15 @@ class StreamResult:
     digest: str | None = None
 
 
+class VerificationFailed(IntegrityError):
+    """A check of the whole image failed; carries the SHA-384 the fetched bytes have, for the
+    results that report it beside the expected one."""
+
+    def __init__(self, message: str, reason: Reason, computed_sha384: str) -> None:
+        super().__init__(message, reason=reason)
+        self.computed_sha384 = computed_sha384
+
+
 def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
     """Normalise the expected hash, or refuse a request that has none."""
     if value is None:
@@ -92,18 +101,22 @@ def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
             )
         return None
     normalised = value.strip().lower()
-    if not defaults.SHA384.fullmatch(normalised):
+    if defaults.SHA384.fullmatch(normalised):
+        return normalised
+    wrong = next((i for i, c in enumerate(normalised) if c not in "0123456789abcdef"), None)
+    if len(normalised) == 96 and wrong is not None:
         raise UsageError(
-            f"--sha384 must be 96 hexadecimal digits, got {len(normalised)} characters"
+            f"--sha384 must be 96 hexadecimal digits; character {wrong + 1} is "
+            f"{value.strip()[wrong]!r}, which is not one (0-9, a-f)"
         )
-    return normalised
+    raise UsageError(f"--sha384 must be 96 hexadecimal digits, got {len(normalised)} characters")
 
 
 def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = None) -> StreamResult:
     """Stream the source onto the target; return only once the output verified and is durable.
 
-    A cancel raises `Cancelled`, and so does a KeyboardInterrupt (a second Ctrl-C), whose message
-    says whether the target was left invalid or nothing was written to it.
+    A cancel raises `Cancelled`, and so does a KeyboardInterrupt (a second Ctrl-C). Every error
+    raised once the target is open ends with what was left on it (`Aftermath.clause`).
     """
     expected = validate_sha384(request.sha384, request.allow_unverified)
     sink = open_sink(request.target)
@@ -117,27 +130,26 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
             finally:
                 source.close()
     except BaseException as exc:
-        stopped = exc
+        stopped: BaseException = exc
         try:
-            failure = sink.invalidate()
+            left = sink.invalidate()
         except KeyboardInterrupt as again:
             stopped = again  # Ctrl-C again while invalidating: stop now, as asked
-            failure = None
+            left = None
         if isinstance(stopped, Cancelled | KeyboardInterrupt):
             error: ImageStreamError = _cancelled(stopped, stream.counters if stream else None)
         elif isinstance(exc, ImageStreamError):
             error = exc
         else:
             raise
-        if failure is not None:
-            raise _not_invalidated(error, request.target.name, failure) from exc
+        _conclude(error, left)
         if error is exc:
             raise
         raise error from exc
 
 
 def _cancelled(exc: BaseException, counters: Counters | None) -> Cancelled:
-    """The cancel as the user sees it: when it came, and what it left on the target."""
+    """The cancel as the user sees it: when it came (what it left is added by `_conclude`)."""
     how = (
         "stopped at once (interrupted again)" if isinstance(exc, KeyboardInterrupt) else "cancelled"
     )
@@ -147,23 +159,19 @@ def _cancelled(exc: BaseException, counters: Counters | None) -> Cancelled:
         when = "while verifying"
     else:
         when = "while streaming"
-    if counters is None or not counters.bytes_written:
-        return Cancelled(
-            f"the stream was {how} {when}; nothing was written, the target is unchanged"
-        )
-    return Cancelled(f"the stream was {how} {when}; {LEFT_INVALID}")
+    return Cancelled(f"the stream was {how} {when}")
 
 
-def _not_invalidated(exc: ImageStreamError, name: str, failure: str) -> ImageStreamError:
-    """`exc` with its message no longer claiming an invalid target: it could not be made so."""
-    message = exc.message
-    for claim in _INVALID_CLAIMS:
-        message = message.removesuffix(claim)
-    return type(exc)(
-        f"{message}; the target {name} could NOT be invalidated ({failure}): it may still "
-        "look valid, do not boot from it",
-        reason=exc.reason,
+def _conclude(error: ImageStreamError, left: Aftermath | None) -> None:
+    """End `error`'s message with what the sink says it left on the target (in place, so the
+    error keeps its type and attributes); `None`: the sink was stopped before it could say."""
+    clause = (
+        left.clause()
+        if left is not None
+        else "stopped while invalidating the target: it may still look valid, do not boot from it"
     )
+    error.message = f"{error.message}; {clause}"
+    error.args = (error.message,)
 
 
 class _Stream:
@@ -187,6 +195,8 @@ class _Stream:
         self._read_back_reported = 0.0
         self.abort = threading.Event()
         self.errors: list[BaseException] = []
+        #: CPU seconds each stage thread used, for -v.
+        self.stage_cpu: dict[str, float] = {}
         self.fetched_hash = hashlib.sha384()
         # The registry's own digest of the blob, checked beside the requested SHA-384.
         self.blob_hash = new_hash(source.digest) if source.digest else None
@@ -228,6 +238,8 @@ class _Stream:
             except BaseException as exc:  # handed to the supervisor
                 self.errors.append(exc)
                 self.abort.set()
+            finally:
+                self.stage_cpu[name] = time.thread_time()
 
         thread = threading.Thread(target=guarded, name=f"imagestream-{name}", daemon=True)
         thread.start()
@@ -320,16 +332,17 @@ class _Stream:
         self.sink.flush()
 
     def _verify_and_commit(self, expected: str | None) -> StreamResult:
+        verifying = time.monotonic()
         self.counters.phase = "Verifying"
         self._report()
         # The blob digest first: when both differ, the bytes are not the registry's blob at all.
-        digest = self._verify_blob_digest()
         actual = self.fetched_hash.hexdigest()
+        digest = self._verify_blob_digest(actual)
         if expected is not None and actual != expected:
-            raise IntegrityError(
-                f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}; "
-                f"{LEFT_INVALID}",
+            raise VerificationFailed(
+                f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}",
                 reason=Reason.HASH_MISMATCH,
+                computed_sha384=actual,
             )
         self._checkpoint()
         read_back = False
@@ -339,10 +352,11 @@ class _Stream:
             on_disk = self.sink.sha384_on_disk(self.counters.bytes_written, self._read_back)
             self.counters.bytes_read_back = self.counters.bytes_written
             if on_disk != self.output_hash.hexdigest():
-                raise IntegrityError(
+                raise VerificationFailed(
                     f"read-back of {self.request.target.name} does not match what was written "
-                    f"(the device lost or altered data); {LEFT_INVALID}",
+                    "(the device lost or altered data)",
                     reason=Reason.READ_BACK_MISMATCH,
+                    computed_sha384=actual,
                 )
             read_back = True
         self._checkpoint()
@@ -350,6 +364,7 @@ class _Stream:
         self.sink.publish()
         self.counters.phase = "Succeeded"
         self._report()
+        self._log_timings(verifying)
         return StreamResult(
             target=self.sink.path,
             sha384=actual,
@@ -361,6 +376,17 @@ class _Stream:
             seconds=time.monotonic() - self.counters.started,
             read_back_verified=read_back,
             digest=digest,
+        )
+
+    def _log_timings(self, verifying: float) -> None:
+        """For -v: where the time went, so a slow stream shows its slow stage."""
+        now = time.monotonic()
+        stages = ", ".join(f"{name} {cpu:.2f} s" for name, cpu in self.stage_cpu.items())
+        log.info(
+            "CPU per stage: %s; streaming %.2f s, verifying and commit %.2f s",
+            stages,
+            verifying - self.counters.started,
+            now - verifying,
         )
 
     def _read_back(self, done: int) -> None:
@@ -380,15 +406,16 @@ class _Stream:
             self.interrupt.set()
         self.interrupt.check()
 
-    def _verify_blob_digest(self) -> str | None:
+    def _verify_blob_digest(self, sha384: str) -> str | None:
         expected = self.source.digest
         if expected is None or self.blob_hash is None:
             return None
         actual = digest_of(self.blob_hash)
         if actual != expected:
-            raise IntegrityError(
+            raise VerificationFailed(
                 f"blob digest mismatch: {self.source.name} promised {expected}, the fetched "
-                f"bytes have {actual}; {LEFT_INVALID}",
+                f"bytes have {actual}",
                 reason=Reason.DIGEST_MISMATCH,
+                computed_sha384=sha384,
             )
         return expected

@@ -9,11 +9,15 @@ start and skipping what was already delivered (RFC 9110 §13.1.5, §14).
 from __future__ import annotations
 
 import email.utils
+import errno
+import ipaddress
 import logging
 import random
 import re
+import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -152,12 +156,21 @@ class HttpRangeReader:
         self._headers = dict(headers or {})
         self._validators: _Validators | None = None
         self._name = redact_url(url)
+        self._proxy = proxy_for(url)
+        #: Failed attempts over the whole read (resumes count only those after an answer).
+        self._failed = 0
         self._expected_size = size
         self._hooks = hooks or ReadHooks()
         self._interrupt = interrupt or Interrupt()
 
     def chunks(self) -> Iterator[bytes]:
-        """Yield the object's bytes in order; raises `SourceError` when it cannot go on."""
+        """Yield the object's bytes in order; raises `SourceError` when it cannot go on.
+
+        A failed attempt is retried up to the policy's `max_retries` in a row without progress;
+        one that cannot succeed soon (`_quick_to_fail`) only `QUICK_FAIL_RETRIES` times, briefly.
+        Only a retry after the server answered is a resume (and counted in `resumes`): before
+        that the connection or the request is retried.
+        """
         offset = 0
         failures = 0
         while True:
@@ -176,37 +189,60 @@ class HttpRangeReader:
                     return
                 raise RetryableError(f"body ended at byte {offset} of {self.total}")
             except (httpx.TransportError, RetryableError) as exc:
-                _refuse_untrusted(exc, self._name)
+                # A cancel cut this attempt: it ends here, without a word about retrying.
+                self._interrupt.check()
+                _refuse_hopeless(exc, self._name, self._proxy)
                 if offset > delivered_before:
                     failures = 0
                 failures += 1
-                what = exc.what if isinstance(exc, RetryableError) else _describe_transport(exc)
+                started = self._validators is not None
+                what = self._describe(exc, started)
                 # Before the budget check, so a caller with no retries still gets its look.
-                self._hooks.before_retry(exc, self.resumes + 1)
-                if failures > self._policy.max_retries:
+                self._failed += 1
+                self._hooks.before_retry(exc, self._failed)
+                budget = self._policy.max_retries
+                if not started and _quick_to_fail(exc, self.url):
+                    budget = min(budget, defaults.QUICK_FAIL_RETRIES)
+                if failures > budget:
                     raise SourceError(
                         f"giving up on {self._name} after {failures} attempts without progress "
                         f"at byte {offset}: {what}",
                         reason=Reason.RETRIES_EXHAUSTED,
                     ) from exc
-                delay = self._delay(failures, exc)
+                delay = self._delay(failures, exc, quick=budget < self._policy.max_retries)
+                if started:
+                    again = f"resuming at byte {offset}"
+                elif isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                    again = "retrying the connection"
+                else:
+                    again = "retrying the request"
                 log.warning(
-                    "%s: %s; resuming at byte %d in %.1fs (attempt %d of %d)",
+                    "%s: %s; %s in %.1fs (attempt %d of %d failed)",
                     self._name,
                     what,
-                    offset,
+                    again,
                     delay,
                     failures,
-                    self._policy.max_retries,
+                    budget + 1,
                 )
                 self._interrupt.sleep(delay)
-                self.resumes += 1
+                if started:
+                    self.resumes += 1
 
-    def _delay(self, failures: int, exc: Exception) -> float:
+    def _describe(self, exc: httpx.TransportError | RetryableError, started: bool) -> str:
+        if isinstance(exc, RetryableError):
+            return exc.what
+        what = _describe_transport(exc)
+        if self._proxy is not None and not started and isinstance(exc, httpx.ConnectError):
+            return f"cannot connect to the proxy {self._proxy}: {what}"
+        return what
+
+    def _delay(self, failures: int, exc: Exception, *, quick: bool = False) -> float:
         retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
         if retry_after is not None:
             return min(retry_after, self._policy.max_retry_after)
-        return self._policy.backoff(failures)
+        delay = self._policy.backoff(failures)
+        return min(delay, defaults.QUICK_FAIL_BACKOFF_SECONDS) if quick else delay
 
     def _attempt(self, offset: int) -> Iterator[bytes]:
         """One request from `offset`: validate the answer, then stream its body."""
@@ -316,6 +352,7 @@ class HttpRangeReader:
         """Remember the object's identity on the first answer; compare it on every later one."""
         seen = _Validators.of(response)
         if self._validators is None:
+            _log_first_answer(self._name, response, total)
             self._validators = seen
             self.content_type = response.headers.get("content-type")
             self._check_expected_size(total)
@@ -329,6 +366,31 @@ class HttpRangeReader:
                 f"(ETag {self._validators.etag} -> {seen.etag}, size {self.total} -> {total}); "
                 "start again once the image is stable"
             )
+
+
+def _log_first_answer(name: str, response: httpx.Response, total: int | None) -> None:
+    """For -v: where the bytes come from and whether a break can be resumed."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    address = f"{peer[0]} port {peer[1]}" if peer else "an unknown address"
+    if response.status_code == 206:
+        ranges = "ranges supported (206)"
+    elif response.headers.get("accept-ranges", "").lower() == "bytes":
+        ranges = "ranges announced (Accept-Ranges: bytes)"
+    else:
+        ranges = "no range support announced: a break re-reads from the start"
+    validator = response.headers.get("etag") or response.headers.get("last-modified") or "none"
+    log.info(
+        "%s: connected to %s, HTTP %d, %s bytes, %s, validator %s",
+        name,
+        address,
+        response.status_code,
+        total if total is not None else "an unknown number of",
+        ranges,
+        validator,
+    )
 
 
 def _coalesce(pieces: Iterator[bytes]) -> Iterator[bytes]:
@@ -394,12 +456,22 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _status_message(name: str, response: httpx.Response) -> str:
     status = response.status_code
+    sent = "authorization" in response.request.headers
     hint = {
-        401: "the server wants credentials (--auth-file) or refused the ones given",
-        403: "the credentials were refused or lack access",
+        401: "the server refused the credentials given"
+        if sent
+        else "the server wants credentials and none were sent (--auth-file)",
+        403: "the credentials given lack access"
+        if sent
+        else "access denied, and no credentials were sent (--auth-file, if it needs them)",
         404: "check the URL",
+        407: "the proxy wants credentials (user:password@ in HTTP_PROXY / HTTPS_PROXY)",
     }.get(status)
     text = f"{name} answered HTTP {status} {response.reason_phrase}"
+    proxy = proxy_for(str(response.request.url))
+    if proxy is not None and status in (403, 407):
+        # Through a proxy, a refusal may be the proxy's own, not the server's.
+        text += f" (through the proxy {proxy}; the answer may be the proxy's)"
     return f"{text}: {hint}" if hint else text
 
 
@@ -416,15 +488,75 @@ def cause_of(exc: BaseException, kind: type[_E]) -> _E | None:
     return None
 
 
-def _refuse_untrusted(exc: Exception, name: str) -> None:
-    """A certificate that does not verify will not verify on a retry either: fail at once."""
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and _IP_ADDRESS_MISMATCH: the certificate is
+#: valid, but for another name or address.
+_NAME_MISMATCH = (62, 64)
+
+
+def _refuse_hopeless(exc: Exception, name: str, proxy: str | None) -> None:
+    """Fail at once on what no retry fixes: a certificate that does not verify, TLS spoken to
+    a port that does not speak it, a proxy that refuses the tunnel."""
     untrusted = cause_of(exc, ssl.SSLCertVerificationError)
     if untrusted is not None:
+        if getattr(untrusted, "verify_code", None) in _NAME_MISMATCH:
+            hint = (
+                "the certificate is valid but issued for another name, which --ca-file does not "
+                "change; use the host name the certificate names"
+            )
+        else:
+            hint = "pass the issuing CA with --ca-file"
         raise SourceError(
-            f"TLS certificate verify failed for {name} ({untrusted.verify_message}); "
-            "pass the issuing CA with --ca-file",
+            f"TLS certificate verify failed for {name} ({untrusted.verify_message}); {hint}",
             reason=Reason.TLS_VERIFICATION_FAILED,
         ) from exc
+    garbled = cause_of(exc, ssl.SSLError)
+    if garbled is not None and "WRONG_VERSION_NUMBER" in str(garbled):
+        raise SourceError(
+            f"TLS handshake with {name} failed: the server does not speak TLS on that port (a "
+            "plain-HTTP port? then use http://, or --plain-http for a registry)",
+            reason=Reason.SOURCE_UNAVAILABLE,
+        ) from exc
+    if isinstance(exc, httpx.ProxyError):
+        raise SourceError(
+            f"the proxy {proxy or '(from the environment)'} refused the connection to {name}: "
+            f"{exc}; check HTTPS_PROXY, NO_PROXY and the proxy's rules",
+            reason=Reason.SOURCE_UNAVAILABLE,
+        ) from exc
+
+
+def _quick_to_fail(exc: Exception, url: str) -> bool:
+    """A failure more retries will not fix soon: a name that does not resolve, or a port
+    refused on this very machine (nothing listens there)."""
+    if cause_of(exc, socket.gaierror) is not None:
+        return True
+    # httpcore re-raises a refused connect without its cause: its text keeps the errno.
+    refused = cause_of(exc, ConnectionRefusedError) is not None or (
+        isinstance(exc, httpx.ConnectError) and f"[Errno {errno.ECONNREFUSED}]" in str(exc)
+    )
+    if not refused:
+        return False
+    host = httpx.URL(url).host
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment sends `url` through (as httpx's trust_env does), redacted."""
+    parsed = httpx.URL(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if proxy is None:
+        return None
+    for entry in proxies.get("no", "").split(","):
+        # NO_PROXY as httpx reads it: "*", a host, or a domain with or without its dot.
+        domain = entry.strip().lower().lstrip(".")
+        if domain == "*" or (
+            domain and (parsed.host == domain or parsed.host.endswith(f".{domain}"))
+        ):
+            return None
+    return redact_url(proxy)
 
 
 def _describe_transport(exc: httpx.TransportError) -> str:

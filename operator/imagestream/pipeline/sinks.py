@@ -31,6 +31,10 @@ from imagestream.reasons import Reason
 
 log = logging.getLogger(__name__)
 
+#: The clauses of `Aftermath.clause` that tests and callers look for.
+LEFT_INVALID = "the target was left invalid"
+UNCHANGED = "nothing was written, the target is unchanged"
+
 HEADER_SIZE = 1 << 20
 #: A GPT's backup copy: its header in the disk's last sector, its 128 entries in the 32 before.
 BACKUP_GPT_SECTORS = 33
@@ -71,10 +75,45 @@ class Sink(Protocol):
         """Make a verified target visible (rename for files)."""
         ...
 
-    def invalidate(self) -> str | None:
-        """Leave the target unmistakably invalid; never raises. None when it is (or was never
-        touched), otherwise why it could not be invalidated."""
+    def invalidate(self) -> Aftermath:
+        """Leave the target unmistakably invalid, or as it was; never raises. Says which."""
         ...
+
+
+@dataclass(frozen=True)
+class Aftermath:
+    """What a stream that did not commit left on its target, as the sink reports it.
+
+    The one rule every failure's message follows: its last clause is `clause()`, so a message
+    says "left invalid" exactly when bytes reached the target and were zeroed again.
+    """
+
+    name: str
+    #: Bytes reached the target itself (a device; a file target only ever writes its staging).
+    written: bool
+    #: A file target: its staging file was written (and removed), the previous file kept.
+    staged: bool = False
+    #: A file target: a file (or link) was there before, and still is.
+    existed: bool = True
+    #: Why the target could not be made invalid (or the staging file not removed).
+    failure: str | None = None
+
+    def clause(self) -> str:
+        """The words that end a failure's message."""
+        if self.written:
+            if self.failure is None:
+                return LEFT_INVALID
+            return (
+                f"the target {self.name} could NOT be invalidated ({self.failure}): it may "
+                "still look valid, do not boot from it"
+            )
+        if not self.staged:
+            said = UNCHANGED
+        elif self.existed:
+            said = f"{self.name} is unchanged"
+        else:
+            said = f"no file was created at {self.name}"
+        return f"{said}; {self.failure}" if self.failure else said
 
 
 @dataclass
@@ -103,6 +142,8 @@ class _FdSink:
         self.path = path
         self.capacity = capacity
         self.written = 0
+        #: Set before the first byte goes to the target, whichever range it lands in.
+        self.touched = False
         self._fd = fd
         self._direct = plan.direct_io and _try_direct(fd, plan.name)
         self._held = held
@@ -110,7 +151,8 @@ class _FdSink:
 
     def write(self, data: memoryview) -> None:
         """Write at the current end; bytes inside a held range go to memory, zeros to the target."""
-        if self.written == 0 and len(data):
+        if not self.touched and len(data):
+            self.touched = True
             self._begin()
         while len(data):
             held = self._held_at(self.written)
@@ -162,7 +204,16 @@ class _FdSink:
             data = data[n:]
 
     def _write_error(self, exc: OSError) -> TargetError:
-        if exc.errno in (errno.ENOSPC, errno.EFBIG):
+        full = exc.errno in (errno.ENOSPC, errno.EFBIG)
+        if full and self.plan.kind == "device" and self.written < (self.capacity or 0):
+            # The device has room on paper: what ran out is behind it.
+            return TargetError(
+                f"writing {self.plan.name} failed at byte {self.written} of its "
+                f"{self.capacity}: no space left on the device's backing store (a "
+                "thin-provisioned, loop-backed or network device out of space)",
+                reason=Reason.WRITE_FAILED,
+            )
+        if full:
             return TargetError(
                 f"target {self.plan.name} is full after {self.written} bytes: the image is "
                 "larger than the target",
@@ -223,8 +274,8 @@ class _FdSink:
 
     def _zero_held(self) -> str | None:
         """Zero what of the held ranges the output reached; why not, when that fails."""
-        if self.written == 0:
-            return None  # untouched
+        if not self.touched:
+            return None
         try:
             self._set_direct(False)
             for held in self._held:
@@ -250,11 +301,11 @@ class BlockDeviceSink(_FdSink):
         """The held bytes were restored in place: release the device (and its lock)."""
         self.close()
 
-    def invalidate(self) -> str | None:
+    def invalidate(self) -> Aftermath:
         """Zero the held ranges again (they may have been restored before a later step failed)."""
         failure = self._zero_held()
         self.close()
-        return failure
+        return Aftermath(self.plan.name, written=self.touched, failure=failure)
 
 
 class FileSink(_FdSink):
@@ -270,8 +321,11 @@ class FileSink(_FdSink):
         location: tuple[int, Path, str, str],
         fd: int,
         capacity: int | None,
+        *,
+        existed: bool,
     ) -> None:
         dir_fd, directory, name, staging = location
+        self._existed = existed
         super().__init__(plan, directory / name, fd, capacity, [_held_header()])
         self._dir_fd = dir_fd
         self._name = name
@@ -284,15 +338,22 @@ class FileSink(_FdSink):
             os.fsync(self._dir_fd)
         self._close_all()
 
-    def invalidate(self) -> str | None:
+    def invalidate(self) -> Aftermath:
         """Remove the staging file, still holding its lock; a previous target is untouched."""
+        failure = None
         try:
             if _same_file(self._fd, self._dir_fd, self._staging):
                 os.unlink(self._staging, dir_fd=self._dir_fd)
         except OSError as exc:
-            log.error("could not remove %s: %s", self._staging, exc.strerror)
+            failure = f"its partial copy {self._staging} could not be removed: {exc.strerror}"
         self._close_all()
-        return None
+        return Aftermath(
+            self.plan.name,
+            written=False,
+            staged=self.touched,
+            existed=self._existed,
+            failure=failure,
+        )
 
     def _close_all(self) -> None:
         self.close()
@@ -323,6 +384,13 @@ def _open_device(plan: TargetPlan) -> BlockDeviceSink:
             # Refused either way; the checks only say by whom (mounted where, held by what).
             rdev = looked.st_rdev
             check_block_device((os.major(rdev), os.minor(rdev)), plan.name, plan.host)
+        if exc.errno == errno.EBUSY and plan.usage_checks:
+            # Not mounted, not swap, no holder: what remains is another exclusive opener.
+            raise TargetError(
+                f"target {plan.name} is locked: another imagestream is writing it (or another "
+                "process holds it open exclusively); wait for it to finish",
+                reason=Reason.TARGET_LOCKED,
+            ) from exc
         raise _open_error(exc, plan) from exc
     try:
         rdev = _expect_block_device(os.fstat(fd), plan).st_rdev
@@ -376,7 +444,9 @@ def _expect_block_device(st: os.stat_result, plan: TargetPlan) -> os.stat_result
 def _open_error(exc: OSError, plan: TargetPlan) -> TargetError:
     if exc.errno == errno.EBUSY:
         return TargetError(
-            f"target {plan.name} is in use by the system (mounted or claimed by another device)",
+            f"target {plan.name} is in use: mounted, claimed by another device, or held open "
+            "exclusively by another process (another imagestream); the checks were skipped "
+            "(--force), so which is not known",
             reason=Reason.TARGET_IN_USE,
         )
     if exc.errno == errno.ENOENT:
@@ -392,7 +462,7 @@ def _open_file(plan: TargetPlan) -> FileSink:
     directory = Path(os.path.realpath(plan.path.parent))  # resolved once, then by descriptor
     dir_fd = _open_directory(directory, plan)
     try:
-        _check_existing(dir_fd, name, plan)
+        existed = _check_existing(dir_fd, name, plan)
         staging = f".{name}.partial"
         fd = _create_staging(dir_fd, staging, plan)
         try:
@@ -404,7 +474,7 @@ def _open_file(plan: TargetPlan) -> FileSink:
         os.close(dir_fd)
         raise
     location = (dir_fd, directory, name, staging)
-    return FileSink(plan, location, fd, capacity=vfs.f_bavail * vfs.f_frsize)
+    return FileSink(plan, location, fd, capacity=vfs.f_bavail * vfs.f_frsize, existed=existed)
 
 
 def _open_directory(directory: Path, plan: TargetPlan) -> int:
@@ -454,16 +524,18 @@ def _open_dir_path(directory: Path, plan: TargetPlan) -> int:
         ) from exc
 
 
-def _check_existing(dir_fd: int, name: str, plan: TargetPlan) -> None:
-    """A file target replaces a regular file (or a link, itself, not what it points to)."""
+def _check_existing(dir_fd: int, name: str, plan: TargetPlan) -> bool:
+    """A file target replaces a regular file (or a link, itself, not what it points to);
+    whether there is one."""
     try:
         mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except FileNotFoundError:
-        return
+        return False
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
         raise TargetError(
             f"file target {plan.name} is {_kind_of(mode)}", reason=Reason.TARGET_INVALID
         )
+    return True
 
 
 def _create_staging(dir_fd: int, staging: str, plan: TargetPlan) -> int:
@@ -569,7 +641,7 @@ def _lock(fd: int, name: str) -> None:
 
 def _locked(name: str) -> TargetError:
     return TargetError(
-        f"target {name} is locked by another writer; wait for it to finish",
+        f"target {name} is locked by another imagestream writing it; wait for it to finish",
         reason=Reason.TARGET_LOCKED,
     )
 

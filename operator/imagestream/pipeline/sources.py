@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import ssl
@@ -20,10 +21,19 @@ from imagestream.errors import SourceError, UsageError
 from imagestream.pipeline.credentials import Credentials
 from imagestream.pipeline.interrupt import Interrupt
 from imagestream.pipeline.oci import Registry, registry_scheme, resolve_layer
-from imagestream.pipeline.oci_refs import OCI_SCHEME, host_platform, parse_platform, parse_reference
+from imagestream.pipeline.oci_refs import (
+    OCI_SCHEME,
+    host_platform,
+    is_loopback,
+    parse_platform,
+    parse_reference,
+)
 from imagestream.pipeline.range_reader import HttpRangeReader, RetryPolicy
 from imagestream.pipeline.redact import redact_url
 from imagestream.pipeline.registry_auth import RegistryAuth
+from imagestream.reasons import Reason
+
+log = logging.getLogger(__name__)
 
 _FILE_CHUNK = 1 << 20
 _PIPE_POLL = 0.1
@@ -174,11 +184,20 @@ class OciSource(_RangeReaderSource):
         try:
             base = f"{registry_scheme(self._client, reference, options.plain_http)}://"
             base += reference.registry
-            self._client.auth = RegistryAuth(
-                credentials.login_for(reference.registry), httpx.URL(base)
-            )
+            log.info("%s: the registry is reached at %s", self.name, base)
+            login = credentials.login_for(reference.registry)
+            self._client.auth = RegistryAuth(login, httpx.URL(base))
             registry = Registry(self._client, base, reference, options.policy, interrupt)
-            layer = resolve_layer(registry, wanted, options.layer)
+            try:
+                layer = resolve_layer(registry, wanted, options.layer)
+            except SourceError as exc:
+                if exc.reason is Reason.UNAUTHORIZED and login is None:
+                    exc.message += "; no credentials were sent (an anonymous pull)"
+                if is_loopback(reference.host):
+                    # Which of TLS and plain HTTP was tried is this machine's guess: say it.
+                    exc.message += f" (the registry was reached at {base})"
+                exc.args = (exc.message,)
+                raise
             self.digest = layer.digest
             self._reader = HttpRangeReader(
                 registry.blob_url(layer.digest),

@@ -39,6 +39,15 @@ def is_zstd(head: bytes) -> bool:
     return head[:4] == ZSTD_MAGIC or (magic & _SKIPPABLE_MASK) == _SKIPPABLE_MAGIC
 
 
+def not_zstd(head: bytes) -> IntegrityError:
+    """The error for data asked to be zstd that does not start like it."""
+    return IntegrityError(
+        f"not a zstd stream (starts with {_shown(head)}); check the compression asked for "
+        "(auto tells the format by its magic bytes)",
+        reason=Reason.CORRUPT_STREAM,
+    )
+
+
 class WindowTooLarge(IntegrityError):
     """A zstd frame needs a larger window than the stream allows.
 
@@ -132,9 +141,12 @@ class FrameWalker:
             self._expect(_State.DESCRIPTOR, 1)
         elif (int.from_bytes(magic, "little") & _SKIPPABLE_MASK) == _SKIPPABLE_MAGIC:
             self._expect(_State.SKIPPABLE_SIZE, 4)
+        elif self.frames == 0:
+            raise not_zstd(magic)
         else:
             raise IntegrityError(
-                f"data after zstd frame {self.frames} is not a zstd frame",
+                f"data after zstd frame {self.frames} is not a zstd frame (it starts with "
+                f"{_shown(magic)})",
                 reason=Reason.CORRUPT_STREAM,
             )
 
@@ -193,3 +205,9 @@ class FrameWalker:
             self._expect(_State.MAGIC, 4, skip=content + self._checksum)
         else:
             self._expect(_State.BLOCK_HEADER, 3, skip=content)
+
+
+def _shown(data: bytes) -> str:
+    """Bytes as a user can compare them with `xxd` or `file`: hex, then the printable text."""
+    text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in data)
+    return f"{data.hex(' ')} {text!r}"

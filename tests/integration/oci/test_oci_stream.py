@@ -463,6 +463,7 @@ def test_token_auth_anonymous_is_refused(
     # The message names where tokens come from and what access was missing.
     result = assert_failed(run, 3, "Unauthorized", server.realm, f"repository:{REPO}:pull")
     assert result["reason"] == "Unauthorized"
+    assert "no credentials were sent (an anonymous pull)" in result["message"]
     assert_file_target_invalid(target)
     anonymous = [r for r in server.requests if r.account is None and r.status == 200]
     assert anonymous, "the CLI should have asked for an anonymous token first"
