@@ -241,6 +241,8 @@ class _Stream:
             finally:
                 self.stage_cpu[name] = time.thread_time()
 
+        # Listed in the order the stages were started, not the order they happened to end.
+        self.stage_cpu[name] = 0.0
         thread = threading.Thread(target=guarded, name=f"imagestream-{name}", daemon=True)
         thread.start()
         return thread

@@ -72,4 +72,9 @@ def add_service_parsers(commands: argparse._SubParsersAction[argparse.ArgumentPa
     client.add_argument(
         "--server-ca", type=Path, metavar="F", help="CA of the server's certificate (tcp://)"
     )
-    client.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
+    client.add_argument(
+        "--progress",
+        choices=("auto", "bar", "plain", "json"),
+        default="auto",
+        help="a bar on a terminal, plain lines otherwise, or JSON lines (default: auto)",
+    )
