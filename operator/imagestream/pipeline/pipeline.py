@@ -25,12 +25,14 @@ from imagestream import defaults
 from imagestream.errors import Cancelled, ImageStreamError, IntegrityError, TargetError, UsageError
 from imagestream.pipeline.buffers import WRITE_BUFFER, BufferPool, Filled
 from imagestream.pipeline.channel import Aborted, Channel
+from imagestream.pipeline.cosi_stream import CosiStage
 from imagestream.pipeline.decompress import (
     ChannelReader,
     Compression,
     decompress_stage,
     resolve_compression,
 )
+from imagestream.pipeline.disk_sink import DiskSink, open_disk_sink
 from imagestream.pipeline.interrupt import Interrupt, join_all, watching
 from imagestream.pipeline.oci_select import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
@@ -80,6 +82,8 @@ class StreamResult:
     seconds: float
     read_back_verified: bool
     digest: str | None = None
+    #: How many partition images a COSI image wrote (None for other targets).
+    partitions: int | None = None
 
 
 def validate_sha384(value: str | None, allow_unverified: bool) -> str | None:
@@ -106,7 +110,11 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
     says whether the target was left invalid or nothing was written to it.
     """
     expected = validate_sha384(request.sha384, request.allow_unverified)
-    sink = open_sink(request.target)
+    sink: Sink = (
+        open_disk_sink(request.target)
+        if request.target.kind == "disk"
+        else open_sink(request.target)
+    )
     stream: _Stream | None = None
     try:
         with watching(request.cancel) as interrupt:
@@ -195,6 +203,20 @@ class _Stream:
         self.to_hash: Channel[bytes] = Channel(_FETCH_QUEUE, self.abort)
         self.filled: Channel[Filled] = Channel(_POOL_BUFFERS, self.abort)
         self.pool = BufferPool(_POOL_BUFFERS, WRITE_BUFFER, self.abort)
+        # A whole disk from a COSI image: its tar entries replace the decompress stage.
+        self.cosi = (
+            CosiStage(
+                sink,
+                sink.layout,
+                pool=self.pool,
+                out=self.filled,
+                counters=self.counters,
+                expected=validate_sha384(request.sha384, request.allow_unverified),
+                max_window_log=request.max_window_log,
+            )
+            if isinstance(sink, DiskSink)
+            else None
+        )
 
     def run(self, expected: str | None) -> StreamResult:
         threads: list[threading.Thread] = []
@@ -276,6 +298,10 @@ class _Stream:
 
     def _decompress(self) -> None:
         reader = ChannelReader(self.chunks)
+        if self.cosi is not None:
+            self.compression = Compression.ZSTD
+            self.cosi.run(reader)
+            return
         head = reader.peek(_ZSTD_HEADER_PEEK)
         self.compression = resolve_compression(self.request.compression, head)
         self._check_capacity(self._known_output_size(head))
@@ -322,7 +348,10 @@ class _Stream:
         self._report()
         # The blob digest first: when both differ, the bytes are not the registry's blob at all.
         digest = self._verify_blob_digest()
-        actual = self.fetched_hash.hexdigest()
+        # A COSI image's expected hash is that of its metadata.json, checked before any write.
+        actual = (
+            self.cosi.sha384 if self.cosi and self.cosi.sha384 else self.fetched_hash.hexdigest()
+        )
         if expected is not None and actual != expected:
             raise IntegrityError(
                 f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}; "
@@ -358,6 +387,7 @@ class _Stream:
             seconds=time.monotonic() - self.counters.started,
             read_back_verified=read_back,
             digest=digest,
+            partitions=self.counters.partitions,
         )
 
     def _checkpoint(self) -> None:

@@ -19,6 +19,9 @@ class Progress:
     bytes_per_second: float
     resumes: int
     elapsed: float
+    #: A COSI image: the partition image being written (1-based, in stream order) and how many.
+    partition: int | None = None
+    partitions: int | None = None
 
     @property
     def fraction(self) -> float | None:
@@ -45,6 +48,8 @@ class Counters:
     resumes: int = 0
     phase: str = "Running"
     started: float = field(default_factory=time.monotonic)
+    partition: int | None = None
+    partitions: int | None = None
 
 
 class RateMeter:
@@ -75,4 +80,6 @@ def snapshot(counters: Counters, rate: RateMeter) -> Progress:
         bytes_per_second=rate.update(now, counters.bytes_fetched),
         resumes=counters.resumes,
         elapsed=now - counters.started,
+        partition=counters.partition,
+        partitions=counters.partitions,
     )

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from imagestream.pipeline.disk_layout import DiskLayout
 from imagestream.pipeline.safety import HostView
 
 #: A device is opened as an existing block device and never created; a file is created under
-#: a staging name in its directory and renamed into place.
-TargetKind = Literal["device", "file"]
+#: a staging name in its directory and renamed into place; a disk is a whole block device
+#: written region by region from a COSI image, its primary GPT last.
+TargetKind = Literal["device", "file", "disk"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class TargetPlan:
     path for the agent), used in every message. `allowed_dirs` confines a file target (empty:
     anywhere). `usage_checks` runs the mount, swap and holder checks on a device (`--force`
     turns them off; the kernel's exclusive open and the writer lock apply regardless).
+    `layout` reads a disk target's image (set for `disk` plans only).
     """
 
     kind: TargetKind
@@ -35,3 +38,4 @@ class TargetPlan:
     usage_checks: bool = True
     direct_io: bool = True
     host: HostView = field(default_factory=HostView)
+    layout: DiskLayout | None = None

@@ -6,10 +6,14 @@ import os
 import stat
 from pathlib import Path
 
+from imagestream.errors import UsageError
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.target_plan import TargetKind, TargetPlan
-from imagestream.targets import device, file
+from imagestream.targets import cosi, device, file
 from imagestream.targets.request import TargetRequest
+
+#: `disk:DEV`: the whole disk DEV, written from a COSI image.
+DISK_PREFIX = "disk:"
 
 
 def plan_target(request: TargetRequest) -> TargetPlan:
@@ -17,6 +21,8 @@ def plan_target(request: TargetRequest) -> TargetPlan:
     checked; a TargetError or UsageError when it cannot be a target of its kind."""
     if request.kind == "device":
         return device.plan(request)
+    if request.kind == "disk":
+        return cosi.plan(request)
     return file.plan(request)
 
 
@@ -28,11 +34,19 @@ def target_from_argument(
     direct_io: bool = True,
     allowed_dirs: tuple[Path, ...] = (),
 ) -> TargetPlan:
-    """The plan for the CLI's TARGET: a path under /dev/ or to a block device is a device
-    (it must exist), anything else a file path."""
+    """The plan for the CLI's TARGET: `disk:DEV` a whole disk written from a COSI image, a path
+    under /dev/ or to a block device a device (it must exist), anything else a file path."""
+    text = str(argument)
+    kind: TargetKind
+    if text.startswith(DISK_PREFIX):
+        if text == DISK_PREFIX:
+            raise UsageError("TARGET disk: needs a whole disk after it, e.g. disk:/dev/sdb")
+        kind, argument = "disk", Path(text.removeprefix(DISK_PREFIX))
+    else:
+        kind = argument_kind(argument)
     return plan_target(
         TargetRequest(
-            kind=argument_kind(argument),
+            kind=kind,
             path=Path(os.path.abspath(argument)),
             name=str(argument),
             allowed_dirs=allowed_dirs,
