@@ -75,7 +75,7 @@ class BarDisplay(ProgressDisplay):
             completed=progress.bytes_fetched,
             total=progress.bytes_total,
             phase=progress.phase,
-            written=_human(progress.bytes_written),
+            written=_human(progress.bytes_written) + _partition(progress),
             resumes=progress.resumes,
         )
 
@@ -119,7 +119,8 @@ class PlainDisplay(_ThrottledDisplay):
         print(
             f"{progress.phase}:{percent} fetched {_human(progress.bytes_fetched)} of {total}, "
             f"written {_human(progress.bytes_written)}, "
-            f"{_human(int(progress.bytes_per_second))}/s, resumes {progress.resumes}",
+            f"{_human(int(progress.bytes_per_second))}/s, resumes {progress.resumes}"
+            f"{_partition(progress)}",
             file=self._stream,
             flush=True,
         )
@@ -150,6 +151,13 @@ def make_display(mode: str, console: Console) -> ProgressDisplay:
     return PlainDisplay(sys.stderr)
 
 
+def _partition(progress: Progress) -> str:
+    """Which partition image a COSI stream is writing; nothing for other targets."""
+    if progress.partitions is None:
+        return ""
+    return f", partition {progress.partition or 0} of {progress.partitions}"
+
+
 def _human(count: int | None) -> str:
     value = float(count or 0)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -178,6 +186,7 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
                 "seconds": round(result.seconds, 3),
                 "resumes": result.resumes,
                 "readBackVerified": result.read_back_verified,
+                **({"partitions": result.partitions} if result.partitions is not None else {}),
             },
         )
         return
@@ -196,6 +205,8 @@ def report_success(result: StreamResult, mode: str, console: Console) -> None:
     out.print(
         f"  time     {result.seconds:.2f} s ({rate:.0f} MiB/s written), resumes {result.resumes}"
     )
+    if result.partitions is not None:
+        out.print(f"  partitions {result.partitions} (COSI), primary GPT written last")
     if result.read_back_verified:
         out.print("  read-back verified")
 
