@@ -41,6 +41,8 @@ _GPT_SIGNATURE = b"EFI PART"
 _GPT_HEADER = struct.Struct("<8s4sII4xQQQQ16sQIII")
 _GPT_ENTRY = struct.Struct("<16s16sQQ")
 _SBIN = ("/usr/sbin", "/sbin")
+#: Longer schema messages quote a whole subtree of the document.
+_MESSAGE_LIMIT = 200
 
 
 def plan(request: TargetRequest) -> TargetPlan:
@@ -133,10 +135,18 @@ def read_metadata(raw: bytes) -> DiskImage:
     as_schema = {**document, "version": "{}.{}".format(*SCHEMA_VERSION)}
     error = jsonschema.exceptions.best_match(_validator().iter_errors(as_schema))
     if error is not None:
-        raise _invalid(
-            f"metadata.json is not valid COSI metadata: {error.message} (at {error.json_path})"
-        )
+        raise _invalid(f"metadata.json is not valid COSI metadata: {_schema_error(error)}")
     return _disk_image(document["disk"], document["compression"])
+
+
+def _schema_error(error: jsonschema.ValidationError) -> str:
+    """Where the document breaks the schema and how, short enough to read in a status."""
+    where = error.json_path.removeprefix("$.") if error.json_path != "$" else "the document"
+    if len(error.message) <= _MESSAGE_LIMIT:
+        return f"{where}: {error.message}"
+    # The message quotes the whole offending value; the rule and what it asks say more.
+    description = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
+    return f"{where} fails the schema's {error.validator!r} rule: {description}".rstrip(": ")
 
 
 def _disk_image(disk: Mapping[str, Any], compression: Mapping[str, Any]) -> DiskImage:
