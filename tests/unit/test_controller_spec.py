@@ -10,7 +10,7 @@ from tests.support.streams import SHA384, stream_body
 from imagestream.controller.spec import (
     StreamOptions,
     parse_stream,
-    target_key_of,
+    stream_of,
 )
 from imagestream.errors import UsageError
 from imagestream.reasons import Reason
@@ -45,11 +45,41 @@ def test_extension_targets_are_files_in_the_mounted_extension_dir(
     assert stream.target.agent_kind == "file"
 
 
+def test_disk_target_is_a_whole_disk_for_the_agent() -> None:
+    stream = parse_stream(stream_body(target={"disk": "/dev/disk/by-id/nvme-1"}))
+    assert stream.target.kind == "disk"
+    assert stream.target.host_path == "/dev/disk/by-id/nvme-1"
+    assert stream.target.agent_path == "/host/dev/disk/by-id/nvme-1"
+    assert stream.target.agent_kind == "disk"
+    assert stream.target.host_dir is None
+
+
+@pytest.mark.parametrize("path", ["/dev/../etc/passwd", "sda", "/dev/disk//x"])
+def test_disk_target_must_be_a_normalized_dev_path(path: str) -> None:
+    with pytest.raises(UsageError, match=r"spec\.target\.disk") as caught:
+        parse_stream(stream_body(target={"disk": path}))
+    assert caught.value.reason == Reason.INVALID_SPEC
+
+
+def test_a_whole_disk_holds_every_target_of_its_node() -> None:
+    disk = parse_stream(stream_body(target={"disk": "/dev/sda"}))
+    device = parse_stream(stream_body(target={"device": "/dev/disk/by-partlabel/root-b"}))
+    other = parse_stream(stream_body(target={"device": "/dev/sdb1"}))
+    # A device stream waits for a disk stream of its node, whatever device it names ...
+    assert set(device.blocking_keys()) & set(disk.held_keys())
+    # ... a disk stream for any stream of its node ...
+    assert set(disk.blocking_keys()) & set(device.held_keys())
+    # ... while two devices of the node wait for each other only when they are the same.
+    assert not set(device.blocking_keys()) & set(other.held_keys())
+    assert set(device.blocking_keys()) & set(device.held_keys())
+    elsewhere = parse_stream(stream_body(target={"disk": "/dev/sda"}, node="node-8"))
+    assert not set(device.blocking_keys()) & set(elsewhere.held_keys())
+
+
 @pytest.mark.parametrize(
     "target",
     [
         {"abUpdate": {"volumes": ["/dev/disk/by-partlabel/a", "/dev/disk/by-partlabel/b"]}},
-        {"disk": "/dev/disk/by-id/nvme-1"},
     ],
 )
 def test_target_kinds_the_agent_cannot_write_yet_are_refused(target: dict[str, Any]) -> None:
@@ -133,7 +163,7 @@ def test_malformed_specs_are_invalid(change: dict[str, Any]) -> None:
     with pytest.raises(UsageError) as caught:
         parse_stream(body)
     assert caught.value.reason == Reason.INVALID_SPEC
-    assert target_key_of(body) is None
+    assert stream_of(body) is None
 
 
 def test_missing_spec_is_invalid() -> None:

@@ -34,7 +34,8 @@ class AgentInstructions:
     not over the container's own /dev (where the kubelet puts the termination-log file), so a
     device target reads `/host/dev/disk/by-partlabel/root-b`; udev's relative symlinks still
     resolve inside that mount. `target_kind` says what the target is: `device` (it must exist;
-    never created) or `file` (created under `allowed_dir`, also a host mount).
+    never created), `disk` (a whole disk written from a COSI image) or `file` (created under
+    `allowed_dir`, also a host mount).
     `auth_dir` is a mounted Secret, `ca_file` a file of a mounted ConfigMap, and `host_proc` the
     host's /proc, whose `1/mountinfo` and `swaps` the safety checks read. `host_prefix` is cut
     from the paths the agent reports, so the status names the device as the host knows it.

@@ -32,7 +32,7 @@ from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.pipeline.zstd_frames import WindowTooLarge
 from imagestream.reasons import Reason
-from imagestream.targets import TargetPlan, TargetRequest, plan_target
+from imagestream.targets import TargetKind, TargetPlan, TargetRequest, plan_target
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,16 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
 
 def _target_plan(instr: AgentInstructions) -> TargetPlan:
     """The controller said which kind of target this is; the agent never guesses it."""
-    if instr.target_kind not in ("device", "file"):
+    kinds: dict[str, TargetKind] = {"device": "device", "disk": "disk", "file": "file"}
+    kind = kinds.get(instr.target_kind)
+    if kind is None:
         raise UsageError(
-            f"{env_name('target_kind')}={instr.target_kind!r} is not one of device, file"
+            f"{env_name('target_kind')}={instr.target_kind!r} is not one of {', '.join(kinds)}"
         )
     host_proc = Path(instr.host_proc)
     return plan_target(
         TargetRequest(
-            kind="device" if instr.target_kind == "device" else "file",
+            kind=kind,
             path=Path(instr.target),
             name=host_path(instr.target, instr.host_prefix),
             allowed_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),

@@ -53,7 +53,7 @@ from imagestream.controller.decisions import (
 )
 from imagestream.controller.kube import JobConflict, JobRejected, KubeClient
 from imagestream.controller.metrics import Metrics
-from imagestream.controller.spec import target_key_of
+from imagestream.controller.spec import stream_of
 from imagestream.kube_config import GROUP, PLURAL, VERSION
 from imagestream.reasons import Reason
 
@@ -140,9 +140,9 @@ def agent_job_events(body: kopf.Body, **_: Any) -> dict[tuple[str, str], JobEven
 
 @kopf.index(GROUP, VERSION, PLURAL)
 def streams_by_target(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
-    """ImageStreams by the (node, host path) they write: the TargetBusy check reads this."""
-    key = target_key_of(body)
-    if key is None:
+    """ImageStreams by the (node, target) keys they hold: the TargetBusy check reads this."""
+    stream = stream_of(body)
+    if stream is None:
         return None
     metadata = metadata_of(body)
     status = stream_status_of(body)
@@ -152,7 +152,7 @@ def streams_by_target(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[s
         "metadata": {name: metadata.get(name) for name in fields},
         "status": {name: status.get(name) for name in ("phase", "observedGeneration")},
     }
-    return {key: summary}
+    return dict.fromkeys(stream.held_keys(), summary)
 
 
 def _unfinished(body: kopf.Body, **_: Any) -> bool:
@@ -234,15 +234,18 @@ def _peers(
     pods: kopf.Index[str, PodView],
     streams: kopf.Index[tuple[str, str], dict[str, Any]],
 ) -> tuple[decisions.Peer, ...]:
-    key = target_key_of(body)
-    if key is None:
+    stream = stream_of(body)
+    if stream is None:
         return ()
-    uid = str(body["metadata"]["uid"])
-    others: Iterable[dict[str, Any]] = streams.get(key, ())
+    # A stream held under several of the keys (a whole disk, and its device) is one peer.
+    others: dict[str, dict[str, Any]] = {}
+    for key in stream.blocking_keys():
+        held: Iterable[dict[str, Any]] = streams.get(key, ())
+        others.update((str(other["metadata"]["uid"]), other) for other in held)
+    others.pop(str(body["metadata"]["uid"]), None)
     return tuple(
-        decisions.peer(other, tuple(jobs.get(other_uid, ())), tuple(pods.get(other_uid, ())))
-        for other in others
-        if (other_uid := str(other["metadata"]["uid"])) != uid
+        decisions.peer(other, tuple(jobs.get(uid, ())), tuple(pods.get(uid, ())))
+        for uid, other in others.items()
     )
 
 

@@ -5,6 +5,10 @@ them (an older CRD, a stand-in without validation, a field added later), so pars
 the Job builder depends on and raises `UsageError` with a machine-readable reason:
 `InvalidSpec` for malformed input, `TargetKindUnsupported` for a target kind the agent cannot
 write yet. Both end the stream `Failed` without creating a Job.
+
+Two streams must not write one node's disk at once: `held_keys` says what a stream holds while
+it runs and `blocking_keys` which holders make it wait. A whole disk (`disk`) holds every target
+on its node, since which devices lie on it is known only on the node (by-id, by-partlabel links).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from imagestream.reasons import Reason
 
 #: Where the agent's container sees the host's filesystem (the contract's `host_prefix`).
 HOST_PREFIX = "/host"
+#: The `held_keys` path every stream of a node holds; a whole-disk stream waits for all of them.
+ANY_TARGET = "*"
+#: The `held_keys` path of whole-disk streams, which every stream of their node waits for.
+WHOLE_DISK = "disk:*"
 #: Host directories of systemd extension images, by extension type.
 EXTENSION_DIRS = {"sysext": "/var/lib/extensions", "confext": "/var/lib/confexts"}
 
@@ -63,8 +71,9 @@ class TargetSpec:
 
     @property
     def agent_kind(self) -> str:
-        """What the agent opens: an existing `device`, or a `file` it creates (extensions)."""
-        return "device" if self.kind == "device" else "file"
+        """What the agent opens: an existing `device`, a whole `disk` written from a COSI
+        image, or a `file` it creates (extensions)."""
+        return self.kind if self.kind in ("device", "disk") else "file"
 
     @property
     def agent_path(self) -> str:
@@ -106,6 +115,18 @@ class StreamSpec:
         """Two active streams with the same key would write the same disk at once."""
         return (self.node_name, self.target.host_path)
 
+    def held_keys(self) -> tuple[tuple[str, str], ...]:
+        """The keys this stream holds while it is active (see the module docstring)."""
+        node = self.node_name
+        held = (self.target_key, (node, ANY_TARGET))
+        return (*held, (node, WHOLE_DISK)) if self.target.kind == "disk" else held
+
+    def blocking_keys(self) -> tuple[tuple[str, str], ...]:
+        """The keys whose holders this stream must wait for."""
+        if self.target.kind == "disk":
+            return ((self.node_name, ANY_TARGET),)
+        return (self.target_key, (self.node_name, WHOLE_DISK))
+
 
 def parse_stream(body: Mapping[str, Any]) -> StreamSpec:
     """Parse an ImageStream body; `UsageError` (reason InvalidSpec/TargetKindUnsupported)."""
@@ -131,10 +152,10 @@ def generation_of(body: Mapping[str, Any]) -> int:
     return int((body.get("metadata") or {}).get("generation") or 1)
 
 
-def target_key_of(body: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The (node, host path) a body's spec would write, or None when it does not parse."""
+def stream_of(body: Mapping[str, Any]) -> StreamSpec | None:
+    """The body's parsed spec, or None when it does not parse."""
     try:
-        return parse_stream(body).target_key
+        return parse_stream(body)
     except UsageError:
         return None
 
@@ -182,12 +203,14 @@ def resolve_target(target: Mapping[str, Any]) -> TargetSpec:
         raise _invalid("spec.target must set exactly one of device, abUpdate, extension, disk")
     kind = kinds[0]
     if kind == "device":
-        return TargetSpec(kind="device", host_path=_device_path(target["device"]))
+        return TargetSpec(kind="device", host_path=_device_path(target["device"], "device"))
+    if kind == "disk":
+        return TargetSpec(kind="disk", host_path=_device_path(target["disk"], "disk"))
     if kind == "extension":
         return _extension_target(_mapping(target["extension"], "spec.target.extension"))
     raise UsageError(
         f"spec.target.{kind} is not supported by this version of the agent yet; "
-        "use spec.target.device (or extension)",
+        "use spec.target.device, disk or extension",
         reason=Reason.TARGET_KIND_UNSUPPORTED,
     )
 
@@ -206,11 +229,11 @@ def parse_options(spec: Mapping[str, Any]) -> StreamOptions:
     )
 
 
-def _device_path(value: object) -> str:
+def _device_path(value: object, field: str) -> str:
     path = str(value)
     # The agent opens HOST_PREFIX + path: a `..` segment would leave the host's /dev mount.
     if not path.startswith("/dev/") or posixpath.normpath(path) != path:
-        raise _invalid(f"spec.target.device {path!r} must be a normalized path under /dev/")
+        raise _invalid(f"spec.target.{field} {path!r} must be a normalized path under /dev/")
     return path
 
 
