@@ -312,3 +312,42 @@ def test_partition_target_is_refused(
     assert run.code == 5, run.stderr
     assert run.result()["reason"] == "TargetInvalid"
     assert "partition" in run.result()["message"]
+
+
+def test_verify_after_write_reads_every_partition_back(
+    images: dict[int, CosiImage], disk_factory: DiskFactory
+) -> None:
+    image = images[4096]
+    dev = disk_factory(image.disk_size, 4096)
+    run = cosi_stream(image.path, dev, image.metadata_sha384, "--verify-after-write")
+    assert run.code == 0, run.stderr
+    assert run.result()["readBackVerified"] is True
+    assert run.result()["partitions"] == 2
+    assert_disk_holds(dev, image)
+
+
+def test_a_mounted_partition_of_the_disk_refuses_it_untouched(
+    images: dict[int, CosiImage], disk_factory: DiskFactory, tmp_path: Path
+) -> None:
+    image = images[512]
+    dev = disk_factory(image.disk_size, 512)
+    assert cosi_stream(image.path, dev, image.metadata_sha384).code == 0
+    run_command([require_tool("partx"), "-a", dev])
+    root = _partition_nodes(dev)[-1]
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run_command([require_tool("mount"), "-o", "ro", root, mountpoint])
+    try:
+        before = read_device(dev, image.disk_size)
+        run = cosi_stream(image.path, dev, image.metadata_sha384)
+    finally:
+        run_command([require_tool("umount"), mountpoint])
+    assert run.code == 5, run.stderr
+    assert run.result()["reason"] in ("TargetMounted", "TargetInUse")
+    assert read_device(dev, image.disk_size) == before
+
+
+def test_disk_prefix_without_a_device_is_a_usage_error(images: dict[int, CosiImage]) -> None:
+    run = stream(images[512].path, "disk:", "--sha384", "ab" * 48)
+    assert run.code == 2, run.stderr
+    assert "disk:" in run.stderr
