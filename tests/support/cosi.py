@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import tarfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,9 @@ class _BytesReader:
         return bytes(chunk)
 
 
+#: Writes a payload file: (path, size, seed).
+PayloadWriter = Callable[[Path, int, int], None]
+
 DEFAULT_PARTITIONS = (
     PartitionSpec("esp", "vfat", 8 * MIB, 8 * MIB, "/boot/efi", ESP_TYPE),
     # Shrunk: the file system fills 10 of its partition's 16 MiB, as COSI allows.
@@ -132,8 +136,13 @@ def build_cosi(
     disk_size: int = 32 * MIB,
     partitions: tuple[PartitionSpec, ...] = DEFAULT_PARTITIONS,
     content_size: int = 2 * MIB,
+    payload: PayloadWriter | None = None,
 ) -> CosiImage:
-    """Build a COSI file `directory/image.cosi` (see the module docstring)."""
+    """Build a COSI file `directory/image.cosi` (see the module docstring).
+
+    Each ext4 holds a `payload.bin` of `content_size` bytes written by `payload` (default:
+    random bytes, which zstd cannot shrink).
+    """
     work = directory / "work"
     work.mkdir(parents=True)
     zstd = require_tool("zstd")
@@ -151,7 +160,11 @@ def build_cosi(
     ):
         raw = work / f"{spec.name}.raw"
         _make_filesystem(
-            raw, spec, lba_size=lba_size, work=work, content_size=content_size, seed=number
+            raw,
+            spec,
+            lba_size=lba_size,
+            work=work,
+            content=(payload or _random_payload, content_size, number),
         )
         compressed = work / f"{spec.name}.rawzst"
         run([zstd, "-q", "-f", "-3", raw, "-o", compressed])
@@ -217,16 +230,23 @@ def _read(path: Path, size: int, offset: int = 0) -> bytes:
 
 
 def _make_filesystem(
-    raw: Path, spec: PartitionSpec, *, lba_size: int, work: Path, content_size: int, seed: int
+    raw: Path,
+    spec: PartitionSpec,
+    *,
+    lba_size: int,
+    work: Path,
+    content: tuple[PayloadWriter, int, int],
 ) -> None:
     """mkfs on a loop device over `raw` (ext4 populated from a directory of files)."""
-    content = work / f"{spec.name}-content"
-    content.mkdir()
-    (content / "os-release").write_text(f"NAME=test {spec.name}\n")
-    (content / "payload.bin").write_bytes(_pattern(content_size, seed))
+    files = work / f"{spec.name}-content"
+    files.mkdir()
+    (files / "os-release").write_text(f"NAME=test {spec.name}\n")
+    write, size, seed = content
+    if spec.fs == "ext4":
+        write(files / "payload.bin", size, seed)
     with loop_device(spec.fs_size, work, sector_size=lba_size) as dev:
         if spec.fs == "ext4":
-            run([require_tool("mkfs.ext4"), "-q", "-F", "-d", content, "-L", spec.name, dev])
+            run([require_tool("mkfs.ext4"), "-q", "-F", "-d", files, "-L", spec.name, dev])
         else:
             run([require_tool("mkfs.vfat"), "-n", spec.name.upper(), dev])
         with open(dev, "rb") as device, open(raw, "wb") as out:
@@ -234,9 +254,9 @@ def _make_filesystem(
                 out.write(chunk)
 
 
-def _pattern(size: int, seed: int) -> bytes:
+def _random_payload(path: Path, size: int, seed: int) -> None:
     """Deterministic bytes zstd cannot shrink: the compressed image is as large as its data."""
-    return random.Random(seed).randbytes(size)
+    path.write_bytes(random.Random(seed).randbytes(size))
 
 
 def _image_entry(path: str, raw: Path, compressed: Path) -> dict[str, Any]:
