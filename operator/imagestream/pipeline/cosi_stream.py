@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+import threading
 from collections.abc import Iterator
 from typing import IO, cast
 
@@ -20,7 +21,7 @@ import zstandard
 
 from imagestream.errors import IntegrityError
 from imagestream.pipeline.buffers import BufferPool, Filled
-from imagestream.pipeline.channel import Channel
+from imagestream.pipeline.channel import Aborted, Channel
 from imagestream.pipeline.decompress import ChannelReader
 from imagestream.pipeline.disk_layout import DiskImage, DiskLayout, ImageFile, Region
 from imagestream.pipeline.disk_sink import DiskSink
@@ -34,8 +35,10 @@ IMAGES_DIR = "images"
 #: Bounds of what is held in memory: the metadata and the primary-GPT image.
 _METADATA_LIMIT = 16 << 20
 _PRIMARY_GPT_LIMIT = 16 << 20
-_TAR_BUFFER = 1 << 20
-_READ_SIZE = 1 << 20
+#: zstd's own input block size: tarfile (whose default buffer is kept) copies least this way.
+_READ_SIZE = 128 << 10
+#: Compressed pieces waiting for the hashing thread (4 MiB).
+_HASH_QUEUE = 32
 
 
 class CosiStage:
@@ -66,9 +69,7 @@ class CosiStage:
         """Read the archive to its end, then the rest of the stream (trailing data is allowed,
         and the source's own digest covers every byte)."""
         try:
-            with tarfile.open(
-                fileobj=cast("IO[bytes]", reader), mode="r|", bufsize=_TAR_BUFFER
-            ) as tar:
+            with tarfile.open(fileobj=cast("IO[bytes]", reader), mode="r|") as tar:
                 self._read(tar)
         except tarfile.TarError as exc:
             raise _invalid(f"the COSI file is not a readable tar archive: {exc}") from exc
@@ -175,25 +176,28 @@ class CosiStage:
             raise _invalid(
                 f"the primary-GPT image {image.path} is larger than {_PRIMARY_GPT_LIMIT} bytes"
             )
-        source = _ImageSource(tar, member, image, disk.max_window_log)
         blob = bytearray(image.uncompressed_size)
-        stream = source.decoder()
-        view = memoryview(blob)
-        filled = 0
-        while filled < len(blob):
-            n = source.decode(stream, view[filled:])
-            if not n:
-                break
-            filled += n
-        view.release()
-        source.finish(stream, filled)
+        with _ImageSource(tar, member, image, disk.max_window_log) as source:
+            stream = source.decoder()
+            view = memoryview(blob)
+            filled = 0
+            while filled < len(blob):
+                n = source.decode(stream, view[filled:])
+                if not n:
+                    break
+                filled += n
+            view.release()
+            source.finish(stream, filled)
         return bytes(blob)
 
     def _region(
         self, tar: tarfile.TarFile, member: tarfile.TarInfo, region: Region, disk: DiskImage
     ) -> None:
         image = region.image
-        source = _ImageSource(tar, member, image, disk.max_window_log)
+        with _ImageSource(tar, member, image, disk.max_window_log) as source:
+            self._decode_region(source, image)
+
+    def _decode_region(self, source: _ImageSource, image: ImageFile) -> None:
         stream = source.decoder()
         produced = 0
         while produced < image.uncompressed_size:
@@ -217,8 +221,44 @@ class CosiStage:
         source.finish(stream, produced)
 
 
+class _BackgroundHash:
+    """SHA-384 on a thread of its own: hashlib releases the GIL, so it runs beside zstd."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha384()
+        self._stop = threading.Event()
+        self._pieces: Channel[bytes] = Channel(_HASH_QUEUE, self._stop)
+        self._thread = threading.Thread(target=self._run, name="imagestream-image-hash")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (piece := self._pieces.get()) is not None:
+                self._hash.update(piece)
+        except Aborted:
+            pass
+
+    def update(self, piece: bytes) -> None:
+        """Hash `piece` (an immutable bytes object: no copy is made)."""
+        self._pieces.put(piece)
+
+    def hexdigest(self) -> str:
+        """The digest of every piece, once the thread hashed them all."""
+        self._pieces.close()
+        self._thread.join()
+        return self._hash.hexdigest()
+
+    def cancel(self) -> None:
+        """Stop the thread without a digest (the entry failed); joined before returning."""
+        self._stop.set()
+        self._thread.join()
+
+
 class _ImageSource:
-    """One image entry's compressed bytes: counted, hashed and frame-walked as zstd reads them."""
+    """One image entry's compressed bytes: counted, hashed and frame-walked as zstd reads them.
+
+    A context manager: its hashing thread is always joined when it is left.
+    """
 
     def __init__(
         self, tar: tarfile.TarFile, member: tarfile.TarInfo, image: ImageFile, window_log: int
@@ -232,9 +272,15 @@ class _ImageSource:
         self.image = image
         self.window_log = window_log
         self._file = _entry(tar, member)
-        self._hash = hashlib.sha384()
+        self._hash = _BackgroundHash()
         self._walker = FrameWalker(window_log)
         self.consumed = 0
+
+    def __enter__(self) -> _ImageSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._hash.cancel()
 
     def read(self, size: int = -1) -> bytes:
         """Up to `size` compressed bytes (zstandard's stream reader calls this)."""

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: linux/fs.h: the logical sector size of a block device, an int.
 BLKSSZGET = 0x1268
+#: linux/fs.h: re-read the partition table.
+BLKRRPART = 0x125F
 #: The protective MBR, the GPT header and 32 sectors of 128-byte entries (16 KiB).
 _PRIMARY_GPT_BYTES = 2 * 512 + 16384
 _ALIGN = 4096
@@ -161,8 +163,20 @@ class DiskSink:
         return digest.hexdigest()
 
     def publish(self) -> None:
-        """The GPT was written in place: release the disk (and its lock)."""
+        """The GPT was written in place: release the disk (and its lock), then ask the kernel
+        to read the new partition table (a disk it cannot rescan keeps the old view)."""
         self.close()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.info("cannot reopen %s to re-read its partitions: %s", self.plan.name, exc)
+            return
+        try:
+            fcntl.ioctl(fd, BLKRRPART)
+        except OSError as exc:
+            log.info("the kernel did not re-read the partitions of %s: %s", self.plan.name, exc)
+        finally:
+            os.close(fd)
 
     def invalidate(self) -> str | None:
         """Zero both GPT areas again, if anything was written; never raises."""

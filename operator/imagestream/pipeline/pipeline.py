@@ -291,8 +291,12 @@ class _Stream:
         # Its own thread: SHA-384 is the slowest per-byte step after the network, and hashlib
         # releases the GIL, so it runs beside the socket reads instead of between them.
         blob_hash = self.blob_hash
+        # A COSI image's hash is that of its metadata, and each image's is checked on its own:
+        # a SHA-384 of the whole tar would only cost a core.
+        fetched_hash = self.fetched_hash if self.cosi is None else None
         while (chunk := self.to_hash.get()) is not None:
-            self.fetched_hash.update(chunk)
+            if fetched_hash is not None:
+                fetched_hash.update(chunk)
             if blob_hash is not None:
                 blob_hash.update(chunk)
 
