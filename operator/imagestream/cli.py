@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "target",
         metavar="TARGET",
         type=Path,
-        help="block device, partition or file path (never -: stdout is no target)",
+        help="block device, partition or file path (never -: stdout is no target); "
+        "disk:DEV writes a whole-disk COSI image onto the whole disk DEV",
     )
     add_stream_options(stream)
 
