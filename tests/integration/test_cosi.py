@@ -351,3 +351,14 @@ def test_disk_prefix_without_a_device_is_a_usage_error(images: dict[int, CosiIma
     run = stream(images[512].path, "disk:", "--sha384", "ab" * 48)
     assert run.code == 2, run.stderr
     assert "disk:" in run.stderr
+
+
+def test_a_compression_for_a_disk_target_is_a_usage_error(
+    images: dict[int, CosiImage], disk_factory: DiskFactory
+) -> None:
+    image = images[512]
+    dev = disk_factory(image.disk_size, 512)
+    run = cosi_stream(image.path, dev, image.metadata_sha384, "--compression", "zstd")
+    assert run.code == 2, run.stderr
+    assert "uncompressed tar" in run.result()["message"]
+    assert_untouched(dev, image.disk_size)

@@ -47,6 +47,8 @@ _POOL_BUFFERS = 4
 _ZSTD_HEADER_PEEK = 18
 #: What a failure's message claims about the target once the sink invalidated it.
 LEFT_INVALID = "the target was left invalid"
+#: What the fetched bytes of a disk target may be said to be: the tar as it is.
+_COSI_COMPRESSIONS = (Compression.AUTO, Compression.NONE)
 _INVALID_CLAIMS = (f"; {LEFT_INVALID}", "; the target is invalid")
 
 
@@ -110,6 +112,11 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
     says whether the target was left invalid or nothing was written to it.
     """
     expected = validate_sha384(request.sha384, request.allow_unverified)
+    if request.target.kind == "disk" and request.compression not in _COSI_COMPRESSIONS:
+        raise UsageError(
+            f"a COSI image is an uncompressed tar (its images are zstd inside it): compression "
+            f"{request.compression.value} does not apply to disk target {request.target.name}"
+        )
     sink: Sink = (
         open_disk_sink(request.target)
         if request.target.kind == "disk"
