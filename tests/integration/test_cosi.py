@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from tests.support.blockdev import loop_device
 from tests.support.blockdev import run as run_command
-from tests.support.cli import CliRun, run_imagestream
+from tests.support.cli import CliRun, imagestream_process, interrupt, json_records, run_imagestream
 from tests.support.cosi import MIB, CosiImage, build_cosi
+from tests.support.nginx import NginxFactory
 from tests.support.range_server import Fault, FaultPlan, RangeServer
 from tests.support.targets import PATTERN, fill_pattern, read_device
 from tests.support.tools import require_tool
@@ -362,3 +363,31 @@ def test_a_compression_for_a_disk_target_is_a_usage_error(
     assert run.code == 2, run.stderr
     assert "uncompressed tar" in run.result()["message"]
     assert_untouched(dev, image.disk_size)
+
+
+def test_sigterm_mid_partition_leaves_no_gpt(
+    images: dict[int, CosiImage],
+    disk_factory: DiskFactory,
+    nginx_factory: NginxFactory,
+    tmp_path: Path,
+) -> None:
+    image = images[512]
+    docroot = tmp_path / "docroot"
+    docroot.mkdir()
+    os.link(image.path, docroot / "image.cosi")
+    # About 4 s for the 2 MiB root image: the signal lands while it is being written.
+    server = nginx_factory(docroot, extra_server_config="limit_rate 512k;")
+    dev = disk_factory(image.disk_size, 512)
+    args = ("stream", server.url_for("image.cosi"), f"disk:{dev}")
+    with imagestream_process(*args, "--sha384", image.metadata_sha384, "--progress", "json") as cli:
+        assert cli.stdout is not None
+        for line in cli.stdout:
+            record = json.loads(line)
+            if record.get("partition") == 2 and record["bytesWritten"] > 0:
+                break
+        stdout, _ = interrupt(cli)
+        assert cli.returncode == 130
+    (result,) = [r for r in json_records(stdout) if r["event"] == "result"]
+    assert result["reason"] == "Cancelled"
+    assert "left invalid" in result["message"]
+    assert_no_gpt(dev, 512)
