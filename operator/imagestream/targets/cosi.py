@@ -19,19 +19,20 @@ import shutil
 import struct
 import subprocess
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from imagestream.errors import IntegrityError, TargetError, UsageError
 from imagestream.pipeline.disk_layout import DiskImage, ImageFile, Region
 from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
 from imagestream.targets.request import TargetRequest
+
+if TYPE_CHECKING:
+    import jsonschema
 
 SCHEMA_FILE = "cosi-metadata-v1.2.schema.json"
 #: The oldest revision with a disk layout (`disk`, `gptRegions`), and the one the schema is of.
@@ -119,6 +120,9 @@ def _sfdisk() -> str:
 
 @cache
 def _validator() -> jsonschema.protocols.Validator:
+    # Imported here: every CLI start would pay its 40 ms, and only a disk target needs it.
+    import jsonschema  # noqa: PLC0415
+
     text = resources.files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
     schema = json.loads(text)
     validator_class = jsonschema.validators.validator_for(schema)
@@ -147,10 +151,18 @@ def read_metadata(raw: bytes) -> DiskImage:
         )
     # A newer minor only adds fields, which readers ignore: it is read as 1.2.
     as_schema = {**document, "version": "{}.{}".format(*SCHEMA_VERSION)}
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(as_schema))
+    validator = _validator()
+    error = _best_match(validator.iter_errors(as_schema))
     if error is not None:
         raise _invalid(f"metadata.json is not valid COSI metadata: {_schema_error(error)}")
     return _disk_image(document["disk"], document["compression"])
+
+
+def _best_match(errors: Iterable[jsonschema.ValidationError]) -> jsonschema.ValidationError | None:
+    from jsonschema.exceptions import best_match  # noqa: PLC0415 - see _validator
+
+    found: jsonschema.ValidationError | None = best_match(errors)
+    return found
 
 
 def _schema_error(error: jsonschema.ValidationError) -> str:
