@@ -10,6 +10,7 @@ holds no GPT at all (both GPT areas zeroed).
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -391,3 +392,84 @@ def test_sigterm_mid_partition_leaves_no_gpt(
     assert result["reason"] == "Cancelled"
     assert "left invalid" in result["message"]
     assert_no_gpt(dev, 512)
+
+
+def _with_root_image(image: CosiImage, field: str, value: object) -> dict[str, object]:
+    metadata = copy.deepcopy(image.metadata)
+    metadata["disk"]["gptRegions"][-1]["image"][field] = value
+    return metadata
+
+
+@pytest.mark.parametrize(
+    ("field", "change", "reason"),
+    [
+        ("compressedSize", 1, "SizeMismatch"),
+        ("uncompressedSize", -4096, "SizeMismatch"),
+        ("uncompressedSize", 4096, "SizeMismatch"),
+        ("sha384", None, "HashMismatch"),
+    ],
+)
+def test_an_image_unlike_its_metadata_fails_and_wipes_the_gpt(
+    *,
+    field: str,
+    change: int | None,
+    reason: str,
+    images: dict[int, CosiImage],
+    disk_factory: DiskFactory,
+    tmp_path: Path,
+) -> None:
+    image = images[512]
+    described = image.metadata["disk"]["gptRegions"][-1]["image"]
+    value = "0" * 96 if change is None else described[field] + change
+    metadata = _with_root_image(image, field, value)
+    lying = image.rewrite(tmp_path / "lying.cosi", metadata=metadata)
+    dev = disk_factory(image.disk_size, 512)
+    run = cosi_stream(lying, dev, sha384_of_metadata(metadata))
+    assert run.code == 4, run.stderr
+    assert run.result()["reason"] == reason
+    assert described["path"] in run.result()["message"]
+    assert_no_gpt(dev, 512)
+
+
+def sha384_of_metadata(metadata: dict[str, object]) -> str:
+    """The hash `CosiImage.rewrite` gives the metadata it writes."""
+    return hashlib.sha384(json.dumps(metadata, indent=2).encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("window_log", "refused_at"), [(10, "images/primary-gpt.rawzst"), (16, "images/esp.rawzst")]
+)
+def test_a_window_beyond_the_metadata_s_is_refused(
+    window_log: int,
+    refused_at: str,
+    images: dict[int, CosiImage],
+    disk_factory: DiskFactory,
+    tmp_path: Path,
+) -> None:
+    # zstd -3 gave the primary GPT a 17 KiB window (2^15) and the partitions 2 MiB ones.
+    image = images[512]
+    metadata = copy.deepcopy(image.metadata)
+    metadata["compression"]["maxWindowLog"] = window_log
+    small = image.rewrite(tmp_path / "small-window.cosi", metadata=metadata)
+    dev = disk_factory(image.disk_size, 512)
+    run = cosi_stream(small, dev, sha384_of_metadata(metadata))
+    assert run.code == 4, run.stderr
+    assert run.result()["reason"] == "WindowTooLarge"
+    assert "maxWindowLog" in run.result()["message"]
+    assert refused_at in run.result()["message"]
+    if "primary-gpt" in refused_at:
+        assert_untouched(dev, image.disk_size)  # decoded before any write
+    else:
+        assert_no_gpt(dev, 512)
+
+
+def test_a_metadata_window_beyond_max_window_log_is_refused_untouched(
+    images: dict[int, CosiImage], disk_factory: DiskFactory
+) -> None:
+    image = images[512]
+    dev = disk_factory(image.disk_size, 512)
+    run = cosi_stream(image.path, dev, image.metadata_sha384, "--max-window-log", "20")
+    assert run.code == 4, run.stderr
+    assert run.result()["reason"] == "WindowTooLarge"
+    assert "--max-window-log" in run.result()["message"]
+    assert_untouched(dev, image.disk_size)
