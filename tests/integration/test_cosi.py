@@ -473,3 +473,17 @@ def test_a_metadata_window_beyond_max_window_log_is_refused_untouched(
     assert run.result()["reason"] == "WindowTooLarge"
     assert "--max-window-log" in run.result()["message"]
     assert_untouched(dev, image.disk_size)
+
+
+def test_an_images_directory_entry_is_accepted(
+    images: dict[int, CosiImage], disk_factory: DiskFactory, tmp_path: Path
+) -> None:
+    image = images[512]
+    entries = image.entries()
+    with_dir = image.rewrite(
+        tmp_path / "with-dir.cosi", entries=[*entries[:2], ("images/", b""), *entries[2:]]
+    )
+    dev = disk_factory(image.disk_size, 512)
+    run = cosi_stream(with_dir, dev, image.metadata_sha384)
+    assert run.code == 0, run.stderr
+    assert_disk_holds(dev, image)

@@ -90,7 +90,11 @@ class CosiImage:
         with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
             for name, content in entries:
                 data = meta if name == "metadata.json" else content
-                if isinstance(data, Path):
+                if name.endswith("/"):  # a directory entry, as `tar -c images` makes one
+                    info = tarfile.TarInfo(name.rstrip("/"))
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                elif isinstance(data, Path):
                     tar.add(data, arcname=name)
                 else:
                     info = tarfile.TarInfo(name)

@@ -86,9 +86,13 @@ class CosiStage:
         disk = self._metadata(tar, metadata)
         self.sink.check_disk(disk)
         self.counters.partitions = len(disk.partitions)
-        gpt = next(members, None)
-        self._expect(gpt, disk.primary_gpt.path, "third")
-        assert gpt is not None
+        gpt = self._next_image(members)
+        if gpt is None or gpt.name != disk.primary_gpt.path:
+            found = "the end of the archive" if gpt is None else gpt.name
+            raise _invalid(
+                f"the primary-GPT image {disk.primary_gpt.path} must follow {METADATA} in a "
+                f"COSI file, not {found}"
+            )
         primary_gpt = self._primary_gpt(tar, gpt, disk)
         regions = self.layout.regions(disk, primary_gpt)
         self.sink.begin(primary_gpt, regions)
