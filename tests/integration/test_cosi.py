@@ -38,10 +38,8 @@ DiskFactory = Callable[[int, int], Path]
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[int, CosiImage]:
-    """One COSI image per sector size, built once for the module."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")  # require_root says so for each test
+def images(require_root: None, tmp_path_factory: pytest.TempPathFactory) -> dict[int, CosiImage]:
+    """One COSI image per sector size, built once for the module (loop devices: root)."""
     return {
         lba: build_cosi(tmp_path_factory.mktemp(f"cosi-{lba}"), lba_size=lba) for lba in (512, 4096)
     }
