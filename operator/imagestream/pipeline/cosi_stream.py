@@ -32,9 +32,11 @@ from imagestream.reasons import Reason
 MARKER = "cosi-marker"
 METADATA = "metadata.json"
 IMAGES_DIR = "images"
-#: Bounds of what is held in memory: the metadata and the primary-GPT image.
-_METADATA_LIMIT = 16 << 20
-_PRIMARY_GPT_LIMIT = 16 << 20
+#: Bounds of what is held in memory, inside the agent's memory headroom: the metadata (a few
+#: hundred KiB with thousands of packages) and the primary-GPT image (17-24 KiB, 1 MiB at most
+#: when it runs up to the first partition).
+_METADATA_LIMIT = 4 << 20
+_PRIMARY_GPT_LIMIT = 4 << 20
 #: zstd's own input block size: tarfile (whose default buffer is kept) copies least this way.
 _READ_SIZE = 128 << 10
 #: Compressed pieces waiting for the hashing thread (4 MiB).

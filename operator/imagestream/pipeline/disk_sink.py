@@ -101,7 +101,11 @@ class DiskSink:
         os.fsync(self._fd)
 
     def write(self, data: memoryview) -> None:
-        """The next bytes of the regions' images, each placed at its region's offset."""
+        """The next bytes of the regions' images, each placed at its region's offset.
+
+        The COSI stage hands over page-aligned pool buffers that each hold bytes of one region,
+        so O_DIRECT applies to all but the unaligned tail of a region.
+        """
         while len(data):
             if self._index >= len(self._regions):
                 raise TargetError(
