@@ -83,9 +83,14 @@ class DiskSink:
             )
 
     def begin(self, primary_gpt: bytes, regions: tuple[Region, ...]) -> None:
-        """Zero both GPT areas durably, then take the regions the next writes fill, in order."""
+        """Take the primary GPT (written at the commit) and the regions the writes fill."""
         self._primary_gpt = primary_gpt
         self._regions = regions
+
+    def _touch(self) -> None:
+        """Before the first byte lands: zero both GPT areas, durably (once)."""
+        if self._begun:
+            return
         self._begun = True
         with _target_io(f"zeroing the GPT areas of {self.plan.name}"):
             self._zero_gpt_areas()
@@ -106,6 +111,7 @@ class DiskSink:
         The COSI stage hands over page-aligned pool buffers that each hold bytes of one region,
         so O_DIRECT applies to all but the unaligned tail of a region.
         """
+        self._touch()
         while len(data):
             if self._index >= len(self._regions):
                 raise TargetError(
@@ -138,6 +144,7 @@ class DiskSink:
 
     def restore_header(self) -> None:
         """The commit: the primary GPT from the image, the backup GPT at this disk's end, fsync."""
+        self._touch()  # a disk image without partitions: its old tables go now
         with _target_io(f"writing the primary GPT of {self.plan.name}"):
             self._set_direct(False)
             _pwrite_all(self._fd, memoryview(self._primary_gpt), 0)
