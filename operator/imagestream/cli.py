@@ -10,12 +10,12 @@ import argparse
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.logging import RichHandler
 
 from imagestream import __version__, defaults
 from imagestream.errors import ImageStreamError, UsageError
@@ -26,7 +26,13 @@ from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions, check_location
-from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.progress_display import (
+    log_handler,
+    make_display,
+    report_failure,
+    report_success,
+    stream_header,
+)
 from imagestream.reasons import Reason
 from imagestream.signals import cancel_on_signals
 from imagestream.targets import target_from_argument
@@ -110,6 +116,8 @@ def validate_stream_args(args: argparse.Namespace) -> None:
 def validate_demo_args(args: argparse.Namespace) -> None:
     """Refuse bad `demo` values with a `UsageError`."""
     _check_integer("--size-mib", args.size_mib, 1, _MAX_DEMO_MIB)
+    if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
+        raise UsageError(f"--rate must be a number of MiB/s greater than 0, got {args.rate:g}")
     if args.keep is not None:
         _check_name_length("--keep", args.keep)
 
@@ -146,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--faults", action="store_true", help="cut the connection a few times")
     demo.add_argument("--progress", choices=("auto", "bar", "plain", "json"), default="auto")
     demo.add_argument("--keep", type=Path, help="write the image here instead of a temp file")
+    demo.add_argument(
+        "--rate",
+        type=float,
+        metavar="MIB_S",
+        help="serve at most this many MiB/s, slow enough to watch the bar and the resumes of "
+        "--faults (default: as fast as it goes)",
+    )
 
     commands.add_parser(
         "agent", help="run one stream inside an agent Pod (instructions from IMAGESTREAM_* env)"
@@ -172,6 +187,12 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
         "--metrics-address", default="0.0.0.0", help="address the metrics port binds to"
     )
     controller.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        help="liveness endpoint port, serving /healthz on --metrics-address (0: disabled)",
+    )
+    controller.add_argument(
         "--agent-image",
         default="imagestream-operator:latest",
         help="container image of the agent Jobs",
@@ -187,6 +208,36 @@ def add_controller_parser(commands: argparse._SubParsersAction[argparse.Argument
         default=3600,
         help="how long a finished agent Job (and its logs) is kept (default 3600)",
     )
+    controller.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as plain text or one JSON object each (default text)",
+    )
+    controller.add_argument(
+        "--agent-image-pull-policy",
+        choices=("Always", "IfNotPresent", "Never"),
+        default="IfNotPresent",
+        help="imagePullPolicy of the agent Jobs (default IfNotPresent)",
+    )
+    controller.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        type=agent_env,
+        metavar="NAME=VALUE",
+        help="an environment variable of the agent containers, e.g. HTTPS_PROXY (repeatable)",
+    )
+
+
+def agent_env(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` of --agent-env; the IMAGESTREAM_* names are the controller's contract."""
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if name.startswith("IMAGESTREAM_"):
+        raise argparse.ArgumentTypeError(f"{name}: IMAGESTREAM_* variables are set per stream")
+    return name, value
 
 
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
@@ -305,7 +356,7 @@ def request_from_args(args: argparse.Namespace, cancel: threading.Event) -> Stre
 def stream_command(args: argparse.Namespace, console: Console) -> int:
     """Run `imagestream stream`: progress while it runs, a summary or a clear error at the end."""
     cancel = cancel_on_signals()
-    display = make_display(args.progress, console)
+    display = make_display(args.progress, console, stream_header(args.source, args.target))
     try:
         with display:
             result = run_stream(request_from_args(args, cancel), display.update)
@@ -327,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False, markup=False)],
+        handlers=[log_handler(console)],
     )
     # httpx logs every request URL at INFO, credentials and query tokens included.
     for noisy in ("httpx", "httpcore"):

@@ -73,6 +73,7 @@ class Reason(StrEnum):
     TARGET_CHECK_FAILED = "TargetCheckFailed"
     TARGET_TOO_SMALL = "TargetTooSmall"
     SECTOR_SIZE_MISMATCH = "SectorSizeMismatch"
+    ACTIVE_VOLUME_UNKNOWN = "ActiveVolumeUnknown"
     WRITE_FAILED = "WriteFailed"
 
     # -- the agent and its Job --

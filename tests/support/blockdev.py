@@ -169,13 +169,16 @@ def _mounted(mountpoint: Path, *mount_args: str | os.PathLike[str]) -> Iterator[
 
 
 @contextmanager
-def mounted_ext4(dev: Path, mountpoint: Path) -> Iterator[Path]:
+def mounted_ext4(dev: Path, mountpoint: Path, *, read_only: bool = False) -> Iterator[Path]:
     """Make an ext4 file system on ``dev`` (``mkfs.ext4 -q -F``) and mount it on ``mountpoint``.
 
-    Creates ``mountpoint`` if needed, yields it, and always unmounts on exit.
+    Creates ``mountpoint`` if needed, yields it, and always unmounts on exit. ``read_only``
+    mounts it ``ro``: the kernel then writes nothing to ``dev`` (a read-write ext4 updates its
+    superblock and initialises inode tables in the background), so its bytes can be compared.
     """
     run([require_tool("mkfs.ext4"), "-q", "-F", dev])
-    with _mounted(mountpoint, "-t", "ext4", dev) as mounted:
+    options = ("-o", "ro") if read_only else ()
+    with _mounted(mountpoint, "-t", "ext4", *options, dev) as mounted:
         yield mounted
 
 

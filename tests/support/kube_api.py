@@ -114,6 +114,8 @@ class RequestRecord:
     user_agent: str
     accept: str
     body: Any
+    #: The bearer token the client sent (tests give each client its own to tell them apart).
+    token: str = ""
 
     @property
     def params(self) -> dict[str, str]:
@@ -625,6 +627,7 @@ class KubeApi:
             user_agent=request.headers.get("User-Agent", ""),
             accept=request.headers.get("Accept", ""),
             body=body,
+            token=request.headers.get("Authorization", "").removeprefix("Bearer "),
         )
         with self._requests_lock:
             self._requests.append(record)

@@ -11,7 +11,9 @@ How it differs from a real kubelet and Job controller (tests relying on one of t
 - **No containers.** The image is ignored; ``command`` + ``args`` run on the host (resolved on
   the ``PATH`` the stand-in was given), as root, with no namespaces or cgroups. Volumes are not
   mounted: a Secret/ConfigMap volume is written into a directory per Pod, an ``emptyDir`` is a
-  directory per Pod, a ``hostPath`` is the host path itself. Because the process sees the host's
+  directory per Pod, a ``hostPath`` is the host path itself (or the directory
+  :attr:`Kubelet.host_paths` maps it to: the node as a test sets it up, e.g. a ``/proc`` whose
+  ``1/mountinfo`` shows the root file system the test chose). Because the process sees the host's
   file system, **paths are translated**: every argument and env value that equals or starts with
   a volumeMount's ``mountPath`` (or the ``terminationMessagePath``) is rewritten to where the
   stand-in put that volume (``subPath`` is honoured). A path built inside the process, or one
@@ -65,7 +67,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -197,7 +199,8 @@ class Kubelet:
     """The stand-in; ``with Kubelet(api_url, ["ns"], workdir) as kubelet: ...``.
 
     ``path`` is the ``PATH`` processes get (executables are resolved on it); ``kubeconfig`` is
-    given to processes as ``KUBECONFIG``; ``max_grace_seconds`` caps termination grace periods.
+    given to processes as ``KUBECONFIG``; ``max_grace_seconds`` caps termination grace periods;
+    ``host_paths`` serves hostPath volumes from other directories (see :attr:`host_paths`).
     """
 
     def __init__(
@@ -211,8 +214,12 @@ class Kubelet:
         path: str | None = None,
         kubeconfig: Path | None = None,
         max_grace_seconds: float | None = None,
+        host_paths: Mapping[str, Path] | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
+        #: hostPath volumes served from another directory (path -> directory); may be changed
+        #: until the Pod starts.
+        self.host_paths = dict(host_paths or {})
         self.namespaces = list(namespaces)
         self.workdir = Path(workdir)
         self.nodes = None if nodes is None else list(nodes)
@@ -847,7 +854,8 @@ class Kubelet:
 
     def _materialise(self, run: PodRun, name: str, volume: JSON) -> Path:
         if "hostPath" in volume:
-            return Path(volume["hostPath"]["path"])
+            path = volume["hostPath"]["path"]
+            return self.host_paths.get(path, Path(path))
         directory = run.workdir / "volumes" / name
         directory.mkdir(parents=True, exist_ok=True)
         if "emptyDir" in volume:

@@ -9,8 +9,9 @@ from tests.support.streams import SHA384, stream_body
 
 from imagestream.controller.spec import (
     StreamOptions,
+    blocking_keys_of,
+    held_keys_of,
     parse_stream,
-    stream_of,
 )
 from imagestream.errors import UsageError
 from imagestream.reasons import Reason
@@ -23,7 +24,7 @@ def test_device_target_resolves_under_the_host_dev_mount() -> None:
     assert stream.target.agent_path == "/host/dev/disk/by-partlabel/root-b"
     assert stream.target.host_dir is None
     assert stream.target.agent_kind == "device"  # must exist: never created as a file
-    assert stream.target_key == ("node-7", "/dev/disk/by-partlabel/root-b")
+    assert stream.target_keys == (("node-7", "/dev/disk/by-partlabel/root-b"),)
 
 
 @pytest.mark.parametrize(
@@ -76,17 +77,34 @@ def test_a_whole_disk_holds_every_target_of_its_node() -> None:
     assert not set(device.blocking_keys()) & set(elsewhere.held_keys())
 
 
+def test_an_ab_pair_holds_both_volumes_and_names_none_until_the_agent_chose() -> None:
+    volumes = ["/dev/disk/by-partlabel/root-a", "/dev/disk/by-partlabel/root-b"]
+    stream = parse_stream(stream_body(target={"abUpdate": {"volumes": volumes}}))
+    assert stream.target.kind == "abUpdate"
+    assert stream.target.agent_kind == "abUpdate"
+    assert stream.target.volumes == tuple(volumes)
+    assert stream.target.agent_volumes == tuple("/host" + volume for volume in volumes)
+    assert stream.target.agent_path == "/host" + volumes[0]
+    assert stream.target.known_path is None
+    assert stream.target_keys == (("node-7", volumes[0]), ("node-7", volumes[1]))
+    assert stream.target.description == f"the A/B pair {volumes[0]}, {volumes[1]}"
+
+
 @pytest.mark.parametrize(
-    "target",
+    ("ab_update", "words"),
     [
-        {"abUpdate": {"volumes": ["/dev/disk/by-partlabel/a", "/dev/disk/by-partlabel/b"]}},
+        ({"volumes": ["/dev/sda1"]}, "must list two devices"),
+        ({"volumes": "/dev/sda1,/dev/sda2"}, "must list two devices"),
+        ({"volumes": ["/dev/sda1", "/dev/sda1"]}, "names /dev/sda1 twice"),
+        ({"volumes": ["/dev/sda1", "/etc/shadow"]}, "volumes[1] '/etc/shadow' must be"),
+        ({"volumes": ["/dev/../etc/x", "/dev/sda2"]}, "volumes[0] '/dev/../etc/x' must be"),
     ],
 )
-def test_target_kinds_the_agent_cannot_write_yet_are_refused(target: dict[str, Any]) -> None:
+def test_malformed_ab_pairs_are_invalid(ab_update: dict[str, Any], words: str) -> None:
     with pytest.raises(UsageError) as caught:
-        parse_stream(stream_body(target=target))
-    assert caught.value.reason == Reason.TARGET_KIND_UNSUPPORTED
-    assert "not supported" in caught.value.message
+        parse_stream(stream_body(target={"abUpdate": ab_update}))
+    assert caught.value.reason == Reason.INVALID_SPEC
+    assert words in caught.value.message
 
 
 def test_source_fields_and_defaults() -> None:
@@ -163,7 +181,8 @@ def test_malformed_specs_are_invalid(change: dict[str, Any]) -> None:
     with pytest.raises(UsageError) as caught:
         parse_stream(body)
     assert caught.value.reason == Reason.INVALID_SPEC
-    assert stream_of(body) is None
+    assert held_keys_of(body) == ()
+    assert blocking_keys_of(body) == ()
 
 
 def test_missing_spec_is_invalid() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import httpx
@@ -54,3 +55,15 @@ def test_each_reset_cuts_one_response_and_the_rest_resumes(image: Path) -> None:
 
     assert resets == 2
     assert bytes(received) == data
+
+
+def test_a_rate_paces_the_body_to_about_that_many_bytes_a_second(image: Path) -> None:
+    rate = 2 << 20
+    with RangeServer(image, rate=rate) as server, httpx.Client() as client:
+        started = time.monotonic()
+        body = client.get(server.url).content
+        seconds = time.monotonic() - started
+    assert body == image.read_bytes()
+    measured = SIZE / seconds
+    # 3 MiB at 2 MiB/s: about 1.5 s; the socket buffers let a little run ahead.
+    assert rate / 1.5 <= measured <= rate * 1.5, f"{measured / (1 << 20):.2f} MiB/s"

@@ -34,8 +34,10 @@ class AgentInstructions:
     not over the container's own /dev (where the kubelet puts the termination-log file), so a
     device target reads `/host/dev/disk/by-partlabel/root-b`; udev's relative symlinks still
     resolve inside that mount. `target_kind` says what the target is: `device` (it must exist;
-    never created), `disk` (a whole disk written from a COSI image) or `file` (created under
-    `allowed_dir`, also a host mount).
+    never created), `disk` (a whole disk written from a COSI image), `file` (created under
+    `allowed_dir`, also a host mount) or `abUpdate` (an A/B pair: `target` and `target_b` are its
+    volumes, and the agent writes the one the host's mount table and sysfs holders show the node
+    is not running from).
     `auth_dir` is a mounted Secret, `ca_file` a file of a mounted ConfigMap, and `host_proc` the
     host's /proc, whose `1/mountinfo` and `swaps` the safety checks read. `host_prefix` is cut
     from the paths the agent reports, so the status names the device as the host knows it.
@@ -49,6 +51,7 @@ class AgentInstructions:
     sha384: str
     target: str
     target_kind: str = "device"
+    target_b: str | None = None
     compression: str = "auto"
     #: The largest zstd window accepted, as a power of two; the Job's memory is sized for it.
     max_window_log: int = defaults.SPEC_MAX_WINDOW_LOG

@@ -32,7 +32,7 @@ from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.pipeline.zstd_frames import WindowTooLarge
 from imagestream.reasons import Reason
-from imagestream.targets import TargetKind, TargetPlan, TargetRequest, plan_target
+from imagestream.targets import TargetKind, TargetPlan, TargetRequest, ab, plan_target
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +87,39 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
 def _target_plan(instr: AgentInstructions) -> TargetPlan:
     """The controller said which kind of target this is; the agent never guesses it."""
     kinds: dict[str, TargetKind] = {"device": "device", "disk": "disk", "file": "file"}
-    kind = kinds.get(instr.target_kind)
-    if kind is None:
+    if instr.target_kind not in (*kinds, "abUpdate"):
         raise UsageError(
-            f"{env_name('target_kind')}={instr.target_kind!r} is not one of {', '.join(kinds)}"
+            f"{env_name('target_kind')}={instr.target_kind!r} is not one of "
+            f"{', '.join(kinds)}, abUpdate"
         )
     host_proc = Path(instr.host_proc)
+    # PID 1's mounts: the node's own table, not this container's.
+    host = HostView(
+        mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
+    )
+    if instr.target_kind == "abUpdate":
+        volumes = [
+            ab.Volume(Path(path), host_path(path, instr.host_prefix)) for path in _ab_volumes(instr)
+        ]
+        return ab.plan(volumes, force=instr.force, host=host)
     return plan_target(
         TargetRequest(
-            kind=kind,
+            kind=kinds[instr.target_kind],
             path=Path(instr.target),
             name=host_path(instr.target, instr.host_prefix),
             allowed_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),
             force=instr.force,
-            # PID 1's mounts: the node's own table, not this container's.
-            host=HostView(
-                mountinfo=host_proc / "1/mountinfo", swaps=host_proc / "swaps", sysfs=Path("/sys")
-            ),
+            host=host,
         )
     )
+
+
+def _ab_volumes(instr: AgentInstructions) -> tuple[str, str]:
+    if not instr.target_b:
+        raise UsageError(
+            f"{env_name('target_b')} is not set: an abUpdate target needs its second volume"
+        )
+    return instr.target, instr.target_b
 
 
 def _credentials(auth_dir: str | None) -> Credentials | None:
@@ -139,7 +153,7 @@ def run_agent(
             outcome="Failed",
             reason=reason or exc.reason,
             message=exc.message,
-            target=reported_path(instr.target, instr.host_prefix),
+            target=_failed_target(instr, planned[0] if planned else None),
             bytes_fetched=seen.bytes_fetched if seen else 0,
             bytes_written=seen.bytes_written if seen else 0,
             resumes=seen.resumes if seen else 0,
@@ -147,8 +161,11 @@ def run_agent(
         )
         return AgentRun(result, exc.exit_code)
 
+    planned: list[TargetPlan] = []
     try:
-        result = stream(request_from_instructions(instr, cancel), track)
+        request = request_from_instructions(instr, cancel)
+        planned.append(request.target)
+        result = stream(request, track)
     except WindowTooLarge as exc:
         return failed(window_refusal(exc))
     except ImageStreamError as exc:
@@ -171,6 +188,16 @@ def run_agent(
     return AgentRun(succeeded(instr, result), 0)
 
 
+def _failed_target(instr: AgentInstructions, plan: TargetPlan | None) -> str:
+    """What a failed stream names as its target: the device planned, or (planning failed) the
+    one the instructions name; an A/B pair whose volume was never chosen names none."""
+    if plan is not None:
+        return reported_path(plan.path, instr.host_prefix)
+    if instr.target_kind == "abUpdate":
+        return ""
+    return reported_path(instr.target, instr.host_prefix)
+
+
 def window_refusal(exc: WindowTooLarge) -> IntegrityError:
     """The refusal worded for an ImageStream: its knob, not the CLI's flag."""
     return IntegrityError(
@@ -184,10 +211,15 @@ def succeeded(instr: AgentInstructions, result: StreamResult) -> AgentResult:
     """The result of a verified stream."""
     target = reported_path(result.target, instr.host_prefix)
     checks = "SHA-384 verified" + (", read back" if result.read_back_verified else "")
+    written = target
+    if instr.target_kind == "abUpdate":
+        active = [path for path in _ab_volumes(instr) if Path(path) != result.target]
+        running = ", ".join(reported_path(path, instr.host_prefix) for path in active)
+        written = f"{target}, the inactive A/B volume ({running} runs the node)"
     return AgentResult(
         outcome="Succeeded",
         reason=Reason.SUCCEEDED,
-        message=f"wrote {target}: {checks}",
+        message=f"wrote {written}: {checks}",
         target=target,
         sha384=result.sha384,
         digest=result.digest,

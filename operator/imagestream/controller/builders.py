@@ -64,6 +64,8 @@ class JobSettings:
     ttl_seconds_after_finished: int = 3600
     image_pull_policy: str = "IfNotPresent"
     termination_grace_seconds: int = 60
+    #: (name, value) pairs every agent container gets besides its instructions (proxies).
+    extra_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ def agent_instructions(stream: StreamSpec) -> AgentInstructions:
         sha384=source.sha384,
         target=stream.target.agent_path,
         target_kind=stream.target.agent_kind,
+        target_b=stream.target.agent_volumes[1] if stream.target.volumes else None,
         compression=source.compression,
         max_window_log=source.max_window_log,
         allowed_dir=stream.target.agent_dir,
@@ -190,7 +193,7 @@ def build_job(stream: StreamSpec, settings: JobSettings) -> dict[str, Any]:
     """
     annotations = {
         ANNOTATION_STREAM: f"{stream.namespace}/{stream.name}",
-        ANNOTATION_TARGET: stream.target.host_path,
+        ANNOTATION_TARGET: stream.target.description,
     }
     metadata = {
         "name": job_name(stream.name, stream.uid, stream.generation),
@@ -220,7 +223,7 @@ def _pod_spec(stream: StreamSpec, settings: JobSettings) -> dict[str, Any]:
     env = [
         {"name": key, "value": value}
         for key, value in sorted(agent_instructions(stream).to_env().items())
-    ]
+    ] + [{"name": key, "value": value} for key, value in settings.extra_env]
     container = {
         "name": CONTAINER_NAME,
         "image": settings.agent_image,

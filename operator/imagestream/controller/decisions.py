@@ -434,7 +434,7 @@ def _without_job(observation: Observation, stream: StreamSpec, cancels: list[Act
     blocker = blocking_peer(stream, _created(observation.body), observation.peers)
     if blocker is not None:
         message = (
-            f"{stream.target.host_path} on node {stream.node_name} is being written by "
+            f"{stream.target.description} on node {stream.node_name} is being written by "
             f"ImageStream {blocker.namespace}/{blocker.name}; this stream starts when it ends"
         )
         return _conclude(observation, _State("Pending", Reason.TARGET_BUSY, message), cancels)
@@ -481,8 +481,9 @@ def _with_job(observation: Observation, stream: StreamSpec, job: JobView) -> _St
         message = f"agent of Job {job.name} starting on node {stream.node_name}"
         return _State("Pending", Reason.AGENT_STARTING, _joined(message, detail), fields)
     if progress_of(status).get("phase") == "Verifying":
-        return _State("Verifying", Reason.VERIFYING, f"verifying {stream.target.host_path}", fields)
-    message = f"streaming to {stream.target.host_path} on node {stream.node_name}"
+        message = f"verifying {stream.target.description}"
+        return _State("Verifying", Reason.VERIFYING, message, fields)
+    message = f"streaming to {stream.target.description} on node {stream.node_name}"
     return _State("Running", Reason.STREAMING, message, fields)
 
 
@@ -650,7 +651,7 @@ def _agent_result(pod: PodView | None) -> AgentResult | None:
 
 def _host_target(body: Mapping[str, Any]) -> str | None:
     try:
-        return parse_stream(body).target.host_path
+        return parse_stream(body).target.known_path
     except UsageError:
         return None
 

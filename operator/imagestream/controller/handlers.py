@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -53,7 +53,7 @@ from imagestream.controller.decisions import (
 )
 from imagestream.controller.kube import JobConflict, JobRejected, KubeClient
 from imagestream.controller.metrics import Metrics
-from imagestream.controller.spec import stream_of
+from imagestream.controller.spec import blocking_keys_of, held_keys_of
 from imagestream.kube_config import GROUP, PLURAL, VERSION
 from imagestream.reasons import Reason
 
@@ -140,9 +140,10 @@ def agent_job_events(body: kopf.Body, **_: Any) -> dict[tuple[str, str], JobEven
 
 @kopf.index(GROUP, VERSION, PLURAL)
 def streams_by_target(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
-    """ImageStreams by the (node, target) keys they hold: the TargetBusy check reads this."""
-    stream = stream_of(body)
-    if stream is None:
+    """ImageStreams by each key they hold (`StreamSpec.held_keys`: every (node, host path)
+    they may write, and a whole disk its whole node): the TargetBusy check reads this."""
+    keys = held_keys_of(body)
+    if not keys:
         return None
     metadata = metadata_of(body)
     status = stream_status_of(body)
@@ -152,7 +153,7 @@ def streams_by_target(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[s
         "metadata": {name: metadata.get(name) for name in fields},
         "status": {name: status.get(name) for name in ("phase", "observedGeneration")},
     }
-    return dict.fromkeys(stream.held_keys(), summary)
+    return dict.fromkeys(keys, summary)
 
 
 def _unfinished(body: kopf.Body, **_: Any) -> bool:
@@ -234,18 +235,18 @@ def _peers(
     pods: kopf.Index[str, PodView],
     streams: kopf.Index[tuple[str, str], dict[str, Any]],
 ) -> tuple[decisions.Peer, ...]:
-    stream = stream_of(body)
-    if stream is None:
-        return ()
-    # A stream held under several of the keys (a whole disk, and its device) is one peer.
-    others: dict[str, dict[str, Any]] = {}
-    for key in stream.blocking_keys():
-        held: Iterable[dict[str, Any]] = streams.get(key, ())
-        others.update((str(other["metadata"]["uid"]), other) for other in held)
-    others.pop(str(body["metadata"]["uid"]), None)
+    uid = str(body["metadata"]["uid"])
+    # A stream met under several keys (two A/B streams on one pair, a disk and its device) is
+    # one peer.
+    others: dict[str, dict[str, Any]] = {
+        other_uid: other
+        for key in blocking_keys_of(body)
+        for other in streams.get(key, ())
+        if (other_uid := str(other["metadata"]["uid"])) != uid
+    }
     return tuple(
-        decisions.peer(other, tuple(jobs.get(uid, ())), tuple(pods.get(uid, ())))
-        for uid, other in others.items()
+        decisions.peer(other, tuple(jobs.get(other_uid, ())), tuple(pods.get(other_uid, ())))
+        for other_uid, other in others.items()
     )
 
 

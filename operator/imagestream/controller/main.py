@@ -8,6 +8,7 @@ kopf finds the API server through the same client library (in-cluster config in 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -62,16 +63,47 @@ def job_settings(args: argparse.Namespace) -> JobSettings:
         agent_image=args.agent_image,
         service_account=args.agent_service_account,
         ttl_seconds_after_finished=args.job_ttl_seconds,
+        image_pull_policy=args.agent_image_pull_policy,
+        extra_env=tuple(args.agent_env),
     )
 
 
-def configure_logging(verbose: bool) -> None:
-    """Plain timestamped lines on stderr, as a container's log wants them."""
+def liveness_endpoint(args: argparse.Namespace) -> str | None:
+    """kopf's liveness URL for --health-port (None: not served).
+
+    kopf answers it only while its event loop runs, so a wedged controller fails the probe.
+    """
+    if not args.health_port:
+        return None
+    return f"http://{args.metrics_address}:{args.health_port}/healthz"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line (time, level, logger, message, and the traceback if any), for log
+    pipelines that parse rather than grep."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a JSON line."""
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(verbose: bool, log_format: str = "text") -> None:
+    """Timestamped lines on stderr, as a container's log wants them: plain text, or JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
     # kopf logs every timer run at INFO: once a second per stream is noise unless asked for.
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -80,7 +112,7 @@ def configure_logging(verbose: bool) -> None:
 
 def controller_command(args: argparse.Namespace) -> int:
     """Run the controller until SIGTERM/SIGINT; 0 on a clean stop, 1 when it cannot start."""
-    configure_logging(bool(getattr(args, "verbose", False)))
+    configure_logging(bool(getattr(args, "verbose", False)), args.log_format)
     try:
         configuration = load_configuration()
     except ImageStreamError as exc:
@@ -108,5 +140,6 @@ def controller_command(args: argparse.Namespace) -> int:
         clusterwide=bool(args.all_namespaces),
         namespaces=namespaces,
         memo=kopf.Memo(runtime=runtime),
+        liveness_endpoint=liveness_endpoint(args),
     )
     return 0

@@ -3,12 +3,13 @@
 The CRD's schema and CEL rules reject bad input at apply time, but the controller cannot rely on
 them (an older CRD, a stand-in without validation, a field added later), so parsing checks what
 the Job builder depends on and raises `UsageError` with a machine-readable reason:
-`InvalidSpec` for malformed input, `TargetKindUnsupported` for a target kind the agent cannot
-write yet. Both end the stream `Failed` without creating a Job.
+`InvalidSpec` for malformed input (every target kind the CRD accepts is written). It ends the
+stream `Failed` without creating a Job.
 
 Two streams must not write one node's disk at once: `held_keys` says what a stream holds while
-it runs and `blocking_keys` which holders make it wait. A whole disk (`disk`) holds every target
-on its node, since which devices lie on it is known only on the node (by-id, by-partlabel links).
+it runs (the (node, host path) of every device it may write: an A/B pair holds both volumes) and
+`blocking_keys` which holders make it wait. A whole disk (`disk`) holds every target on its
+node, since which devices lie on it is known only on the node (by-id, by-partlabel links).
 """
 
 from __future__ import annotations
@@ -62,18 +63,46 @@ class TargetSpec:
     """`spec.target`, resolved: the path on the host and the path the agent opens.
 
     `host_dir` is set for file targets: the host directory mounted into the agent's container
-    (at `HOST_PREFIX + host_dir`), which is also the agent's `allowed_dir`.
+    (at `HOST_PREFIX + host_dir`), which is also the agent's `allowed_dir`. An A/B pair has
+    both `volumes`; `host_path` is then the first, and the agent writes whichever of them the
+    node is not running from.
     """
 
     kind: TargetKind
     host_path: str
     host_dir: str | None = None
+    volumes: tuple[str, ...] = ()
 
     @property
     def agent_kind(self) -> str:
         """What the agent opens: an existing `device`, a whole `disk` written from a COSI
-        image, or a `file` it creates (extensions)."""
-        return self.kind if self.kind in ("device", "disk") else "file"
+        image, a `file` it creates (extensions), or the inactive volume of an `abUpdate` pair."""
+        if self.kind in ("device", "disk", "abUpdate"):
+            return self.kind
+        return "file"
+
+    @property
+    def agent_volumes(self) -> tuple[str, ...]:
+        """The A/B volumes as the agent's container sees them (none for other kinds)."""
+        return tuple(HOST_PREFIX + volume for volume in self.volumes)
+
+    @property
+    def held_paths(self) -> tuple[str, ...]:
+        """Every host path this stream may write: both volumes of an A/B pair."""
+        return self.volumes or (self.host_path,)
+
+    @property
+    def description(self) -> str:
+        """The target in messages, before the agent has said what it wrote."""
+        if self.volumes:
+            return f"the A/B pair {', '.join(self.volumes)}"
+        return self.host_path
+
+    @property
+    def known_path(self) -> str | None:
+        """The host path `status.target` shows before the agent's result: none for an A/B
+        pair, whose volume only the agent can choose."""
+        return None if self.volumes else self.host_path
 
     @property
     def agent_path(self) -> str:
@@ -111,21 +140,22 @@ class StreamSpec:
     options: StreamOptions
 
     @property
-    def target_key(self) -> tuple[str, str]:
-        """Two active streams with the same key would write the same disk at once."""
-        return (self.node_name, self.target.host_path)
+    def target_keys(self) -> tuple[tuple[str, str], ...]:
+        """(node, host path) of every device this stream may write: two active streams that
+        share a key would write the same disk at once."""
+        return tuple((self.node_name, path) for path in self.target.held_paths)
 
     def held_keys(self) -> tuple[tuple[str, str], ...]:
         """The keys this stream holds while it is active (see the module docstring)."""
         node = self.node_name
-        held = (self.target_key, (node, ANY_TARGET))
+        held = (*self.target_keys, (node, ANY_TARGET))
         return (*held, (node, WHOLE_DISK)) if self.target.kind == "disk" else held
 
     def blocking_keys(self) -> tuple[tuple[str, str], ...]:
         """The keys whose holders this stream must wait for."""
         if self.target.kind == "disk":
             return ((self.node_name, ANY_TARGET),)
-        return (self.target_key, (self.node_name, WHOLE_DISK))
+        return (*self.target_keys, (self.node_name, WHOLE_DISK))
 
 
 def parse_stream(body: Mapping[str, Any]) -> StreamSpec:
@@ -152,12 +182,20 @@ def generation_of(body: Mapping[str, Any]) -> int:
     return int((body.get("metadata") or {}).get("generation") or 1)
 
 
-def stream_of(body: Mapping[str, Any]) -> StreamSpec | None:
-    """The body's parsed spec, or None when it does not parse."""
+def held_keys_of(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The keys a body's stream holds (`StreamSpec.held_keys`); none when it does not parse."""
     try:
-        return parse_stream(body)
+        return parse_stream(body).held_keys()
     except UsageError:
-        return None
+        return ()
+
+
+def blocking_keys_of(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The keys whose holders a body's stream waits for; none when it does not parse."""
+    try:
+        return parse_stream(body).blocking_keys()
+    except UsageError:
+        return ()
 
 
 def parse_source(source: Mapping[str, Any]) -> SourceSpec:
@@ -197,22 +235,18 @@ def parse_source(source: Mapping[str, Any]) -> SourceSpec:
 
 
 def resolve_target(target: Mapping[str, Any]) -> TargetSpec:
-    """Exactly one target kind; device and extension targets resolve to host paths."""
+    """Exactly one target kind; device, extension and A/B targets resolve to host paths."""
     kinds = [kind for kind in ("device", "abUpdate", "extension", "disk") if target.get(kind)]
     if len(kinds) != 1:
         raise _invalid("spec.target must set exactly one of device, abUpdate, extension, disk")
     kind = kinds[0]
     if kind == "device":
-        return TargetSpec(kind="device", host_path=_device_path(target["device"], "device"))
+        return TargetSpec(kind="device", host_path=_device_path(target["device"]))
     if kind == "disk":
-        return TargetSpec(kind="disk", host_path=_device_path(target["disk"], "disk"))
+        return TargetSpec(kind="disk", host_path=_device_path(target["disk"], "spec.target.disk"))
     if kind == "extension":
         return _extension_target(_mapping(target["extension"], "spec.target.extension"))
-    raise UsageError(
-        f"spec.target.{kind} is not supported by this version of the agent yet; "
-        "use spec.target.device, disk or extension",
-        reason=Reason.TARGET_KIND_UNSUPPORTED,
-    )
+    return _ab_target(_mapping(target["abUpdate"], "spec.target.abUpdate"))
 
 
 def parse_options(spec: Mapping[str, Any]) -> StreamOptions:
@@ -229,12 +263,23 @@ def parse_options(spec: Mapping[str, Any]) -> StreamOptions:
     )
 
 
-def _device_path(value: object, field: str) -> str:
+def _device_path(value: object, where: str = "spec.target.device") -> str:
     path = str(value)
     # The agent opens HOST_PREFIX + path: a `..` segment would leave the host's /dev mount.
     if not path.startswith("/dev/") or posixpath.normpath(path) != path:
-        raise _invalid(f"spec.target.{field} {path!r} must be a normalized path under /dev/")
+        raise _invalid(f"{where} {path!r} must be a normalized path under /dev/")
     return path
+
+
+def _ab_target(ab_update: Mapping[str, Any]) -> TargetSpec:
+    volumes = ab_update.get("volumes")
+    where = "spec.target.abUpdate.volumes"
+    if not isinstance(volumes, list) or len(volumes) != 2:
+        raise _invalid(f"{where} must list two devices")
+    paths = tuple(_device_path(volume, f"{where}[{index}]") for index, volume in enumerate(volumes))
+    if paths[0] == paths[1]:
+        raise _invalid(f"{where} names {paths[0]} twice")
+    return TargetSpec(kind="abUpdate", host_path=paths[0], volumes=paths)
 
 
 def _extension_target(extension: Mapping[str, Any]) -> TargetSpec:

@@ -2,8 +2,9 @@
 
 `imagestream demo --faults` shows a stream that survives cut connections: the server resets
 the connection when a response's body reaches each offset, once per offset, and the client
-resumes with a ranged request from the byte it got to. That is all it does: one path, single
-byte ranges, no TLS. (The tests' fault-injecting server is in `tests/support/range_server.py`.)
+resumes with a ranged request from the byte it got to. `--rate` paces what it sends, so a person
+can watch the bar and the resumes. That is all it does: one path, single byte ranges, no TLS.
+(The tests' fault-injecting server is in `tests/support/range_server.py`.)
 """
 
 from __future__ import annotations
@@ -14,29 +15,38 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import cast
+from typing import BinaryIO, cast
 from urllib.parse import quote, urlsplit
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)", re.ASCII)
+# A paced body goes out in pieces about this often, so the rate is even at a human's scale.
+_PACED_SENDS_PER_SECOND = 20
+_MIN_PACED_PIECE = 16 << 10
 
 
 class RangeServer:
     """Serve `path` on 127.0.0.1 (a free port) from background threads; use as a context manager.
 
     Each of `reset_offsets` resets one response whose body reaches it, in increasing order.
+    `rate` (bytes a second) caps what all responses together send; None: no cap.
     """
 
-    def __init__(self, path: Path, reset_offsets: Iterable[int] = ()) -> None:
+    def __init__(
+        self, path: Path, reset_offsets: Iterable[int] = (), rate: float | None = None
+    ) -> None:
         stat = path.stat()
         self.path = path
         self.size = stat.st_size
         self.etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
         self._resets = deque(sorted(reset_offsets))
         self._lock = threading.Lock()
+        self._rate = rate
+        self._next_send = 0.0
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.owner = self
         self._thread = threading.Thread(
@@ -63,6 +73,31 @@ class RangeServer:
             if self._resets and start <= self._resets[0] < end:
                 return self._resets.popleft()
             return None
+
+    def send(self, connection: socket.socket, image: BinaryIO, offset: int, count: int) -> None:
+        """Send `count` bytes of `image` from `offset`, at no more than the server's rate."""
+        if self._rate is None:
+            connection.sendfile(image, offset, count)
+            return
+        piece = max(_MIN_PACED_PIECE, int(self._rate / _PACED_SENDS_PER_SECOND))
+        # A small send buffer: the kernel would otherwise take megabytes ahead of the pace, and
+        # the client would see bursts instead of the rate.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, piece)
+        end = offset + count
+        while offset < end:
+            size = min(piece, end - offset)
+            self._pace(size)
+            connection.sendfile(image, offset, size)
+            offset += size
+
+    def _pace(self, size: int) -> None:
+        """Wait for this piece's turn: pieces are spaced by their size over the rate."""
+        assert self._rate is not None
+        with self._lock:
+            now = time.monotonic()
+            turn = max(now, self._next_send)
+            self._next_send = turn + size / self._rate
+        time.sleep(turn - now)
 
 
 class _Server(ThreadingHTTPServer):
@@ -124,7 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         reset = owner.reset_within(start, end)
         with owner.path.open("rb") as image:
-            self.connection.sendfile(image, start, (end if reset is None else reset) - start)
+            owner.send(self.connection, image, start, (end if reset is None else reset) - start)
         if reset is not None:
             self._reset()
 

@@ -21,7 +21,15 @@ from imagestream.errors import ImageStreamError
 from imagestream.pipeline.pipeline import StreamRequest, run_stream
 from imagestream.pipeline.range_reader import RetryPolicy
 from imagestream.pipeline.sources import SourceOptions
-from imagestream.progress_display import make_display, report_failure, report_success
+from imagestream.progress_display import (
+    format_bytes,
+    format_rate,
+    make_display,
+    report_failure,
+    report_success,
+    stream_header,
+)
+from imagestream.signals import cancel_on_signals
 from imagestream.targets import TargetRequest, plan_target
 
 _FAULTS = 3
@@ -29,24 +37,32 @@ _FAULTS = 3
 
 def demo_command(args: argparse.Namespace, console: Console) -> int:
     """Generate, serve, stream, verify; return the exit code."""
+    # Ctrl-C asks the stream to stop cleanly, as in `imagestream stream`; a second one stops it.
+    cancel = cancel_on_signals()
     with tempfile.TemporaryDirectory(prefix="imagestream-demo-") as tmp:
         workdir = Path(tmp)
         console.print(f"Generating a {args.size_mib} MiB filesystem-like image (zstd)...")
         image = write_sample_image(workdir / "demo.img.zst", args.size_mib << 20, seed=7)
-        console.print(f"  {image.compressed_size} bytes compressed, SHA-384 {image.sha384[:16]}...")
+        console.print(
+            f"  {format_bytes(image.compressed_size)} compressed, SHA-384 {image.sha384[:16]}..."
+        )
         target = args.keep or workdir / "demo-target.img"
-        with RangeServer(image.path, _reset_offsets(image, args.faults)) as server:
+        rate = args.rate * 2**20 if args.rate else None
+        with RangeServer(image.path, _reset_offsets(image, args.faults), rate) as server:
             if args.faults:
                 console.print(f"The server will reset the connection {_FAULTS} times.")
-            console.print(f"Streaming {server.url} -> {target}", markup=False)
+            if rate is not None:
+                console.print(f"The server sends at most {format_rate(rate)}.")
             request = StreamRequest(
                 source=server.url,
                 target=plan_target(TargetRequest(kind="file", path=target)),
                 sha384=image.sha384,
                 source_options=SourceOptions(policy=RetryPolicy(backoff_base=0.2)),
+                cancel=cancel,
             )
             try:
-                with make_display(args.progress, console) as display:
+                header = stream_header(server.url, target)
+                with make_display(args.progress, console, header) as display:
                     result = run_stream(request, display.update)
             except ImageStreamError as exc:
                 return report_failure(exc, args.progress, console)

@@ -152,8 +152,9 @@ class DiskSink:
         self.layout.finish(self.path)
         self.flush()
 
-    def sha384_on_disk(self, length: int, checkpoint: Callable[[], None]) -> str:
-        """Hash the regions' images as the disk returns them (past the page cache), in order."""
+    def sha384_on_disk(self, length: int, checkpoint: Callable[[int], None]) -> str:
+        """Hash the regions' images as the disk returns them (past the page cache), in order;
+        `checkpoint(done)` runs before each chunk with the bytes hashed so far."""
         self.flush()
         digest = hashlib.sha384()
         with _target_io(f"reading back {self.plan.name}"):
@@ -163,7 +164,7 @@ class DiskSink:
             for region in self._regions:
                 done = 0
                 while done < region.image.uncompressed_size and left > 0:
-                    checkpoint()
+                    checkpoint(length - left)
                     n = min(_READ_BACK, region.image.uncompressed_size - done, left)
                     chunk = os.pread(self._fd, n, region.offset + done)
                     if not chunk:

@@ -199,6 +199,7 @@ class _Stream:
         self.on_progress = on_progress
         self.counters = Counters()
         self.rate = RateMeter()
+        self._read_back_reported = 0.0
         self.abort = threading.Event()
         self.errors: list[BaseException] = []
         self.fetched_hash = hashlib.sha384()
@@ -315,7 +316,8 @@ class _Stream:
             return
         head = reader.peek(_ZSTD_HEADER_PEEK)
         self.compression = resolve_compression(self.request.compression, head)
-        self._check_capacity(self._known_output_size(head))
+        self.counters.output_total = self._known_output_size(head)
+        self._check_capacity(self.counters.output_total)
         decompress_stage(
             reader,
             compression=self.compression,
@@ -374,7 +376,8 @@ class _Stream:
         if self.output_hash is not None:
             # Read back while the held bytes are still zeros on the target: a kill during a
             # long read-back leaves it invalid. The held bytes are hashed from memory.
-            on_disk = self.sink.sha384_on_disk(self.counters.bytes_written, self._checkpoint)
+            on_disk = self.sink.sha384_on_disk(self.counters.bytes_written, self._read_back)
+            self.counters.bytes_read_back = self.counters.bytes_written
             if on_disk != self.output_hash.hexdigest():
                 raise IntegrityError(
                     f"read-back of {self.request.target.name} does not match what was written "
@@ -400,6 +403,16 @@ class _Stream:
             digest=digest,
             partitions=self.counters.partitions,
         )
+
+    def _read_back(self, done: int) -> None:
+        """The read-back's checkpoint: a cancel raises here; progress is reported as it goes."""
+        self._checkpoint()
+        first = self.counters.bytes_read_back is None
+        self.counters.bytes_read_back = done
+        now = time.monotonic()
+        if first or now - self._read_back_reported >= _REPORT_INTERVAL:
+            self._read_back_reported = now
+            self._report()
 
     def _checkpoint(self) -> None:
         """Raise `Cancelled` if a cancel came: called between the steps up to the commit."""

@@ -22,6 +22,11 @@ class Progress:
     #: A COSI image: the partition image being written (1-based, in stream order) and how many.
     partition: int | None = None
     partitions: int | None = None
+    #: The output size the data declares: the source size for uncompressed data, the first zstd
+    #: frame's content size (the whole output of a single-frame image); None when unknown.
+    output_total: int | None = None
+    #: Bytes read back from the target so far (`--verify-after-write`); None before the read-back.
+    bytes_read_back: int | None = None
 
     @property
     def fraction(self) -> float | None:
@@ -46,6 +51,8 @@ class Counters:
     bytes_total: int | None = None
     bytes_written: int = 0
     resumes: int = 0
+    output_total: int | None = None
+    bytes_read_back: int | None = None
     phase: str = "Running"
     started: float = field(default_factory=time.monotonic)
     partition: int | None = None
@@ -82,4 +89,6 @@ def snapshot(counters: Counters, rate: RateMeter) -> Progress:
         elapsed=now - counters.started,
         partition=counters.partition,
         partitions=counters.partitions,
+        output_total=counters.output_total,
+        bytes_read_back=counters.bytes_read_back,
     )

@@ -51,7 +51,7 @@ def check_block_device(device: tuple[int, int], name: str, host: HostView) -> No
     what gets written, whatever a link pointed to a moment earlier. A whole disk counts as
     busy when any of its partitions is.
     """
-    devices = [device, *_partitions(device, host)]
+    devices = [device, *partitions(device, host)]
     names = {f"{major}:{minor}" for major, minor in devices}
     for mount_point, source, number in _mounts(host):
         if number in names or _same_device(source, devices):
@@ -90,7 +90,8 @@ def logical_block_size(device: tuple[int, int], host: HostView) -> int:
         return 512
 
 
-def _partitions(number: tuple[int, int], host: HostView) -> list[tuple[int, int]]:
+def partitions(number: tuple[int, int], host: HostView) -> list[tuple[int, int]]:
+    """The (major, minor) of each partition of the disk `number` (none for a partition)."""
     base = host.sysfs / f"dev/block/{number[0]}:{number[1]}"
     found = []
     if base.is_dir():
@@ -112,6 +113,11 @@ def _mounts(host: HostView) -> list[tuple[str, str, str]]:
             "target cannot be checked (--force skips this check)",
             reason=Reason.TARGET_CHECK_FAILED,
         ) from exc
+    return mount_entries(table)
+
+
+def mount_entries(table: str) -> list[tuple[str, str, str]]:
+    """(mount point, source, major:minor) of every mount in the text of a mountinfo file."""
     entries = []
     for line in table.splitlines():
         fields = line.split()

@@ -58,11 +58,12 @@ class Sink(Protocol):
         """Write the held-back bytes (first MiB, backup GPT area) for real and make them durable."""
         ...
 
-    def sha384_on_disk(self, length: int, checkpoint: Callable[[], None]) -> str:
+    def sha384_on_disk(self, length: int, checkpoint: Callable[[int], None]) -> str:
         """Hash what the target will hold once the held bytes are written: those from memory,
         the rest read back from the target, bypassing the page cache.
 
-        `checkpoint` runs before each chunk; it raises to stop the read (a cancel).
+        `checkpoint(done)` runs before each chunk with the bytes hashed so far (progress); it
+        raises to stop the read (a cancel).
         """
         ...
 
@@ -190,12 +191,13 @@ class _FdSink:
                 _pwrite_all(self._fd, memoryview(held.data)[: held.filled], held.start)
         self.flush()
 
-    def sha384_on_disk(self, length: int, checkpoint: Callable[[], None]) -> str:
+    def sha384_on_disk(self, length: int, checkpoint: Callable[[int], None]) -> str:
         """Hash the first `length` bytes as they will be: held ones from memory, the rest as
         the target returns them (not as the page cache holds them).
 
         The held bytes stay zeros on the target meanwhile, so a kill during a long read-back
-        leaves it invalid. `checkpoint` runs before each chunk (a cancel raises there).
+        leaves it invalid. `checkpoint(done)` runs before each chunk with the bytes hashed so
+        far (a cancel raises there).
         """
         self.flush()
         digest = hashlib.sha384()
@@ -204,7 +206,7 @@ class _FdSink:
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             offset = 0
             while offset < length:
-                checkpoint()
+                checkpoint(offset)
                 held = self._held_at(offset)
                 if held is not None:
                     n = min(length, held.end) - offset

@@ -3,7 +3,8 @@
 The kind of target comes from the caller (the CLI argument's form, an ImageStream's
 `spec.target.device` or `spec.target.extension`), never from what `stat` happens to find, so a
 device that does not exist is `TargetNotFound` and never becomes a new file. One module per
-kind (`device`, `file`); `parse` is the entry that picks one.
+kind (`device`, `file`, `ab`: the inactive volume of an A/B pair); `parse` is the entry that
+picks one.
 """
 
 from imagestream.pipeline.target_plan import TargetKind, TargetPlan

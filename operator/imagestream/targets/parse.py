@@ -9,9 +9,11 @@ from pathlib import Path
 from imagestream.errors import UsageError
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.target_plan import TargetKind, TargetPlan
-from imagestream.targets import cosi, device, file
+from imagestream.targets import ab, cosi, device, file
 from imagestream.targets.request import TargetRequest
 
+#: `ab:DEV_A,DEV_B`: the A/B pair whose inactive volume is written.
+AB_PREFIX = "ab:"
 #: `disk:DEV`: the whole disk DEV, written from a COSI image.
 DISK_PREFIX = "disk:"
 
@@ -34,9 +36,13 @@ def target_from_argument(
     direct_io: bool = True,
     allowed_dirs: tuple[Path, ...] = (),
 ) -> TargetPlan:
-    """The plan for the CLI's TARGET: `disk:DEV` a whole disk written from a COSI image, a path
-    under /dev/ or to a block device a device (it must exist), anything else a file path."""
+    """The plan for the CLI's TARGET: `ab:DEV_A,DEV_B` an A/B pair, `disk:DEV` a whole disk
+    written from a COSI image, a path under /dev/ or to a block device a device (it must
+    exist), anything else a file path."""
     text = str(argument)
+    if text.startswith(AB_PREFIX):
+        volumes = ab_volumes(text.removeprefix(AB_PREFIX))
+        return ab.plan(volumes, force=force, direct_io=direct_io, host=host)
     kind: TargetKind
     if text.startswith(DISK_PREFIX):
         if text == DISK_PREFIX:
@@ -55,6 +61,17 @@ def target_from_argument(
             host=host,
         )
     )
+
+
+def ab_volumes(pair: str) -> list[ab.Volume]:
+    """`DEV_A,DEV_B` as two volumes; a UsageError unless it names two different paths."""
+    names = pair.split(",")
+    if len(names) != 2 or not all(names):
+        raise UsageError(f"TARGET {AB_PREFIX}{pair} must name two volumes: {AB_PREFIX}DEV_A,DEV_B")
+    paths = [Path(os.path.abspath(name)) for name in names]
+    if paths[0] == paths[1]:
+        raise UsageError(f"TARGET {AB_PREFIX}{pair} names the same volume twice")
+    return [ab.Volume(path, name) for path, name in zip(paths, names, strict=True)]
 
 
 def argument_kind(argument: Path) -> TargetKind:

@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.support.blockdev import LoopDeviceFactory
+from tests.support.blockdev import LoopDeviceFactory, mounted_ext4
 from tests.support.blockdev import run as run_command
 from tests.support.controller import ControllerFactory, ControllerProcess, metric_value
 from tests.support.cosi import build_cosi
@@ -119,8 +119,17 @@ class Stand:
         fill_pattern(device, 2 * MIB)
         return device
 
-    def apply(self, name: str, image: Image, device: Path, *, sha384: str | None = None) -> None:
-        """`kubectl apply -f -` an ImageStream writing `image` onto `device` of NODE."""
+    def apply(
+        self,
+        name: str,
+        image: Image,
+        device: Path,
+        *,
+        sha384: str | None = None,
+        target: Json | None = None,
+    ) -> None:
+        """`kubectl apply -f -` an ImageStream writing `image` onto `device` of NODE (or onto
+        `target`, a whole `spec.target`)."""
         manifest = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "ImageStream",
@@ -132,7 +141,7 @@ class Stand:
                     "sha384": sha384 or image.sample.sha384,
                     "compression": "zstd",
                 },
-                "target": {"device": str(device)},
+                "target": target or {"device": str(device)},
             },
         }
         # The API stand-in admits it by the CRD's schema and CEL rules, as a real server does.
@@ -844,3 +853,44 @@ def test_cosi_image_onto_a_whole_disk(stand: Stand, tmp_path: Path) -> None:
     for part in image.partitions:
         raw = part.raw.read_bytes()
         assert read_device(disk, len(raw), part.offset) == raw
+
+
+def test_ab_update_writes_the_volume_the_node_does_not_run_from(
+    stand: Stand, tmp_path: Path
+) -> None:
+    """An abUpdate pair on a node whose / is volume A (a real ext4 on a loop device, mounted):
+    the agent writes B, status.target and the Succeeded Event name it, A is untouched.
+
+    Stand-in: the node's /proc (the agent's host-proc hostPath volume) is a directory whose
+    `1/mountinfo` holds this machine's real mountinfo line of A's mount, its mount point shown
+    as `/`, as the node's PID 1 would show its root; sysfs is this machine's own.
+    """
+    image = stand.image(seed=5)
+    volume_a, volume_b = stand.device(), stand.device()
+    with mounted_ext4(volume_a, tmp_path / "root-a", read_only=True) as root_a:
+        line = next(
+            fields
+            for fields in map(str.split, Path("/proc/self/mountinfo").read_text().splitlines())
+            if fields[4] == str(root_a)
+        )
+        line[4] = "/"
+        node_proc = tmp_path / "node-proc"
+        (node_proc / "1").mkdir(parents=True)
+        (node_proc / "1/mountinfo").write_text(" ".join(line) + "\n")
+        (node_proc / "swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n")
+        stand.kubelet.host_paths["/proc"] = node_proc
+        before = read_device(volume_a, 2 * MIB)
+        volumes = [str(volume_a), str(volume_b)]
+        stand.apply("root", image, volume_b, target={"abUpdate": {"volumes": volumes}})
+
+        status = assert_succeeded(stand, "root", image, volume_b)
+        assert read_device(volume_a, 2 * MIB) == before, "the running volume was written"
+    run = only_run(stand.kubelet, status["jobName"])
+    assert run.env["IMAGESTREAM_TARGET_KIND"] == "abUpdate"
+    assert (run.env["IMAGESTREAM_TARGET"], run.env["IMAGESTREAM_TARGET_B"]) == tuple(volumes)
+    assert stand.table_row("root")["TARGET"] == str(volume_b)
+    listed = stand.kubectl.json("get", "events", "--field-selector=involvedObject.name=root")
+    [succeeded] = [item for item in listed["items"] if item["reason"] == "Succeeded"]
+    assert succeeded["message"] == (
+        f"wrote {volume_b}, the inactive A/B volume ({volume_a} runs the node): SHA-384 verified"
+    )
