@@ -159,7 +159,7 @@ class StreamSpec:
 
 
 def parse_stream(body: Mapping[str, Any]) -> StreamSpec:
-    """Parse an ImageStream body; `UsageError` (reason InvalidSpec/TargetKindUnsupported)."""
+    """Parse an ImageStream body; `UsageError` (reason InvalidSpec) when it is malformed."""
     metadata = _mapping(body.get("metadata"), "metadata")
     spec = _mapping(body.get("spec"), "spec")
     node_name = _string(spec, "nodeName", "spec")
