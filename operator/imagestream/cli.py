@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "target",
         metavar="TARGET",
         help="block device, partition or file path (never -: stdout is no target), "
-        "sysext:NAME or confext:NAME (an extension image under --host-root)",
+        "sysext:NAME or confext:NAME (an extension image under --host-root), ab:DEV_A,DEV_B "
+        "(the inactive volume of an A/B pair), or disk:DEV (a whole-disk COSI image)",
     )
     add_stream_options(stream)
 

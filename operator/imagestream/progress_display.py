@@ -167,6 +167,9 @@ class Tracker:
         if output_total is not None and progress.bytes_written > output_total:
             output_total = None  # several zstd frames: the first one declared only its own size
         sizes += f" · written {_of(progress.bytes_written, output_total)}"
+        if progress.partitions is not None:
+            # A COSI image: which of its partition images is being written.
+            sizes += f" · partition {progress.partition or 0} of {progress.partitions}"
         timing: list[str] = []
         if streaming:
             rate = progress.bytes_per_second
@@ -462,6 +465,8 @@ def result_record(
             resumes=outcome.resumes,
             seconds=round(outcome.seconds, 3),
         )
+        if outcome.partitions is not None:
+            record["partitions"] = outcome.partitions
         return record
     record.update(
         ok=False,
@@ -512,6 +517,8 @@ def report_success(
         f"written {result.bytes_written} bytes"
     )
     out.print(f"  time     {result.seconds:.2f} s{_written_rate(result)}, resumes {result.resumes}")
+    if result.partitions is not None:
+        out.print(f"  partitions {result.partitions} (COSI), primary GPT written last")
     if result.read_back_verified:
         out.print("  read-back verified")
     for note in notes:

@@ -60,6 +60,8 @@ class Reason(StrEnum):
     CORRUPT_STREAM = "CorruptStream"
     WINDOW_TOO_LARGE = "WindowTooLarge"
     READ_BACK_MISMATCH = "ReadBackMismatch"
+    COSI_INVALID = "CosiInvalid"
+    COSI_UNSUPPORTED = "CosiUnsupported"
     RESULT_UNVERIFIED = "ResultUnverified"
 
     # -- the target --
@@ -72,6 +74,7 @@ class Reason(StrEnum):
     TARGET_LOCKED = "TargetLocked"
     TARGET_CHECK_FAILED = "TargetCheckFailed"
     TARGET_TOO_SMALL = "TargetTooSmall"
+    SECTOR_SIZE_MISMATCH = "SectorSizeMismatch"
     ACTIVE_VOLUME_UNKNOWN = "ActiveVolumeUnknown"
     NO_DISK_FITS = "NoDiskFits"
     WRITE_FAILED = "WriteFailed"

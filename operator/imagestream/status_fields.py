@@ -11,7 +11,7 @@ from imagestream.pipeline.progress import Progress
 
 def progress_fields(progress: Progress) -> dict[str, object]:
     """The snapshot as camelCase fields, as the ImageStream status spells them."""
-    return {
+    fields: dict[str, object] = {
         "phase": progress.phase,
         "bytesFetched": progress.bytes_fetched,
         "bytesTotal": progress.bytes_total,
@@ -19,3 +19,8 @@ def progress_fields(progress: Progress) -> dict[str, object]:
         "bytesPerSecond": round(progress.bytes_per_second),
         "resumes": progress.resumes,
     }
+    if progress.partitions is not None:
+        # A COSI image: which partition image is being written, of how many.
+        fields["partition"] = progress.partition
+        fields["partitions"] = progress.partitions
+    return fields

@@ -68,8 +68,10 @@ def device_size(dev: Path) -> int:
 
 
 @contextmanager
-def loop_device(size: int, directory: Path) -> Iterator[Path]:
+def loop_device(size: int, directory: Path, *, sector_size: int | None = None) -> Iterator[Path]:
     """Attach a loop device backed by a new sparse file of ``size`` bytes in ``directory``.
+
+    ``sector_size`` sets its logical sector size (``losetup --sector-size``; default 512).
 
     Yields the device path (``/dev/loopN``, chosen by ``losetup -f --show``). On exit the device
     is always detached (``losetup -d``, then waiting until the kernel has really let go of the
@@ -86,7 +88,8 @@ def loop_device(size: int, directory: Path) -> Iterator[Path]:
     finally:
         os.close(fd)
     try:
-        dev = Path(run([losetup, "-f", "--show", backing]).strip())
+        sector = ["--sector-size", str(sector_size)] if sector_size else []
+        dev = Path(run([losetup, "-f", "--show", *sector, backing]).strip())
         body_failed = True
         try:
             yield dev

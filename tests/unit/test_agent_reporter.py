@@ -7,6 +7,7 @@ real Kubernetes client (a real API server would also authenticate, authorise and
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -91,6 +92,13 @@ def test_report_holds_the_progress_fields() -> None:
         "percent": 50,
         "updatedAt": "2026-11-26T14:00:00Z",
     }
+
+
+def test_report_of_a_cosi_disk_names_the_partition_being_written() -> None:
+    cosi = dataclasses.replace(snapshot(5 * MIB), partition=2, partitions=3)
+    report = progress_report(cosi, NOON)
+    assert (report["partition"], report["partitions"]) == (2, 3)
+    assert "partition" not in progress_report(snapshot(5 * MIB), NOON)
 
 
 def test_patch_tests_the_uid_before_it_sets_only_status_progress() -> None:

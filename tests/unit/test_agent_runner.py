@@ -194,7 +194,7 @@ def test_defaults_keep_the_safety_checks(image: SampleImage, host: Path) -> None
         ("sha384", "abc123", "IMAGESTREAM_SHA384"),
         ("max_window_log", 9, "IMAGESTREAM_MAX_WINDOW_LOG=9 is outside 10..31"),
         ("max_window_log", 32, "IMAGESTREAM_MAX_WINDOW_LOG=32 is outside 10..31"),
-        ("target_kind", "disk", "IMAGESTREAM_TARGET_KIND"),
+        ("target_kind", "partition", "IMAGESTREAM_TARGET_KIND"),
     ],
 )
 def test_bad_instruction_values_fail_naming_the_variable(

@@ -601,11 +601,11 @@ def test_a_spec_change_to_an_invalid_spec_still_cancels_the_running_job() -> Non
     before, old_job, old_pod = running(stream_body())
     changed = copy.deepcopy(before)
     changed["metadata"]["generation"] = 2
-    changed["spec"]["target"] = {"disk": "/dev/sda"}
+    changed["spec"]["target"] = {"disk": "/dev/../sda"}
     decision = decide(observe(changed, [old_job], [old_pod]))
     assert of_type(decision, DeleteJob) == [DeleteJob(old_job["metadata"]["name"], 1)]
     after = applied(changed, decision)
-    assert after["status"]["reason"] == "TargetKindUnsupported"
+    assert after["status"]["reason"] == "InvalidSpec"
     # Finished for generation 2, but an old Pod still running is still cancelled.
     again = decide(observe(after, [old_job], [old_pod]))
     assert of_type(again, DeleteJob) == [DeleteJob(old_job["metadata"]["name"], 1)]

@@ -100,3 +100,25 @@ def test_a_repeated_reconcile_counts_its_outcome_and_posts_its_event_once() -> N
     labels = {"phase": "Succeeded", "reason": "Succeeded"}
     assert registry.get_sample_value("imagestream_stream_outcomes_total", labels) == 1.0
     assert registry.get_sample_value("imagestream_bytes_written_total") == 4000.0
+
+
+def test_a_whole_disk_stream_and_any_device_stream_of_its_node_are_peers() -> None:
+    disk = stream_body(name="disk", uid="d" * 8, target={"disk": "/dev/disk/by-id/nvme-1"})
+    device = stream_body(name="root", uid="r" * 8, target={"device": "/dev/nvme0n1p5"})
+    other_node = stream_body(name="far", uid="f" * 8, node="node-8", target={"device": "/dev/a"})
+    index: dict[Any, list[dict[str, Any]]] = {}
+    for body in (disk, device, other_node):
+        # As kopf calls it (its decorator's type names every keyword kopf could pass).
+        index_of: Any = handlers.streams_by_target
+        entries = index_of(body=kopf.Body(cast(Any, body)))
+        assert entries is not None
+        for key, summary in entries.items():
+            index.setdefault(key, []).append(summary)
+
+    def peers(body: dict[str, Any]) -> list[str]:
+        found = handlers._peers(body, cast(Any, {}), cast(Any, {}), cast(Any, index))
+        return sorted(peer.name for peer in found)
+
+    assert peers(disk) == ["root"]
+    assert peers(device) == ["disk"]
+    assert peers(other_node) == []

@@ -9,8 +9,9 @@ from tests.support.streams import SHA384, stream_body
 
 from imagestream.controller.spec import (
     StreamOptions,
+    blocking_keys_of,
+    held_keys_of,
     parse_stream,
-    target_keys_of,
 )
 from imagestream.errors import UsageError
 from imagestream.reasons import Reason
@@ -51,6 +52,37 @@ def test_an_extension_may_ask_for_a_refresh() -> None:
     assert parse_stream(body).target.refresh is True
 
 
+def test_disk_target_is_a_whole_disk_for_the_agent() -> None:
+    stream = parse_stream(stream_body(target={"disk": "/dev/disk/by-id/nvme-1"}))
+    assert stream.target.kind == "disk"
+    assert stream.target.host_path == "/dev/disk/by-id/nvme-1"
+    assert stream.target.agent_path == "/host/dev/disk/by-id/nvme-1"
+    assert stream.target.agent_kind == "disk"
+    assert stream.target.host_dir is None
+
+
+@pytest.mark.parametrize("path", ["/dev/../etc/passwd", "sda", "/dev/disk//x"])
+def test_disk_target_must_be_a_normalized_dev_path(path: str) -> None:
+    with pytest.raises(UsageError, match=r"spec\.target\.disk") as caught:
+        parse_stream(stream_body(target={"disk": path}))
+    assert caught.value.reason == Reason.INVALID_SPEC
+
+
+def test_a_whole_disk_holds_every_target_of_its_node() -> None:
+    disk = parse_stream(stream_body(target={"disk": "/dev/sda"}))
+    device = parse_stream(stream_body(target={"device": "/dev/disk/by-partlabel/root-b"}))
+    other = parse_stream(stream_body(target={"device": "/dev/sdb1"}))
+    # A device stream waits for a disk stream of its node, whatever device it names ...
+    assert set(device.blocking_keys()) & set(disk.held_keys())
+    # ... a disk stream for any stream of its node ...
+    assert set(disk.blocking_keys()) & set(device.held_keys())
+    # ... while two devices of the node wait for each other only when they are the same.
+    assert not set(device.blocking_keys()) & set(other.held_keys())
+    assert set(device.blocking_keys()) & set(device.held_keys())
+    elsewhere = parse_stream(stream_body(target={"disk": "/dev/sda"}, node="node-8"))
+    assert not set(device.blocking_keys()) & set(elsewhere.held_keys())
+
+
 def test_an_ab_pair_holds_both_volumes_and_names_none_until_the_agent_chose() -> None:
     volumes = ["/dev/disk/by-partlabel/root-a", "/dev/disk/by-partlabel/root-b"]
     stream = parse_stream(stream_body(target={"abUpdate": {"volumes": volumes}}))
@@ -79,14 +111,6 @@ def test_malformed_ab_pairs_are_invalid(ab_update: dict[str, Any], words: str) -
         parse_stream(stream_body(target={"abUpdate": ab_update}))
     assert caught.value.reason == Reason.INVALID_SPEC
     assert words in caught.value.message
-
-
-@pytest.mark.parametrize("target", [{"disk": "/dev/disk/by-id/nvme-1"}])
-def test_target_kinds_the_agent_cannot_write_yet_are_refused(target: dict[str, Any]) -> None:
-    with pytest.raises(UsageError) as caught:
-        parse_stream(stream_body(target=target))
-    assert caught.value.reason == Reason.TARGET_KIND_UNSUPPORTED
-    assert "not supported" in caught.value.message
 
 
 def test_source_fields_and_defaults() -> None:
@@ -166,7 +190,8 @@ def test_malformed_specs_are_invalid(change: dict[str, Any]) -> None:
     with pytest.raises(UsageError) as caught:
         parse_stream(body)
     assert caught.value.reason == Reason.INVALID_SPEC
-    assert target_keys_of(body) == ()
+    assert held_keys_of(body) == ()
+    assert blocking_keys_of(body) == ()
 
 
 def test_missing_spec_is_invalid() -> None:

@@ -34,12 +34,13 @@ class AgentInstructions:
     not over the container's own /dev (where the kubelet puts the termination-log file), so a
     device target reads `/host/dev/disk/by-partlabel/root-b`; udev's relative symlinks still
     resolve inside that mount. `target_kind` says what the target is: `device` (it must exist;
-    never created), `file` (created under `allowed_dir`, also a host mount) or `abUpdate` (an
-    A/B pair: `target` and `target_b` are its volumes, and the agent writes the one the host's
-    mount table and sysfs holders show the node is not running from), or `sysext` / `confext`,
-    whose `target` is the extension's name, planned like the CLI's `sysext:NAME` in
-    `allowed_dir`, the mount of the host's extension directory; `refresh` then runs
-    `systemd-sysext refresh` (or -confext) in the host's mount namespace afterwards.
+    never created), `disk` (a whole disk written from a COSI image), `file` (created under
+    `allowed_dir`, also a host mount), `abUpdate` (an A/B pair: `target` and `target_b` are its
+    volumes, and the agent writes the one the host's mount table and sysfs holders show the
+    node is not running from), or `sysext` / `confext`, whose `target` is the extension's name,
+    planned like the CLI's `sysext:NAME` in `allowed_dir`, the mount of the host's extension
+    directory; `refresh` then runs `systemd-sysext refresh` (or -confext) in the host's mount
+    namespace afterwards.
     `auth_dir` is a mounted Secret, `ca_file` a file of a mounted ConfigMap, and `host_proc` the
     host's /proc, whose `1/mountinfo` and `swaps` the safety checks read. `host_prefix` is cut
     from the paths the agent reports, so the status names the device as the host knows it.

@@ -32,7 +32,7 @@ from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.sources import SourceOptions
 from imagestream.pipeline.zstd_frames import WindowTooLarge
 from imagestream.reasons import Reason
-from imagestream.targets import TargetPlan, TargetRequest, ab, extension, plan_target
+from imagestream.targets import TargetKind, TargetPlan, TargetRequest, ab, extension, plan_target
 from imagestream.targets.stream import StreamFunction, TargetOutcome, stream_target
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,12 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
     )
 
 
-_TARGET_KINDS = ("device", "file", "abUpdate", "sysext", "confext")
+_TARGET_KINDS = ("device", "disk", "file", "abUpdate", "sysext", "confext")
 
 
 def _target_plan(instr: AgentInstructions) -> TargetPlan:
     """The controller said which kind of target this is; the agent never guesses it."""
+    kinds: dict[str, TargetKind] = {"device": "device", "disk": "disk", "file": "file"}
     if instr.target_kind not in _TARGET_KINDS:
         raise UsageError(
             f"{env_name('target_kind')}={instr.target_kind!r} is not one of "
@@ -121,7 +122,7 @@ def _target_plan(instr: AgentInstructions) -> TargetPlan:
         )
     return plan_target(
         TargetRequest(
-            kind="device" if instr.target_kind == "device" else "file",
+            kind=kinds[instr.target_kind],
             path=Path(instr.target),
             name=host_path(instr.target, instr.host_prefix),
             allowed_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),

@@ -47,6 +47,9 @@ class Progress(TypedDict, total=False):
     bytesPerSecond: int
     percent: int
     resumes: int
+    #: A COSI disk target: the partition image being written, and how many.
+    partition: int
+    partitions: int
     updatedAt: str
 
 

@@ -53,7 +53,7 @@ from imagestream.controller.decisions import (
 )
 from imagestream.controller.kube import JobConflict, JobRejected, KubeClient
 from imagestream.controller.metrics import Metrics
-from imagestream.controller.spec import target_keys_of
+from imagestream.controller.spec import blocking_keys_of, held_keys_of
 from imagestream.kube_config import GROUP, PLURAL, VERSION
 from imagestream.reasons import Reason
 
@@ -140,9 +140,9 @@ def agent_job_events(body: kopf.Body, **_: Any) -> dict[tuple[str, str], JobEven
 
 @kopf.index(GROUP, VERSION, PLURAL)
 def streams_by_target(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
-    """ImageStreams by each (node, host path) they may write (an A/B pair: both volumes):
-    the TargetBusy check reads this."""
-    keys = target_keys_of(body)
+    """ImageStreams by each key they hold (`StreamSpec.held_keys`: every (node, host path)
+    they may write, and a whole disk its whole node): the TargetBusy check reads this."""
+    keys = held_keys_of(body)
     if not keys:
         return None
     metadata = metadata_of(body)
@@ -236,10 +236,11 @@ def _peers(
     streams: kopf.Index[tuple[str, str], dict[str, Any]],
 ) -> tuple[decisions.Peer, ...]:
     uid = str(body["metadata"]["uid"])
-    # A stream sharing several keys with this one (two A/B streams on one pair) is one peer.
+    # A stream met under several keys (two A/B streams on one pair, a disk and its device) is
+    # one peer.
     others: dict[str, dict[str, Any]] = {
         other_uid: other
-        for key in target_keys_of(body)
+        for key in blocking_keys_of(body)
         for other in streams.get(key, ())
         if (other_uid := str(other["metadata"]["uid"])) != uid
     }

@@ -3,8 +3,13 @@
 The CRD's schema and CEL rules reject bad input at apply time, but the controller cannot rely on
 them (an older CRD, a stand-in without validation, a field added later), so parsing checks what
 the Job builder depends on and raises `UsageError` with a machine-readable reason:
-`InvalidSpec` for malformed input, `TargetKindUnsupported` for a target kind the agent cannot
-write yet (`disk`). Both end the stream `Failed` without creating a Job.
+`InvalidSpec` for malformed input (every target kind the CRD accepts is written). It ends the
+stream `Failed` without creating a Job.
+
+Two streams must not write one node's disk at once: `held_keys` says what a stream holds while
+it runs (the (node, host path) of every device it may write: an A/B pair holds both volumes) and
+`blocking_keys` which holders make it wait. A whole disk (`disk`) holds every target on its
+node, since which devices lie on it is known only on the node (by-id, by-partlabel links).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from imagestream.targets import extension as extensions
 
 #: Where the agent's container sees the host's filesystem (the contract's `host_prefix`).
 HOST_PREFIX = "/host"
+#: The `held_keys` path every stream of a node holds; a whole-disk stream waits for all of them.
+ANY_TARGET = "*"
+#: The `held_keys` path of whole-disk streams, which every stream of their node waits for.
+WHOLE_DISK = "disk:*"
 
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _COMPRESSIONS = ("auto", "zstd", "gzip", "xz", "bzip2", "none")
@@ -66,11 +75,12 @@ class TargetSpec:
 
     @property
     def agent_kind(self) -> str:
-        """What the agent writes: an existing `device`, the inactive volume of an `abUpdate`
-        pair, or an extension (`sysext`, `confext`)."""
-        if self.kind == "abUpdate":
-            return "abUpdate"
-        return self.extension.type if self.extension is not None else "device"
+        """What the agent writes: an existing `device`, a whole `disk` written from a COSI
+        image, the inactive volume of an `abUpdate` pair, or an extension (`sysext`,
+        `confext`)."""
+        if self.kind in ("device", "disk", "abUpdate"):
+            return self.kind
+        return self.extension.type if self.extension is not None else "file"
 
     @property
     def agent_volumes(self) -> tuple[str, ...]:
@@ -144,9 +154,21 @@ class StreamSpec:
         share a key would write the same disk at once."""
         return tuple((self.node_name, path) for path in self.target.held_paths)
 
+    def held_keys(self) -> tuple[tuple[str, str], ...]:
+        """The keys this stream holds while it is active (see the module docstring)."""
+        node = self.node_name
+        held = (*self.target_keys, (node, ANY_TARGET))
+        return (*held, (node, WHOLE_DISK)) if self.target.kind == "disk" else held
+
+    def blocking_keys(self) -> tuple[tuple[str, str], ...]:
+        """The keys whose holders this stream must wait for."""
+        if self.target.kind == "disk":
+            return ((self.node_name, ANY_TARGET),)
+        return (*self.target_keys, (self.node_name, WHOLE_DISK))
+
 
 def parse_stream(body: Mapping[str, Any]) -> StreamSpec:
-    """Parse an ImageStream body; `UsageError` (reason InvalidSpec/TargetKindUnsupported)."""
+    """Parse an ImageStream body; `UsageError` (reason InvalidSpec) when it is malformed."""
     metadata = _mapping(body.get("metadata"), "metadata")
     spec = _mapping(body.get("spec"), "spec")
     node_name = _string(spec, "nodeName", "spec")
@@ -169,10 +191,18 @@ def generation_of(body: Mapping[str, Any]) -> int:
     return int((body.get("metadata") or {}).get("generation") or 1)
 
 
-def target_keys_of(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """The (node, host path) keys a body's spec may write; none when it does not parse."""
+def held_keys_of(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The keys a body's stream holds (`StreamSpec.held_keys`); none when it does not parse."""
     try:
-        return parse_stream(body).target_keys
+        return parse_stream(body).held_keys()
+    except UsageError:
+        return ()
+
+
+def blocking_keys_of(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The keys whose holders a body's stream waits for; none when it does not parse."""
+    try:
+        return parse_stream(body).blocking_keys()
     except UsageError:
         return ()
 
@@ -221,15 +251,11 @@ def resolve_target(target: Mapping[str, Any]) -> TargetSpec:
     kind = kinds[0]
     if kind == "device":
         return TargetSpec(kind="device", host_path=_device_path(target["device"]))
+    if kind == "disk":
+        return TargetSpec(kind="disk", host_path=_device_path(target["disk"], "spec.target.disk"))
     if kind == "extension":
         return _extension_target(_mapping(target["extension"], "spec.target.extension"))
-    if kind == "abUpdate":
-        return _ab_target(_mapping(target["abUpdate"], "spec.target.abUpdate"))
-    raise UsageError(
-        f"spec.target.{kind} is not supported by this version of the agent yet; "
-        "use spec.target.device (or abUpdate, extension)",
-        reason=Reason.TARGET_KIND_UNSUPPORTED,
-    )
+    return _ab_target(_mapping(target["abUpdate"], "spec.target.abUpdate"))
 
 
 def parse_options(spec: Mapping[str, Any]) -> StreamOptions:

@@ -26,12 +26,14 @@ from imagestream import defaults
 from imagestream.errors import Cancelled, ImageStreamError, IntegrityError, TargetError, UsageError
 from imagestream.pipeline.buffers import WRITE_BUFFER, BufferPool, Filled
 from imagestream.pipeline.channel import Aborted, Channel
+from imagestream.pipeline.cosi_stream import CosiStage
 from imagestream.pipeline.decompress import (
     ChannelReader,
     Compression,
     decompress_stage,
     resolve_compression,
 )
+from imagestream.pipeline.disk_sink import DiskSink, open_disk_sink
 from imagestream.pipeline.interrupt import Interrupt, join_all, watching
 from imagestream.pipeline.oci_select import digest_of, new_hash
 from imagestream.pipeline.progress import Counters, ProgressCallback, RateMeter, snapshot
@@ -46,6 +48,8 @@ _REPORT_INTERVAL = 0.1
 _FETCH_QUEUE = 4
 _POOL_BUFFERS = 4
 _ZSTD_HEADER_PEEK = 18
+#: What the fetched bytes of a disk target may be said to be: the tar as it is.
+_COSI_COMPRESSIONS = (Compression.AUTO, Compression.NONE)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class StreamResult:
     seconds: float
     read_back_verified: bool
     digest: str | None = None
+    #: How many partition images a COSI image wrote (None for other targets).
+    partitions: int | None = None
 
 
 class VerificationFailed(IntegrityError):
@@ -119,7 +125,16 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
     raised once the target is open ends with what was left on it (`Aftermath.clause`).
     """
     expected = validate_sha384(request.sha384, request.allow_unverified)
-    sink = open_sink(request.target)
+    if request.target.kind == "disk" and request.compression not in _COSI_COMPRESSIONS:
+        raise UsageError(
+            f"a COSI image is an uncompressed tar (its images are zstd inside it): compression "
+            f"{request.compression.value} does not apply to disk target {request.target.name}"
+        )
+    sink: Sink = (
+        open_disk_sink(request.target)
+        if request.target.kind == "disk"
+        else open_sink(request.target)
+    )
     stream: _Stream | None = None
     try:
         with watching(request.cancel) as interrupt:
@@ -206,6 +221,20 @@ class _Stream:
         self.to_hash: Channel[bytes] = Channel(_FETCH_QUEUE, self.abort)
         self.filled: Channel[Filled] = Channel(_POOL_BUFFERS, self.abort)
         self.pool = BufferPool(_POOL_BUFFERS, WRITE_BUFFER, self.abort)
+        # A whole disk from a COSI image: its tar entries replace the decompress stage.
+        self.cosi = (
+            CosiStage(
+                sink,
+                sink.layout,
+                pool=self.pool,
+                out=self.filled,
+                counters=self.counters,
+                expected=validate_sha384(request.sha384, request.allow_unverified),
+                max_window_log=request.max_window_log,
+            )
+            if isinstance(sink, DiskSink)
+            else None
+        )
 
     def run(self, expected: str | None) -> StreamResult:
         threads: list[threading.Thread] = []
@@ -284,13 +313,21 @@ class _Stream:
         # Its own thread: SHA-384 is the slowest per-byte step after the network, and hashlib
         # releases the GIL, so it runs beside the socket reads instead of between them.
         blob_hash = self.blob_hash
+        # A COSI image's hash is that of its metadata, and each image's is checked on its own:
+        # a SHA-384 of the whole tar would only cost a core.
+        fetched_hash = self.fetched_hash if self.cosi is None else None
         while (chunk := self.to_hash.get()) is not None:
-            self.fetched_hash.update(chunk)
+            if fetched_hash is not None:
+                fetched_hash.update(chunk)
             if blob_hash is not None:
                 blob_hash.update(chunk)
 
     def _decompress(self) -> None:
         reader = ChannelReader(self.chunks)
+        if self.cosi is not None:
+            self.compression = Compression.ZSTD
+            self.cosi.run(reader)
+            return
         head = reader.peek(_ZSTD_HEADER_PEEK)
         self.compression = resolve_compression(self.request.compression, head)
         self.counters.output_total = self._known_output_size(head)
@@ -338,8 +375,11 @@ class _Stream:
         self.counters.phase = "Verifying"
         self._report()
         # The blob digest first: when both differ, the bytes are not the registry's blob at all.
-        actual = self.fetched_hash.hexdigest()
-        digest = self._verify_blob_digest(actual)
+        digest = self._verify_blob_digest(self.fetched_hash.hexdigest())
+        # A COSI image's expected hash is that of its metadata.json, checked before any write.
+        actual = (
+            self.cosi.sha384 if self.cosi and self.cosi.sha384 else self.fetched_hash.hexdigest()
+        )
         if expected is not None and actual != expected:
             raise VerificationFailed(
                 f"SHA-384 mismatch: expected {expected}, the fetched image has {actual}",
@@ -378,6 +418,7 @@ class _Stream:
             seconds=time.monotonic() - self.counters.started,
             read_back_verified=read_back,
             digest=digest,
+            partitions=self.counters.partitions,
         )
 
     def _log_timings(self, verifying: float) -> None:

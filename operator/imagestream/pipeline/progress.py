@@ -19,6 +19,9 @@ class Progress:
     bytes_per_second: float
     resumes: int
     elapsed: float
+    #: A COSI image: the partition image being written (1-based, in stream order) and how many.
+    partition: int | None = None
+    partitions: int | None = None
     #: The output size the data declares: the source size for uncompressed data, the first zstd
     #: frame's content size (the whole output of a single-frame image); None when unknown.
     output_total: int | None = None
@@ -52,6 +55,8 @@ class Counters:
     bytes_read_back: int | None = None
     phase: str = "Running"
     started: float = field(default_factory=time.monotonic)
+    partition: int | None = None
+    partitions: int | None = None
 
 
 class RateMeter:
@@ -82,6 +87,8 @@ def snapshot(counters: Counters, rate: RateMeter) -> Progress:
         bytes_per_second=rate.update(now, counters.bytes_fetched),
         resumes=counters.resumes,
         elapsed=now - counters.started,
+        partition=counters.partition,
+        partitions=counters.partitions,
         output_total=counters.output_total,
         bytes_read_back=counters.bytes_read_back,
     )

@@ -363,7 +363,12 @@ class FileSink(_FdSink):
 
 
 def open_sink(plan: TargetPlan) -> BlockDeviceSink | FileSink:
-    """Open the planned target for writing, locked against other writers, and check it."""
+    """Open the planned device or file for writing, locked against other writers, and check it.
+
+    A `disk` plan is opened by `disk_sink.open_disk_sink`, which writes regions, not a stream.
+    """
+    if plan.kind == "disk":
+        raise ValueError("a disk plan is opened by disk_sink.open_disk_sink")
     if plan.kind == "device":
         return _open_device(plan)
     return _open_file(plan)
@@ -372,7 +377,31 @@ def open_sink(plan: TargetPlan) -> BlockDeviceSink | FileSink:
 # -- devices ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OpenedDevice:
+    """A block device opened for writing: exclusive, checked, locked, at its start."""
+
+    fd: int
+    device: tuple[int, int]
+    path: Path
+    capacity: int
+
+
 def _open_device(plan: TargetPlan) -> BlockDeviceSink:
+    opened = open_block_device(plan)
+    try:
+        held = [_held_header()]
+        if is_whole_disk(opened.device, plan.host) and opened.capacity > HEADER_SIZE:
+            sector = logical_block_size(opened.device, plan.host)
+            held.append(_held_backup_gpt(opened.capacity, sector))
+    except BaseException:
+        os.close(opened.fd)
+        raise
+    return BlockDeviceSink(plan, opened.path, opened.fd, opened.capacity, held)
+
+
+def open_block_device(plan: TargetPlan) -> OpenedDevice:
+    """Open the planned block device exclusively, check it on the descriptor and lock it."""
     # A look before the open, only so that nothing but a block device is ever opened (opening
     # some character devices has effects); the descriptor's own fstat below is what counts.
     looked = _expect_block_device(_stat_target(plan), plan)
@@ -400,14 +429,11 @@ def _open_device(plan: TargetPlan) -> BlockDeviceSink:
         _lock(fd, plan.name)
         capacity = os.lseek(fd, 0, os.SEEK_END)
         os.lseek(fd, 0, os.SEEK_SET)
-        held = [_held_header()]
-        if is_whole_disk(device, plan.host) and capacity > HEADER_SIZE:
-            held.append(_held_backup_gpt(capacity, logical_block_size(device, plan.host)))
         opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
     except BaseException:
         os.close(fd)
         raise
-    return BlockDeviceSink(plan, opened, fd, capacity, held)
+    return OpenedDevice(fd, device, opened, capacity)
 
 
 def _held_backup_gpt(capacity: int, sector: int) -> _Held:

@@ -11,14 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from imagestream.pipeline.disk_layout import DiskLayout
 from imagestream.pipeline.safety import HostView
 
 #: The two kinds of systemd extension image (systemd-sysext, systemd-confext).
 ExtensionType = Literal["sysext", "confext"]
 
 #: A device is opened as an existing block device and never created; a file is created under
-#: a staging name in its directory and renamed into place.
-TargetKind = Literal["device", "file"]
+#: a staging name in its directory and renamed into place; a disk is a whole block device
+#: written region by region from a COSI image, its primary GPT last.
+TargetKind = Literal["device", "file", "disk"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class TargetPlan:
     anywhere). `usage_checks` runs the mount, swap and holder checks on a device (`--force`
     turns them off; the kernel's exclusive open and the writer lock apply regardless).
     `extension` is set for a file target that is a systemd extension image.
+    `layout` reads a disk target's image (set for `disk` plans only).
     """
 
     kind: TargetKind
@@ -56,3 +59,4 @@ class TargetPlan:
     direct_io: bool = True
     host: HostView = field(default_factory=HostView)
     extension: ExtensionPlan | None = None
+    layout: DiskLayout | None = None

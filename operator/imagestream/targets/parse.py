@@ -10,8 +10,7 @@ from pathlib import Path
 from imagestream.errors import UsageError
 from imagestream.pipeline.safety import HostView
 from imagestream.pipeline.target_plan import TargetKind, TargetPlan
-from imagestream.reasons import Reason
-from imagestream.targets import ab, device, extension, file
+from imagestream.targets import ab, cosi, device, extension, file
 from imagestream.targets.request import TargetRequest
 
 #: The forms of TARGET, for messages: a `KIND:` prefix names the kind, anything else is a path.
@@ -23,6 +22,8 @@ _PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9_-]*):", re.ASCII)
 
 #: `ab:DEV_A,DEV_B`: the A/B pair whose inactive volume is written.
 AB_PREFIX = "ab:"
+#: `disk:DEV`: the whole disk DEV, written from a COSI image.
+DISK_PREFIX = "disk:"
 
 
 def plan_target(request: TargetRequest) -> TargetPlan:
@@ -30,6 +31,8 @@ def plan_target(request: TargetRequest) -> TargetPlan:
     checked; a TargetError or UsageError when it cannot be a target of its kind."""
     if request.kind == "device":
         return device.plan(request)
+    if request.kind == "disk":
+        return cosi.plan(request)
     return file.plan(request)
 
 
@@ -43,7 +46,8 @@ def target_from_argument(
     refresh: bool = False,
 ) -> TargetPlan:
     """The plan for the CLI's TARGET, whose `KIND:` prefix names the kind: `sysext:NAME` and
-    `confext:NAME` are extension images under `host_root`, `ab:DEV_A,DEV_B` an A/B pair;
+    `confext:NAME` are extension images under `host_root`, `ab:DEV_A,DEV_B` an A/B pair,
+    `disk:DEV` a whole disk written from a COSI image;
     without a prefix, a path under /dev/ or to a block device is a device (it must exist),
     anything else a file path.
 
@@ -75,8 +79,18 @@ def target_from_argument(
             volumes = ab_volumes(value)
             return ab.plan(volumes, force=force, direct_io=direct_io, host=host)
         if kind == "disk":
-            raise UsageError(
-                f"TARGET {kind}: is not supported yet", reason=Reason.TARGET_KIND_UNSUPPORTED
+            if not value:
+                raise UsageError("TARGET disk: needs a whole disk after it, e.g. disk:/dev/sdb")
+            return plan_target(
+                TargetRequest(
+                    kind="disk",
+                    path=Path(os.path.abspath(value)),
+                    name=value,
+                    allowed_dirs=allowed_dirs,
+                    force=force,
+                    direct_io=direct_io,
+                    host=host,
+                )
             )
         raise UsageError(
             f"TARGET {text!r} starts with {kind}:, which is no kind of target; TARGET is "

@@ -40,7 +40,9 @@ from typing import Any
 import pytest
 import yaml
 from tests.support.blockdev import LoopDeviceFactory, mounted_ext4
+from tests.support.blockdev import run as run_command
 from tests.support.controller import ControllerFactory, ControllerProcess, metric_value
+from tests.support.cosi import build_cosi
 from tests.support.crd import CRD_PATH
 from tests.support.extension_images import build_extension_image, make_host_root
 from tests.support.kube_api import KubeApi
@@ -48,7 +50,7 @@ from tests.support.kubectl import Kubectl
 from tests.support.kubelet import OOM_EXIT_CODE, Kubelet, KubeletFactory, PodRun
 from tests.support.nginx import Nginx, NginxFactory
 from tests.support.targets import MIB, fill_pattern, read_device, sha384_of
-from tests.support.tools import wait_until
+from tests.support.tools import require_tool, wait_until
 
 from imagestream.demo.image import SampleImage, iter_raw_data, write_sample_image
 from imagestream.errors import Cancelled, IntegrityError
@@ -829,6 +831,44 @@ def test_missing_device_fails_target_not_found(stand: Stand) -> None:
     run = only_run(stand.kubelet, status["jobName"])
     assert run.exit_code == 5, run.log_text()
     assert not missing.exists()
+
+
+def test_cosi_image_onto_a_whole_disk(stand: Stand, tmp_path: Path) -> None:
+    """`spec.target.disk`: a COSI image (real ext4 and FAT, a real GPT) streams through the
+    agent Job onto a whole loop disk; the status names the disk and the agent's progress the
+    partition image it writes; the GPT verifies with sgdisk and the partitions hold the images.
+
+    Stand-in: nothing beyond the module's list (the loop disk is larger than the image's disk:
+    the backup GPT goes to its end, as on a real node).
+    """
+    image = build_cosi(tmp_path / "cosi")
+    os.link(image.path, stand.docroot / "disk.cosi")
+    disk = stand.devices(DEVICE_SIZE)
+    fill_pattern(disk, 2 * MIB)
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ImageStream",
+        "metadata": {"name": "whole-disk", "namespace": stand.namespace},
+        "spec": {
+            "nodeName": NODE,
+            "source": {"url": stand.nginx.url_for("disk.cosi"), "sha384": image.metadata_sha384},
+            "target": {"disk": str(disk)},
+        },
+    }
+    stand.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+    status = assert_outcome(stand, "whole-disk", phase="Succeeded", reason="Succeeded", device=disk)
+    assert status["sha384"] == image.metadata_sha384
+    progress = status["progress"]
+    assert progress["bytesFetched"] == progress["bytesTotal"] == image.path.stat().st_size
+    assert progress["bytesWritten"] == sum(part.raw.stat().st_size for part in image.partitions)
+    assert (progress["partition"], progress["partitions"]) == (2, 2)
+    run = only_run(stand.kubelet, status["jobName"])
+    assert run.env["IMAGESTREAM_TARGET_KIND"] == "disk"
+    assert "No problems found" in run_command([require_tool("sgdisk"), "-v", disk])
+    for part in image.partitions:
+        raw = part.raw.read_bytes()
+        assert read_device(disk, len(raw), part.offset) == raw
 
 
 def test_ab_update_writes_the_volume_the_node_does_not_run_from(
