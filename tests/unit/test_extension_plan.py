@@ -78,7 +78,6 @@ def test_bad_names_name_the_argument(name: str) -> None:
 @pytest.mark.parametrize(
     ("argument", "reason"),
     [
-        ("disk:/dev/sdb", "TargetKindUnsupported"),
         ("sysxt:tools", "InvalidRequest"),
         ("http:x", "InvalidRequest"),
     ],
