@@ -16,7 +16,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tarfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from grpc_tools import protoc
 from tests.support.blockdev import LoopDeviceFactory, mounted_ext4
 from tests.support.blockdev import run as run_command
 from tests.support.cli import run_imagestream
+from tests.support.cosi import build_cosi
 from tests.support.grpc_service import (
     ServeProcess,
     channel_to,
@@ -579,9 +579,7 @@ _FOREIGN_CLIENT = textwrap.dedent(
 )
 
 
-def test_a_client_built_from_the_proto_files_alone(
-    nginx_factory: NginxFactory, tmp_path: Path, disk: Path
-) -> None:
+def _foreign_client(tmp_path: Path) -> Path:
     """The .proto laid out as Trident's (trident/v1/), compiled afresh: no module of ours."""
     proto_root = tmp_path / "protos"
     (proto_root / "trident/v1").mkdir(parents=True)
@@ -590,44 +588,49 @@ def test_a_client_built_from_the_proto_files_alone(
     out = tmp_path / "client"
     out.mkdir()
     include = importlib.resources.files("grpc_tools") / "_proto"
-    assert (
-        protoc.main(
-            [
-                "protoc",
-                f"-I{proto_root}",
-                f"-I{include}",
-                f"--python_out={out}",
-                f"--grpc_python_out={out}",
-                "trident/v1/streaming.proto",
-            ]
-        )
-        == 0
+    argv = ["protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={out}"]
+    argv += [f"--grpc_python_out={out}", "trident/v1/streaming.proto"]
+    assert protoc.main(argv) == 0
+    return out
+
+
+def _run_foreign_client(client: Path, address: str, url: str, digest: str) -> list[str]:
+    socket_address = f"unix:{address.removeprefix('unix://')}"
+    run = subprocess.run(
+        [sys.executable, "-c", _FOREIGN_CLIENT, socket_address, url, digest],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(client)},
     )
-    served = serve_image(nginx_factory, tmp_path)
-    with ServeProcess("--listen", socket_of(tmp_path), "--disk", disk) as server:
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                _FOREIGN_CLIENT,
-                f"unix:{server.address.removeprefix('unix://')}",
-                served.url,
-                served.image.sha384,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            env={**os.environ, "PYTHONPATH": str(out)},
-        )
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == [
-        "started",
-        "completed",
-        "STATUS_CODE_SUCCESS",
-        f"sha384:{served.image.sha384}",
-    ]
-    assert_image_on(disk, served.image)
+    return run.stdout.split()
+
+
+def test_a_client_built_from_the_proto_files_alone(
+    nginx_factory: NginxFactory, tmp_path: Path, loop_device_factory: LoopDeviceFactory
+) -> None:
+    """A raw image, then a COSI image (its hash that of metadata.json), both to loop disks."""
+    client = _foreign_client(tmp_path)
+    served = serve_image(nginx_factory, tmp_path)
+    cosi = build_cosi(tmp_path / "cosi")
+    os.link(cosi.path, tmp_path / "docroot" / "image.cosi")
+    cosi_url = served.url.replace("image.raw", "image.cosi")
+    raw_disk = loop_device_factory(DISK_SIZE)
+    cosi_disk = loop_device_factory(cosi.disk_size)
+    for disk, url, digest in (
+        (raw_disk, served.url, served.image.sha384),
+        (cosi_disk, cosi_url, cosi.metadata_sha384),
+    ):
+        with ServeProcess("--listen", socket_of(tmp_path), "--disk", disk) as server:
+            said = _run_foreign_client(client, server.address, url, digest)
+        assert said == ["started", "completed", "STATUS_CODE_SUCCESS", f"sha384:{digest}"]
+    assert_image_on(raw_disk, served.image)
+    for part in cosi.partitions:
+        raw = part.raw.read_bytes()
+        assert read_device(cosi_disk, len(raw), part.offset) == raw, f"partition {part.number}"
+    assert "No problems found" in run_command([require_tool("sgdisk"), "-v", cosi_disk])
 
 
 # -- systemd socket activation and the shipped units ------------------------------------------
@@ -697,28 +700,58 @@ def test_the_units_are_tridentd_style_socket_activation() -> None:
     assert defaults.SERVICE_LISTEN == "unix:///run/imagestream/imagestream.sock"
 
 
-def test_a_cosi_image_is_refused_until_the_whole_disk_target_is_in_the_build(
-    nginx_factory: NginxFactory, tmp_path: Path, disk: Path
+def test_a_cosi_image_through_the_whole_disk_target_with_a_trident_style_request(
+    nginx_factory: NginxFactory, tmp_path: Path, loop_device_factory: LoopDeviceFactory
 ) -> None:
-    """A COSI archive must never be written to a disk as the archive itself."""
+    """The issue's done-when: a COSI image streamed to a disk through StreamDisk (the hash that
+    of metadata.json), the disk checked by sgdisk, byte comparisons and fsck; a second, smaller
+    disk that cannot take `disk.size` is passed over."""
+    image = build_cosi(tmp_path / "cosi")
     docroot = tmp_path / "docroot"
     docroot.mkdir()
-    archive = docroot / "image.cosi"
-    metadata = tmp_path / "metadata.json"
-    metadata.write_text('{"version": "1.2", "disk": {"size": 8388608, "lbaSize": 512}}')
-    marker = tmp_path / "cosi-marker"
-    marker.write_bytes(b"")
-    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.add(marker, "cosi-marker")
-        tar.add(metadata, "metadata.json")
+    os.link(image.path, docroot / "image.cosi")
     url = nginx_factory(docroot).url_for("image.cosi")
-    digest = hashlib.sha384(metadata.read_bytes()).hexdigest()
-    with (
-        ServeProcess("--listen", socket_of(tmp_path), "--disk", disk) as server,
-        channel_to(server.address) as channel,
-    ):
-        completed = completed_of(stream_disk(channel, disk_request(url, digest)))
-    assert completed.status == pb.STATUS_CODE_FAILURE
-    assert completed.error.kind == pb.UNSUPPORTED_CONFIGURATION_ERROR
-    assert completed.error.subkind == "TargetKindUnsupported"
-    assert read_device(disk, MIB) == PATTERN * (MIB // len(PATTERN)), "the disk was touched"
+    dev = loop_device_factory(image.disk_size + 8 * MIB)
+    too_small = loop_device_factory(image.disk_size - 4 * MIB)
+    fill_pattern(dev, 4 * MIB)
+    try:
+        with (
+            ServeProcess(
+                "--listen", socket_of(tmp_path), "--disk", too_small, "--disk", dev
+            ) as server,
+            channel_to(server.address) as channel,
+        ):
+            messages = stream_disk(channel, disk_request(url, image.metadata_sha384))
+        completed = completed_of(messages)
+        assert completed.status == pb.STATUS_CODE_SUCCESS, completed
+        assert completed.image_hash == f"sha384:{image.metadata_sha384}"
+        assert completed.servicing_kind == pb.SERVICING_KIND_CLEAN_INSTALL
+        lines = log_lines(messages)
+        needed = image.disk_size
+        assert (
+            f"chose {dev}: the smallest disk that fits ({dev_size(dev)} bytes for {needed})"
+            in lines
+        )
+        count = len(image.partitions)
+        for number in range(1, count + 1):
+            assert f"writing partition {number} of {count}" in lines, lines
+            assert f"partition {number} of {count} verified" in lines, lines
+        assert any(
+            f"partition {count} of {count}" in line for line in lines if line.startswith("progress")
+        )
+        assert "No problems found" in run_command([require_tool("sgdisk"), "-v", dev])
+        for part in image.partitions:
+            raw = part.raw.read_bytes()
+            assert read_device(dev, len(raw), part.offset) == raw, f"partition {part.number}"
+        run_command([require_tool("partx"), "-a", dev])
+        nodes = sorted(Path("/dev").glob(f"{dev.name}p*"))
+        for part, node in zip(image.partitions, nodes, strict=True):
+            run_command([require_tool(f"fsck.{part.spec.fs}"), "-n", node])
+    finally:
+        if sorted(Path("/dev").glob(f"{dev.name}p*")):
+            run_command([require_tool("partx"), "-d", dev])
+    assert read_device(too_small, MIB) == bytes(MIB)  # a sparse new disk, never written
+
+
+def dev_size(dev: Path) -> int:
+    return int(run_command([require_tool("blockdev"), "--getsize64", dev]))

@@ -195,6 +195,12 @@ def test_only_remote_images_are_accepted(url: str) -> None:
         (TargetError("x", reason=Reason.TARGET_TOO_SMALL), pb.UNSUPPORTED_CONFIGURATION_ERROR),
         (TargetError("x", reason=Reason.NO_DISK_FITS), pb.UNSUPPORTED_CONFIGURATION_ERROR),
         (
+            TargetError("x", reason=Reason.SECTOR_SIZE_MISMATCH),
+            pb.UNSUPPORTED_CONFIGURATION_ERROR,
+        ),
+        (IntegrityError("x", reason=Reason.COSI_INVALID), pb.INVALID_INPUT_ERROR),
+        (IntegrityError("x", reason=Reason.COSI_UNSUPPORTED), pb.INVALID_INPUT_ERROR),
+        (
             TargetError("x", reason=Reason.TARGET_KIND_UNSUPPORTED),
             pb.UNSUPPORTED_CONFIGURATION_ERROR,
         ),
@@ -252,6 +258,15 @@ def test_progress_line_reads_as_the_issue_shows_it_and_back() -> None:
     assert back.bytes_total == int(2.85 * gib)
     assert back.resumes == 1
     assert back.bytes_per_second == 410e6
+
+
+def test_progress_line_names_the_partition_of_a_cosi_image() -> None:
+    progress = Progress("Running", 50, 100, 3 * MIB, 20e6, 0, 1.0, partition=2, partitions=3)
+    line = wire.progress_line(progress, None)
+    assert line == "progress 50.0% 3.00 MiB written, 20 MB/s, partition 2 of 3, 0 resumes"
+    back = wire.progress_from_line(line, 1.0)
+    assert back is not None
+    assert (back.partition, back.partitions) == (2, 3)
 
 
 def test_progress_line_without_sizes() -> None:

@@ -57,19 +57,11 @@ class ServiceConfig:
 
 
 def plan_disk(disk: Path, host: HostView, *, cosi: bool) -> TargetPlan:
-    """The one place a chosen disk becomes a target plan: any image but COSI is written to
-    the whole disk as is, as a device target (its safety checks, first-MiB and backup-GPT
-    gating and verification).
-
-    A COSI image needs the whole-disk COSI target (`disk:DEV`), which this build's targets
-    layer does not have yet: it is refused rather than written as an archive onto the disk.
-    """
-    if cosi:
-        raise TargetError(
-            f"{disk}: COSI images need the whole-disk COSI target, which this build does not have",
-            reason=Reason.TARGET_KIND_UNSUPPORTED,
-        )
-    return plan_target(TargetRequest(kind="device", path=disk, host=host))
+    """The one place a chosen disk becomes a target plan: a COSI image through the whole-disk
+    COSI target (`disk:DEV`: its checks, partitions placed by the GPT, the primary GPT last),
+    any other image written to the whole disk as is, as a device target (its safety checks,
+    first-MiB and backup-GPT gating and verification)."""
+    return plan_target(TargetRequest(kind="disk" if cosi else "device", path=disk, host=host))
 
 
 class StreamingService(streaming_pb2_grpc.StreamingServiceServicer):
@@ -244,6 +236,7 @@ class _ProgressLog:
         self._last = 0.0
         self._phase = "Running"
         self._resumes = 0
+        self._partition: int | None = None
 
     def __call__(self, progress: Progress) -> None:
         if progress.resumes > self._resumes:
@@ -251,15 +244,35 @@ class _ProgressLog:
             self._emit(
                 wire.log(f"resumed the transfer (resume {progress.resumes})", target="source")
             )
+        if progress.partition is not None and progress.partition > (self._partition or 0):
+            self._partitions(progress.partition, progress.partitions)
         now = time.monotonic()
         if progress.phase != self._phase:
             self._phase = progress.phase
             self._emit(self._line(progress))
             if progress.phase == "Verifying":
+                if self._partition is not None or progress.partitions:
+                    self._partitions(None, progress.partitions)
                 self._emit(wire.log("all bytes written; verifying and committing", target="disk"))
         elif now - self._last >= PROGRESS_INTERVAL:
             self._last = now
             self._emit(self._line(progress))
+
+    def _partitions(self, now: int | None, count: int | None) -> None:
+        """Logs as partition images begin and end, up to `now` (None: the stream ended, so all
+        `count` of them did). Progress is sampled, so a small image may pass unseen: it is
+        logged all the same. Reaching the next image means the one before verified (each
+        image's SHA-384 is checked at its end, before the next one starts)."""
+        of = f" of {count}" if count is not None else ""
+        last = self._partition or 0
+        until = now if now is not None else (count or last)
+        for number in range(last + 1, until + 1):
+            if number > 1:
+                self._emit(wire.log(f"partition {number - 1}{of} verified", target="disk"))
+            self._emit(wire.log(f"writing partition {number}{of}", target="disk"))
+        if now is None and until:
+            self._emit(wire.log(f"partition {until}{of} verified", target="disk"))
+        self._partition = until
 
     def _line(self, progress: Progress) -> pb.ServicingResponse:
         line = wire.progress_line(progress, self._output_size)

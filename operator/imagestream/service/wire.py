@@ -32,7 +32,12 @@ URL_SCHEMES = ("http://", "https://", "oci://")
 
 #: Reasons that mean "this machine cannot take this image", whatever is retried.
 _UNSUPPORTED = frozenset(
-    {Reason.TARGET_TOO_SMALL, Reason.NO_DISK_FITS, Reason.TARGET_KIND_UNSUPPORTED}
+    {
+        Reason.TARGET_TOO_SMALL,
+        Reason.NO_DISK_FITS,
+        Reason.SECTOR_SIZE_MISMATCH,
+        Reason.TARGET_KIND_UNSUPPORTED,
+    }
 )
 #: Reasons that mean the request (URL, hash) or the image itself is wrong.
 _INVALID_INPUT = frozenset(
@@ -45,6 +50,8 @@ _INVALID_INPUT = frozenset(
         Reason.AMBIGUOUS_LAYER,
         Reason.LAYER_NOT_FOUND,
         Reason.WINDOW_TOO_LARGE,
+        Reason.COSI_INVALID,
+        Reason.COSI_UNSUPPORTED,
     }
 )
 
@@ -136,6 +143,7 @@ _TARGET_REASONS = frozenset(
         Reason.TARGET_CHECK_FAILED,
         Reason.TARGET_TOO_SMALL,
         Reason.NO_DISK_FITS,
+        Reason.SECTOR_SIZE_MISMATCH,
         Reason.TARGET_KIND_UNSUPPORTED,
         Reason.WRITE_FAILED,
         Reason.SERVICING_IN_PROGRESS,
@@ -151,6 +159,8 @@ _INTEGRITY_REASONS = frozenset(
         Reason.CORRUPT_STREAM,
         Reason.READ_BACK_MISMATCH,
         Reason.WINDOW_TOO_LARGE,
+        Reason.COSI_INVALID,
+        Reason.COSI_UNSUPPORTED,
     }
 )
 _SOURCE_REASONS = frozenset(
@@ -247,13 +257,14 @@ PROGRESS_TARGET = "progress"
 _PROGRESS_LINE = re.compile(
     r"progress (?P<percent>[0-9.]+|\?)% (?P<written>[0-9.]+) (?P<wunit>[KMGT]?i?B)"
     r"(?: of (?P<total>[0-9.]+) (?P<tunit>[KMGT]?i?B))? written, "
-    r"(?P<rate>[0-9.]+) MB/s, (?P<resumes>[0-9]+) resumes?"
+    r"(?P<rate>[0-9.]+) MB/s(?:, partition (?P<partition>[0-9]+) of (?P<partitions>[0-9]+))?, "
+    r"(?P<resumes>[0-9]+) resumes?"
 )
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
 def progress_line(progress: Progress, output_size: int | None) -> str:
-    """`progress 42.1% 1.20 GiB of 2.85 GiB written, 410 MB/s, 1 resume`.
+    """`progress 42.1% 1.20 GiB of 2.85 GiB written, 410 MB/s, partition 2 of 3, 1 resume`.
 
     The percentage is of the fetched bytes (the only total known for every image); "of" shows
     the output size when it is known (a raw image, a zstd frame that declares it).
@@ -264,7 +275,12 @@ def progress_line(progress: Progress, output_size: int | None) -> str:
     of = f" of {_size(output_size)}" if output_size else ""
     resumes = f"{progress.resumes} resume" + ("" if progress.resumes == 1 else "s")
     rate = progress.bytes_per_second / 1e6
-    return f"progress {percent}% {written}{of} written, {rate:.0f} MB/s, {resumes}"
+    partition = (
+        f", partition {progress.partition} of {progress.partitions}"
+        if progress.partition is not None and progress.partitions is not None
+        else ""
+    )
+    return f"progress {percent}% {written}{of} written, {rate:.0f} MB/s{partition}, {resumes}"
 
 
 def progress_from_line(line: str, elapsed: float) -> Progress | None:
@@ -284,6 +300,8 @@ def progress_from_line(line: str, elapsed: float) -> Progress | None:
         bytes_per_second=float(match["rate"]) * 1e6,
         resumes=int(match["resumes"]),
         elapsed=elapsed,
+        partition=int(match["partition"]) if match["partition"] else None,
+        partitions=int(match["partitions"]) if match["partitions"] else None,
     )
 
 
