@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from tests.support.blockdev import LoopDeviceFactory
-from tests.support.cli import imagestream_process
+from tests.support.cli import imagestream_command, imagestream_env, imagestream_process
 from tests.support.interrupts import assert_cancelled, interrupted
 from tests.support.range_server import Fault, FaultPlan, RangeServer
 from tests.support.targets import (
@@ -259,4 +259,49 @@ def test_a_second_ctrl_c_stops_at_once(image: SampleImage, tmp_path: Path, targe
         "stopped at once",
         "nothing was written, the target is unchanged",
     )
+    assert_file_target_invalid(target)
+
+
+def test_ctrl_c_on_a_shell_pipeline_is_a_cancel_not_a_truncated_image(
+    image: SampleImage, target: Path, tmp_path: Path
+) -> None:
+    """`slow-writer | imagestream stream /dev/stdin ...` and Ctrl-C: the terminal sends SIGINT
+    to the whole pipeline, so the writer dies too and the pipe ends early. That EOF is the
+    cancel's doing: the result is Cancelled (exit 130), never TruncatedStream (exit 4)."""
+    writer = tmp_path / "writer.py"
+    writer.write_text(
+        "import sys, time\n"
+        f"data = open({str(image.path)!r}, 'rb').read()\n"
+        "sys.stdout.buffer.write(data[: len(data) // 2]); sys.stdout.flush()\n"
+        "time.sleep(60)\n"
+    )
+    stream = imagestream_command(
+        "stream", "/dev/stdin", target, "--sha384", image.sha384, "--progress", "json"
+    )
+    command = f"exec 2>'{tmp_path / 'stderr'}'; python3 '{writer}' 2>/dev/null | " + " ".join(
+        f"'{part}'" for part in stream
+    )
+    with subprocess.Popen(
+        ["bash", "-c", command],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=imagestream_env(),
+    ) as shell:
+        assert shell.stdout is not None
+        for line in shell.stdout:  # the first progress line: half the image is in the pipe
+            assert json.loads(line)["event"] == "progress", line
+            break
+        time.sleep(0.5)
+        os.killpg(shell.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        rest = shell.stdout.read()
+        shell.wait(timeout=30)
+    result = json.loads(rest.strip().splitlines()[-1])
+    stderr = (tmp_path / "stderr").read_text()
+    assert (result["outcome"], result["reason"], result["exitCode"]) == (
+        "Cancelled",
+        "Cancelled",
+        130,
+    ), stderr
+    assert "Traceback" not in stderr
     assert_file_target_invalid(target)

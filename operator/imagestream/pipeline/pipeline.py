@@ -151,7 +151,12 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
         except KeyboardInterrupt as again:
             stopped = again  # Ctrl-C again while invalidating: stop now, as asked
             left = None
-        if isinstance(stopped, Cancelled | KeyboardInterrupt):
+        # A cancel can end the stream through its side effects first: Ctrl-C in a shell also
+        # stops the writer of a pipe source, whose early EOF would read as a truncated image.
+        cancel_asked = request.cancel is not None and request.cancel.is_set()
+        if isinstance(stopped, Cancelled | KeyboardInterrupt) or (
+            cancel_asked and isinstance(stopped, ImageStreamError)
+        ):
             error: ImageStreamError = _cancelled(stopped, stream.counters if stream else None)
         elif isinstance(exc, ImageStreamError):
             error = exc
