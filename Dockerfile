@@ -31,6 +31,12 @@ LABEL org.opencontainers.image.title="imagestream-operator" \
 # The byte-compiled files are written now, as the read-only root filesystem will not take them;
 # pip and setuptools leave the runtime environment (nothing imports them, and less to patch).
 # (COPY --from, not a bind mount from the stage: buildah 1.28 does not mount a cached stage.)
+# sfdisk (Debian's fdisk package) relocates a COSI disk's backup GPT to the disk's end; nsenter
+# (util-linux, in every Debian base) runs an extension refresh in the node's mount namespace.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends fdisk \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /tmp/wheels
 RUN --mount=type=secret,id=pipconf \
     --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \

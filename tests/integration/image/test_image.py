@@ -98,6 +98,14 @@ def test_help_as_the_default_user(image: str) -> None:
     assert whoami.stdout.startswith("uid=65532(imagestream) gid=65532(imagestream)"), whoami
 
 
+def test_the_agent_has_the_host_tools_it_runs(image: str) -> None:
+    """A COSI disk target relocates its backup GPT with sfdisk, and an extension refresh runs
+    through nsenter: both must be in the image the agent Job runs."""
+    for tool in ("sfdisk", "nsenter"):
+        found = podman("run", "--rm", "--entrypoint", tool, image, "--version")
+        assert found.returncode == 0, (tool, found.stderr)
+
+
 def test_installed_versions_are_the_locked_ones(image: str) -> None:
     listing = podman(
         "run", "--rm", "--entrypoint", "python3", image, "-c",
