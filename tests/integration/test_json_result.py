@@ -151,10 +151,10 @@ _WITH_A_BUG = """
 import sys
 import imagestream.cli as cli
 
-def run_stream(*args, **kwargs):
+def stream_target(*args, **kwargs):
     raise KeyError("no such key")
 
-cli.run_stream = run_stream
+cli.stream_target = stream_target
 sys.exit(cli.main(sys.argv[1:]))
 """
 
