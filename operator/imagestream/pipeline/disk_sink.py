@@ -25,10 +25,12 @@ from imagestream.pipeline.safety import is_whole_disk
 from imagestream.pipeline.sinks import (
     BACKUP_GPT_SECTORS,
     Aftermath,
-    _pwrite_all,
-    _target_io,
-    _try_direct,
+    DescriptorSink,
     open_block_device,
+    pwrite_all,
+    set_direct,
+    target_io,
+    try_direct,
 )
 from imagestream.pipeline.target_plan import TargetPlan
 from imagestream.reasons import Reason
@@ -45,17 +47,15 @@ _ALIGN = 4096
 _READ_BACK = 4 << 20
 
 
-class DiskSink:
+class DiskSink(DescriptorSink):
     """The writer stage's view of a whole disk: `write` follows the layout's regions in order."""
 
     def __init__(self, plan: TargetPlan, layout: DiskLayout, opened_fd: int, path: Path) -> None:
-        self.plan = plan
-        self.path = path
+        super().__init__(plan, path, opened_fd)
         self.layout = layout
-        self._fd = opened_fd
         self.capacity: int | None = os.lseek(opened_fd, 0, os.SEEK_END)
         self.sector_size = _logical_sector_size(opened_fd)
-        self._direct = plan.direct_io and _try_direct(opened_fd, plan.name)
+        self._direct = plan.direct_io and try_direct(opened_fd, plan.name)
         self._regions: tuple[Region, ...] = ()
         self._primary_gpt = b""
         self._index = 0
@@ -93,7 +93,7 @@ class DiskSink:
         if self._begun:
             return
         self._begun = True
-        with _target_io(f"zeroing the GPT areas of {self.plan.name}"):
+        with target_io(f"zeroing the GPT areas of {self.plan.name}"):
             self._zero_gpt_areas()
 
     def _primary_span(self) -> int:
@@ -103,7 +103,7 @@ class DiskSink:
         backup = BACKUP_GPT_SECTORS * self.sector_size
         self._set_direct(False)
         for start, size in ((0, self._primary_span()), (self._disk_size - backup, backup)):
-            _pwrite_all(self._fd, memoryview(bytes(size)), start)
+            pwrite_all(self._fd, memoryview(bytes(size)), start)
         os.fsync(self._fd)
 
     def write(self, data: memoryview) -> None:
@@ -127,28 +127,20 @@ class DiskSink:
             n = min(room, len(data))
             offset = region.offset + self._filled
             self._set_direct(self._direct and offset % _ALIGN == 0 and n % _ALIGN == 0)
-            with _target_io(f"writing partition {region.number} of {self.plan.name}"):
-                _pwrite_all(self._fd, data[:n], offset)
+            with target_io(f"writing partition {region.number} of {self.plan.name}"):
+                pwrite_all(self._fd, data[:n], offset)
             self._filled += n
             data = data[n:]
 
     def _set_direct(self, on: bool) -> None:
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        wanted = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
-        if wanted != flags:
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, wanted)
-
-    def flush(self) -> None:
-        """fsync the disk."""
-        with _target_io(f"fsync of {self.plan.name}"):
-            os.fsync(self._fd)
+        set_direct(self._fd, on)
 
     def restore_header(self) -> None:
         """The commit: the primary GPT from the image, the backup GPT at this disk's end, fsync."""
         self._touch()  # a disk image without partitions: its old tables go now
-        with _target_io(f"writing the primary GPT of {self.plan.name}"):
+        with target_io(f"writing the primary GPT of {self.plan.name}"):
             self._set_direct(False)
-            _pwrite_all(self._fd, memoryview(self._primary_gpt), 0)
+            pwrite_all(self._fd, memoryview(self._primary_gpt), 0)
             os.fsync(self._fd)
         self.layout.finish(self.path)
         self.flush()
@@ -158,7 +150,7 @@ class DiskSink:
         `checkpoint(done)` runs before each chunk with the bytes hashed so far."""
         self.flush()
         digest = hashlib.sha384()
-        with _target_io(f"reading back {self.plan.name}"):
+        with target_io(f"reading back {self.plan.name}"):
             self._set_direct(False)
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             left = length
@@ -202,12 +194,6 @@ class DiskSink:
                 failure = f"wiping its GPT failed: {exc.strerror}"
         self.close()
         return Aftermath(self.plan.name, written=self._begun, failure=failure)
-
-    def close(self) -> None:
-        """Close the descriptor (which drops the lock)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 def open_disk_sink(plan: TargetPlan) -> DiskSink:

@@ -140,8 +140,8 @@ def run_stream(request: StreamRequest, on_progress: ProgressCallback | None = No
         with watching(request.cancel) as interrupt:
             source = open_source(request.source, request.source_options, interrupt)
             try:
-                stream = _Stream(request, source, sink, on_progress, interrupt)
-                return stream.run(expected)
+                stream = _Stream(request, source, sink, on_progress, interrupt, expected=expected)
+                return stream.run()
             finally:
                 source.close()
     except BaseException as exc:
@@ -204,8 +204,11 @@ class _Stream:
         sink: Sink,
         on_progress: ProgressCallback | None,
         interrupt: Interrupt,
+        *,
+        expected: str | None,
     ) -> None:
         self.request = request
+        self.expected = expected
         self.interrupt = interrupt
         self.source = source
         self.sink = sink
@@ -234,14 +237,14 @@ class _Stream:
                 pool=self.pool,
                 out=self.filled,
                 counters=self.counters,
-                expected=validate_sha384(request.sha384, request.allow_unverified),
+                expected=expected,
                 max_window_log=request.max_window_log,
             )
             if isinstance(sink, DiskSink)
             else None
         )
 
-    def run(self, expected: str | None) -> StreamResult:
+    def run(self) -> StreamResult:
         threads: list[threading.Thread] = []
         try:
             for name, body in (
@@ -261,7 +264,7 @@ class _Stream:
             raise
         if self.errors:
             raise self.errors[0]
-        return self._verify_and_commit(expected)
+        return self._verify_and_commit(self.expected)
 
     def _thread(self, name: str, body: Callable[[], None]) -> threading.Thread:
         def guarded() -> None:

@@ -132,20 +132,38 @@ class _Held:
         return self.start + self.size
 
 
-class _FdSink:
+class DescriptorSink:
+    """What every sink does with its one open descriptor: fsync it and close it."""
+
+    def __init__(self, plan: TargetPlan, path: Path, fd: int) -> None:
+        self.plan = plan
+        self.path = path
+        self._fd = fd
+
+    def flush(self) -> None:
+        """fsync the descriptor."""
+        with target_io(f"fsync of {self.plan.name}"):
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Close the descriptor (which drops the lock)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _FdSink(DescriptorSink):
     """Sequential writes to one descriptor, with O_DIRECT where it is accepted."""
 
     def __init__(
         self, plan: TargetPlan, path: Path, fd: int, capacity: int | None, held: list[_Held]
     ) -> None:
-        self.plan = plan
-        self.path = path
+        super().__init__(plan, path, fd)
         self.capacity = capacity
         self.written = 0
         #: Set before the first byte goes to the target, whichever range it lands in.
         self.touched = False
-        self._fd = fd
-        self._direct = plan.direct_io and _try_direct(fd, plan.name)
+        self._direct = plan.direct_io and try_direct(fd, plan.name)
         self._held = held
         self._zeros = mmap.mmap(-1, max(r.size for r in held))
 
@@ -174,10 +192,10 @@ class _FdSink:
         if not later:
             return
         direct = self._direct
-        with _target_io(f"zeroing the backup GPT area of {self.plan.name}"):
+        with target_io(f"zeroing the backup GPT area of {self.plan.name}"):
             self._set_direct(False)
             for held in later:
-                _pwrite_all(self._fd, memoryview(self._zeros)[: held.size], held.start)
+                pwrite_all(self._fd, memoryview(self._zeros)[: held.size], held.start)
             # Durable before any image byte lands: the old backup table must not outlive it.
             os.fsync(self._fd)
             self._set_direct(direct)
@@ -225,21 +243,15 @@ class _FdSink:
         )
 
     def _set_direct(self, on: bool) -> None:
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+        set_direct(self._fd, on)
         self._direct = on
-
-    def flush(self) -> None:
-        """fsync the descriptor."""
-        with _target_io(f"fsync of {self.plan.name}"):
-            os.fsync(self._fd)
 
     def restore_header(self) -> None:
         """Write the held bytes where they belong, then fsync."""
-        with _target_io(f"writing the held-back bytes (first MiB) of {self.plan.name}"):
+        with target_io(f"writing the held-back bytes (first MiB) of {self.plan.name}"):
             self._set_direct(False)
             for held in self._held:
-                _pwrite_all(self._fd, memoryview(held.data)[: held.filled], held.start)
+                pwrite_all(self._fd, memoryview(held.data)[: held.filled], held.start)
         self.flush()
 
     def sha384_on_disk(self, length: int, checkpoint: Callable[[int], None]) -> str:
@@ -252,7 +264,7 @@ class _FdSink:
         """
         self.flush()
         digest = hashlib.sha384()
-        with _target_io(f"reading back {self.plan.name}"):
+        with target_io(f"reading back {self.plan.name}"):
             self._set_direct(False)
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             offset = 0
@@ -280,18 +292,12 @@ class _FdSink:
             self._set_direct(False)
             for held in self._held:
                 size = held.size if held.start else held.filled
-                _pwrite_all(self._fd, memoryview(self._zeros)[:size], held.start)
+                pwrite_all(self._fd, memoryview(self._zeros)[:size], held.start)
             os.fsync(self._fd)
         except OSError as exc:
             log.error("could not zero the first MiB of %s: %s", self.plan.name, exc.strerror)
             return f"zeroing its first MiB failed: {exc.strerror}"
         return None
-
-    def close(self) -> None:
-        """Close the descriptor (which drops the lock)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 class BlockDeviceSink(_FdSink):
@@ -333,7 +339,7 @@ class FileSink(_FdSink):
 
     def publish(self) -> None:
         """Rename the staging file over the target and make the rename durable."""
-        with _target_io(f"renaming {self._staging} to {self.plan.name}"):
+        with target_io(f"renaming {self._staging} to {self.plan.name}"):
             os.rename(self._staging, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
         self._close_all()
@@ -643,14 +649,15 @@ def _kind_of(mode: int) -> str:
     return "neither a block device nor a regular file"
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)
 
 
 @contextlib.contextmanager
-def _target_io(what: str) -> Iterator[None]:
+def target_io(what: str) -> Iterator[None]:
     """Turn an OSError on the target into a TargetError that says what was being done."""
     try:
         yield
@@ -672,7 +679,15 @@ def _locked(name: str) -> TargetError:
     )
 
 
-def _try_direct(fd: int, name: str) -> bool:
+def set_direct(fd: int, on: bool) -> None:
+    """Turn O_DIRECT on or off on `fd` (a no-op when it already is so)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    wanted = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+    if wanted != flags:
+        fcntl.fcntl(fd, fcntl.F_SETFL, wanted)
+
+
+def try_direct(fd: int, name: str) -> bool:
     """Turn O_DIRECT on; some filesystems (tmpfs) refuse it, then plain writes it is."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
