@@ -82,12 +82,14 @@ def request_from_instructions(instr: AgentInstructions, cancel: threading.Event)
     )
 
 
-_TARGET_KINDS = ("device", "disk", "file", "abUpdate", "sysext", "confext")
+#: The kinds `plan_target` plans as they are named; A/B pairs and extensions have planners of
+#: their own.
+_PLAIN_KINDS: dict[str, TargetKind] = {"device": "device", "disk": "disk", "file": "file"}
+_TARGET_KINDS = (*_PLAIN_KINDS, "abUpdate", "sysext", "confext")
 
 
 def _target_plan(instr: AgentInstructions) -> TargetPlan:
     """The controller said which kind of target this is; the agent never guesses it."""
-    kinds: dict[str, TargetKind] = {"device": "device", "disk": "disk", "file": "file"}
     if instr.target_kind not in _TARGET_KINDS:
         raise UsageError(
             f"{env_name('target_kind')}={instr.target_kind!r} is not one of "
@@ -122,7 +124,7 @@ def _target_plan(instr: AgentInstructions) -> TargetPlan:
         )
     return plan_target(
         TargetRequest(
-            kind=kinds[instr.target_kind],
+            kind=_PLAIN_KINDS[instr.target_kind],
             path=Path(instr.target),
             name=host_path(instr.target, instr.host_prefix),
             allowed_dirs=(Path(instr.allowed_dir),) if instr.allowed_dir else (),
@@ -223,13 +225,9 @@ def run_agent(
 def _failed_target(instr: AgentInstructions, plan: TargetPlan | None) -> str:
     """What a failed stream names as its target: the device planned, or (planning failed) the
     one the instructions name; an A/B pair whose volume was never chosen names none."""
-    if instr.target_kind in ("sysext", "confext"):
-        return reported_target(instr)
-    if plan is not None:
-        return reported_path(plan.path, instr.host_prefix)
-    if instr.target_kind == "abUpdate":
+    if plan is None and instr.target_kind == "abUpdate":
         return ""
-    return reported_target(instr)
+    return reported_target(instr, plan.path if plan is not None else None)
 
 
 def window_refusal(exc: WindowTooLarge) -> IntegrityError:
