@@ -567,6 +567,28 @@ def test_a_missing_device_fails_target_not_found_and_creates_nothing(
 # -- extensions --------------------------------------------------------------------------------
 
 
+def extension_instructions(
+    host: Path, kind: str, name: str, tmp_path: Path, *, source: str, sha384: str, **more: Any
+) -> AgentInstructions:
+    """An extension stream as the controller builds it: the host's extension directory of
+    `kind` is the agent's allowed directory, under the host prefix."""
+    directory = "var/lib/extensions" if kind == "sysext" else "var/lib/confexts"
+    return AgentInstructions(
+        name=NAME,
+        namespace=NAMESPACE,
+        uid=UID,
+        generation=1,
+        source=source,
+        sha384=sha384,
+        target=name,
+        target_kind=kind,
+        allowed_dir=str(host / directory),
+        host_prefix=str(host),
+        termination_log=str(tmp_path / "termination-log"),
+        **more,
+    )
+
+
 def test_an_extension_is_written_under_the_host_prefix_and_refreshed_on_the_host(
     nginx: Nginx, nginx_docroot: Path, tmp_path: Path
 ) -> None:
@@ -579,20 +601,15 @@ def test_an_extension_is_written_under_the_host_prefix_and_refreshed_on_the_host
     image = build_extension_image(nginx_docroot, "tools", seed=5)
     log = tmp_path / "refresh.log"
     fake = fake_refresh_tool(tmp_path / "bin", "systemd-sysext", log)
-    instr = AgentInstructions(
-        name=NAME,
-        namespace=NAMESPACE,
-        uid=UID,
-        generation=1,
+    instr = extension_instructions(
+        host,
+        "sysext",
+        "tools",
+        tmp_path,
         source=nginx.url_for(image.compressed.name),
         sha384=image.sha384,
-        target="tools",
-        target_kind="sysext",
-        allowed_dir=str(host / "var/lib/extensions"),
         refresh=True,
         host_proc=str(host / "proc"),
-        host_prefix=str(host),
-        termination_log=str(tmp_path / "termination-log"),
     )
     with host_namespace(host):
         run, result = run_agent(instr, tmp_path, None, path=path_with(fake.parent))
@@ -621,20 +638,15 @@ def test_an_extension_refresh_missing_on_the_host_still_succeeds(
     host = make_host_root(tmp_path / "host")
     (host / "var/lib/confexts").mkdir()
     image = build_extension_image(nginx_docroot, "site", kind="confext", seed=6)
-    instr = AgentInstructions(
-        name=NAME,
-        namespace=NAMESPACE,
-        uid=UID,
-        generation=1,
+    instr = extension_instructions(
+        host,
+        "confext",
+        "site",
+        tmp_path,
         source=nginx.url_for(image.compressed.name),
         sha384=image.sha384,
-        target="site",
-        target_kind="confext",
-        allowed_dir=str(host / "var/lib/confexts"),
         refresh=True,
         host_proc=str(host / "proc"),
-        host_prefix=str(host),
-        termination_log=str(tmp_path / "termination-log"),
     )
     with host_namespace(host):
         run, result = run_agent(
@@ -649,18 +661,13 @@ def test_an_extension_refresh_missing_on_the_host_still_succeeds(
 
 def test_a_bad_extension_name_fails_before_anything_is_fetched(tmp_path: Path) -> None:
     host = make_host_root(tmp_path / "host")
-    instr = AgentInstructions(
-        name=NAME,
-        namespace=NAMESPACE,
-        uid=UID,
-        generation=1,
+    instr = extension_instructions(
+        host,
+        "sysext",
+        "../../etc/x",
+        tmp_path,
         source="http://127.0.0.1:9/never-fetched.zst",
         sha384="0" * 96,
-        target="../../etc/x",
-        target_kind="sysext",
-        allowed_dir=str(host / "var/lib/extensions"),
-        host_prefix=str(host),
-        termination_log=str(tmp_path / "termination-log"),
     )
     run, result = run_agent(instr, tmp_path, None)
 
