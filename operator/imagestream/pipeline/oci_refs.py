@@ -116,6 +116,24 @@ def parse_reference(text: str) -> Reference:
     )
 
 
+def require_registry_host(location: str) -> None:
+    """The first component of an `oci://` reference must be a registry, as docker decides it.
+
+    A name with a dot or a port, or `localhost`, is a registry; `oci://fleet/os:v1` would
+    otherwise send a request to a host called `fleet`.
+    """
+    reference = parse_reference(location)
+    registry = reference.registry
+    if "." in registry or ":" in registry or registry == "localhost":
+        return
+    rest = location.removeprefix(OCI_SCHEME)
+    raise UsageError(
+        f"invalid OCI reference {location!r}: {registry!r} is not a registry host (it has no "
+        f"dot, no port and is not localhost); write the registry first, e.g. "
+        f"{OCI_SCHEME}registry.example/{rest}"
+    )
+
+
 def is_loopback(host_name: str) -> bool:
     """Whether the host is this machine: `localhost`, 127.0.0.0/8 or ::1."""
     if host_name.lower() == "localhost":

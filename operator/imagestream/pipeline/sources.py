@@ -27,6 +27,7 @@ from imagestream.pipeline.oci_refs import (
     is_loopback,
     parse_platform,
     parse_reference,
+    require_registry_host,
 )
 from imagestream.pipeline.range_reader import HttpRangeReader, RetryPolicy
 from imagestream.pipeline.redact import redact_url
@@ -220,7 +221,7 @@ def check_location(location: str) -> None:
     host, and an unsupported scheme. Local paths are not looked at.
     """
     if location.startswith(OCI_SCHEME):
-        _require_registry_host(location)
+        require_registry_host(location)
     elif location.startswith(("http://", "https://")):
         try:
             # Both parsers, so a URL either would reject fails here as a usage error.
@@ -239,24 +240,6 @@ def check_location(location: str) -> None:
         raise UsageError(
             f"unsupported source scheme {scheme}://: use http://, https://, oci:// or a path"
         )
-
-
-def _require_registry_host(location: str) -> None:
-    """The first component of an `oci://` reference must be a registry, as docker decides it.
-
-    A name with a dot or a port, or `localhost`, is a registry; `oci://fleet/os:v1` would
-    otherwise send a request to a host called `fleet`.
-    """
-    reference = parse_reference(location)
-    registry = reference.registry
-    if "." in registry or ":" in registry or registry == "localhost":
-        return
-    rest = location.removeprefix(OCI_SCHEME)
-    raise UsageError(
-        f"invalid OCI reference {location!r}: {registry!r} is not a registry host (it has no "
-        f"dot, no port and is not localhost); write the registry first, e.g. "
-        f"{OCI_SCHEME}registry.example/{rest}"
-    )
 
 
 def open_source(
